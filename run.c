@@ -1,0 +1,1290 @@
+/* run.c: inference of LLaMA-family models with a Coupled-Quantization KV cache.
+
+   One file, read top to bottom:
+     1. configuration and checkpoint loading (llama2.c legacy files and our "CQKV" files)
+     2. tokenizer (llama2.c's tokenizer.bin)
+     3. sampler (greedy, temperature, top-p, xorshift* RNG)
+     4. math helpers (RMSNorm, softmax, matmul, RoPE table)
+     5. the KV cache: types, storage and attention through the cache
+     6. the forward pass, one token at a time
+     7. generation, chat, perplexity, benchmark
+     8. command line
+   The cache stores keys BEFORE RoPE and each cache type decides how to apply RoPE when it
+   stores (fp32) or reads (CQ) them: this is what lets CQ quantize pre-RoPE keys as the paper does.
+
+   Build: make (OpenMP, -Ofast -march=native); make run-noomp (no OpenMP).  */
+
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* ------------------------------------------------------------------------------------------
+   Errors: every bad input ends here with one line on stderr and exit code 1.  */
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+static void *xmalloc(size_t n) {
+    void *p = calloc(1, n ? n : 1);
+    if (!p) die("out of memory (asked for %zu bytes)", n);
+    return p;
+}
+
+static long time_in_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    return t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+static double now_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* ==========================================================================================
+   1. Configuration and checkpoint loading
+   ========================================================================================== */
+
+typedef struct {
+    int dim;         // D: residual stream width
+    int hidden_dim;  // F: FFN inner width
+    int n_layers;    // L
+    int n_heads;     // H: query heads
+    int n_kv_heads;  // KVH: key/value heads (GQA when < H)
+    int vocab_size;  // V
+    int seq_len;     // maximum context
+    int head_size;   // hs (dim / n_heads unless the checkpoint says otherwise)
+    float rope_theta;
+    float norm_eps;
+    int bos_id, eos_id;
+    int shared_classifier;
+    int tokenizer_kind;  // 0: llama2.c sentencepiece-style BPE by scores
+    int chat_template;   // 0: Llama-2 [INST], 1: ChatML
+} Config;
+
+typedef struct {        // all float32, row-major (out, in); see SPEC in README.md
+    float *token_embedding;  // (V, D)
+    float *attn_norm;        // (L, D)
+    float *wq;               // (L, H*hs, D)
+    float *wk;               // (L, KVH*hs, D)
+    float *wv;               // (L, KVH*hs, D)
+    float *wo;               // (L, D, H*hs)
+    float *ffn_norm;         // (L, D)
+    float *w1;               // (L, F, D)
+    float *w2;               // (L, D, F)
+    float *w3;               // (L, F, D)
+    float *final_norm;       // (D)
+    float *classifier;       // (V, D)
+} Weights;
+
+typedef struct {
+    Config cfg;
+    Weights w;
+    void *map;         // the whole file, mmap'd read-only
+    size_t map_size;
+} Model;
+
+#define CQKV_MAGIC 0x564B5143u  // "CQKV"
+#define CQKV_HEADER_BYTES 256
+#define LEGACY_HEADER_BYTES 28
+
+static int kv_dim_of(const Config *c) { return c->n_kv_heads * c->head_size; }
+static int q_dim_of(const Config *c) { return c->n_heads * c->head_size; }
+
+// Number of floats the weights take (excluding llama2.c's two obsolete RoPE tables).
+static uint64_t weight_floats(const Config *c) {
+    uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size;
+    uint64_t QD = q_dim_of(c), KD = kv_dim_of(c);
+    uint64_t n = V * D + L * D + L * QD * D + 2 * L * KD * D + L * D * QD + L * D + 3 * L * F * D + D;
+    if (!c->shared_classifier) n += V * D;
+    return n;
+}
+
+static void check_config(const Config *c, const char *path) {
+    if (c->dim <= 0 || c->hidden_dim <= 0 || c->n_layers <= 0 || c->n_heads <= 0 ||
+        c->n_kv_heads <= 0 || c->vocab_size <= 0 || c->seq_len <= 0 || c->head_size <= 0)
+        die("%s: header has a zero or negative size (dim %d hidden %d layers %d heads %d kv_heads %d "
+            "vocab %d seq_len %d head_size %d)", path, c->dim, c->hidden_dim, c->n_layers, c->n_heads,
+            c->n_kv_heads, c->vocab_size, c->seq_len, c->head_size);
+    if (c->dim > (1 << 16) || c->hidden_dim > (1 << 18) || c->n_layers > 1024 || c->n_heads > 1024 ||
+        c->vocab_size > (1 << 22) || c->seq_len > (1 << 22) || c->head_size > 1024)
+        die("%s: header values are implausibly large; is this a checkpoint?", path);
+    if (c->n_heads % c->n_kv_heads != 0)
+        die("%s: n_heads (%d) is not a multiple of n_kv_heads (%d)", path, c->n_heads, c->n_kv_heads);
+    if (c->head_size % 2 != 0) die("%s: head_size %d is odd; RoPE needs pairs", path, c->head_size);
+    if (!(c->rope_theta > 0) || !(c->norm_eps > 0) || !isfinite(c->rope_theta) || !isfinite(c->norm_eps))
+        die("%s: rope_theta and norm_eps must be positive", path);
+    if (c->bos_id < 0 || c->bos_id >= c->vocab_size || c->eos_id < 0 || c->eos_id >= c->vocab_size)
+        die("%s: bos/eos ids (%d, %d) are outside the vocabulary", path, c->bos_id, c->eos_id);
+    if (c->tokenizer_kind != 0 && c->tokenizer_kind != 1)
+        die("%s: unknown tokenizer kind %d", path, c->tokenizer_kind);
+    if (c->chat_template != 0 && c->chat_template != 1)
+        die("%s: unknown chat template %d", path, c->chat_template);
+}
+
+static void load_model(Model *m, const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open checkpoint %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s is not a regular file", path);
+    size_t size = (size_t)st.st_size;
+    if (size < LEGACY_HEADER_BYTES) die("%s: too short to be a checkpoint (%zu bytes)", path, size);
+    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
+
+    Config *c = &m->cfg;
+    memset(c, 0, sizeof *c);
+    const int32_t *h = (const int32_t *)map;
+    size_t header_bytes;
+    uint64_t extra_floats = 0;  // legacy files carry two unused RoPE tables before the classifier
+    if ((uint32_t)h[0] == CQKV_MAGIC) {
+        if (size < CQKV_HEADER_BYTES) die("%s: truncated header", path);
+        if (h[1] != 1) die("%s: CQKV version %d is not supported (this program reads version 1)", path, h[1]);
+        c->dim = h[2]; c->hidden_dim = h[3]; c->n_layers = h[4]; c->n_heads = h[5];
+        c->n_kv_heads = h[6]; c->vocab_size = h[7]; c->seq_len = h[8]; c->head_size = h[9];
+        memcpy(&c->rope_theta, &h[10], 4);
+        memcpy(&c->norm_eps, &h[11], 4);
+        c->bos_id = h[12]; c->eos_id = h[13]; c->shared_classifier = h[14];
+        c->tokenizer_kind = h[15]; c->chat_template = h[16];
+        if (c->shared_classifier != 0 && c->shared_classifier != 1)
+            die("%s: shared_classifier must be 0 or 1, not %d", path, c->shared_classifier);
+        header_bytes = CQKV_HEADER_BYTES;
+    } else if ((uint32_t)h[0] == 0x616b3432u) {
+        die("%s: llama2.c 'version 1/2' exports are not read; export the legacy format "
+            "(llama2.c export.py --version 0) or convert with export.py", path);
+    } else {
+        c->dim = h[0]; c->hidden_dim = h[1]; c->n_layers = h[2]; c->n_heads = h[3];
+        c->n_kv_heads = h[4]; c->vocab_size = h[5]; c->seq_len = h[6];
+        c->shared_classifier = c->vocab_size > 0;
+        if (c->vocab_size < 0 && c->vocab_size != INT_MIN) c->vocab_size = -c->vocab_size;
+        c->head_size = c->n_heads > 0 && c->dim % c->n_heads == 0 ? c->dim / c->n_heads : 0;
+        if (c->n_heads > 0 && c->dim > 0 && c->dim % c->n_heads != 0)
+            die("%s: dim %d is not a multiple of n_heads %d (or this is not a checkpoint)", path,
+                c->dim, c->n_heads);
+        c->rope_theta = 10000.0f; c->norm_eps = 1e-5f;
+        c->bos_id = 1; c->eos_id = 2;
+        header_bytes = LEGACY_HEADER_BYTES;
+        if (c->seq_len > 0 && c->head_size > 0) extra_floats = (uint64_t)c->seq_len * c->head_size;
+    }
+    check_config(c, path);
+
+    // Validate the size before touching any weight.
+    uint64_t floats = weight_floats(c) + extra_floats;
+    uint64_t want = header_bytes + 4 * floats;
+    if (size < want)
+        die("%s: truncated: %zu bytes, but the header (dim %d, %d layers, vocab %d) needs %llu", path,
+            size, c->dim, c->n_layers, c->vocab_size, (unsigned long long)want);
+    if (size > want)
+        die("%s: %zu bytes, but the header (dim %d, %d layers, vocab %d) needs exactly %llu: wrong format?",
+            path, size, c->dim, c->n_layers, c->vocab_size, (unsigned long long)want);
+
+    float *p = (float *)((char *)map + header_bytes);
+    uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size;
+    uint64_t QD = q_dim_of(c), KD = kv_dim_of(c);
+    Weights *w = &m->w;
+    w->token_embedding = p; p += V * D;
+    w->attn_norm = p;       p += L * D;
+    w->wq = p;              p += L * QD * D;
+    w->wk = p;              p += L * KD * D;
+    w->wv = p;              p += L * KD * D;
+    w->wo = p;              p += L * D * QD;
+    w->ffn_norm = p;        p += L * D;
+    w->w1 = p;              p += L * F * D;
+    w->w2 = p;              p += L * D * F;
+    w->w3 = p;              p += L * F * D;
+    w->final_norm = p;      p += D;
+    p += extra_floats;
+    w->classifier = c->shared_classifier ? w->token_embedding : p;
+    m->map = map;
+    m->map_size = size;
+}
+
+static void free_model(Model *m) { munmap(m->map, m->map_size); }
+
+/* ==========================================================================================
+   2. Tokenizer: llama2.c's tokenizer.bin (sentencepiece-style BPE merged by piece score)
+   ========================================================================================== */
+
+typedef struct {
+    char *str;
+    int id;
+} TokenIndex;
+
+typedef struct {
+    char **vocab;          // piece text per id (NUL-terminated; pieces never contain NUL here)
+    int *vocab_len;        // piece length in bytes
+    float *scores;         // merge priority per id
+    int vocab_size;
+    unsigned max_token_length;
+    TokenIndex *sorted;    // pieces sorted by text, for lookups
+    int byte_piece[256];   // id of the piece "<0xHH>" for each byte, or -1
+} Tokenizer;
+
+static int compare_tokens(const void *a, const void *b) {
+    return strcmp(((const TokenIndex *)a)->str, ((const TokenIndex *)b)->str);
+}
+
+static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open tokenizer %s: %s (use -z to name one)", path, strerror(errno));
+    t->vocab_size = vocab_size;
+    t->vocab = xmalloc(vocab_size * sizeof(char *));
+    t->vocab_len = xmalloc(vocab_size * sizeof(int));
+    t->scores = xmalloc(vocab_size * sizeof(float));
+    if (fread(&t->max_token_length, 4, 1, f) != 1) die("%s: truncated tokenizer (no header)", path);
+    if (t->max_token_length == 0 || t->max_token_length > 4096)
+        die("%s: max_token_length %u is implausible; is this a tokenizer.bin?", path, t->max_token_length);
+    for (int i = 0; i < vocab_size; i++) {
+        int32_t len;
+        if (fread(&t->scores[i], 4, 1, f) != 1 || fread(&len, 4, 1, f) != 1)
+            die("%s: truncated at token %d of %d (does the tokenizer belong to this model?)", path, i, vocab_size);
+        if (len < 0 || (unsigned)len > t->max_token_length)
+            die("%s: token %d has length %d (max %u): corrupt tokenizer", path, i, len, t->max_token_length);
+        t->vocab[i] = xmalloc(len + 1);
+        if (len > 0 && fread(t->vocab[i], len, 1, f) != 1)
+            die("%s: truncated at token %d of %d", path, i, vocab_size);
+        t->vocab[i][len] = '\0';
+        t->vocab_len[i] = len;
+    }
+    fclose(f);
+    t->sorted = xmalloc(vocab_size * sizeof(TokenIndex));
+    for (int i = 0; i < vocab_size; i++) t->sorted[i] = (TokenIndex){t->vocab[i], i};
+    qsort(t->sorted, vocab_size, sizeof(TokenIndex), compare_tokens);
+    for (int b = 0; b < 256; b++) {
+        char name[8];
+        snprintf(name, sizeof name, "<0x%02X>", b);
+        TokenIndex key = {name, 0}, *hit = bsearch(&key, t->sorted, vocab_size, sizeof(TokenIndex), compare_tokens);
+        t->byte_piece[b] = hit ? hit->id : -1;
+    }
+}
+
+static void free_tokenizer(Tokenizer *t) {
+    if (!t->vocab) return;
+    for (int i = 0; i < t->vocab_size; i++) free(t->vocab[i]);
+    free(t->vocab); free(t->vocab_len); free(t->scores); free(t->sorted);
+}
+
+// Id of the piece with exactly these bytes, or -1.
+static int lookup_piece(const Tokenizer *t, const char *s, int len) {
+    char buf[4097];
+    if (len > 4096) return -1;
+    memcpy(buf, s, len);
+    buf[len] = '\0';
+    TokenIndex key = {buf, 0};
+    TokenIndex *hit = bsearch(&key, t->sorted, t->vocab_size, sizeof(TokenIndex), compare_tokens);
+    return hit ? hit->id : -1;
+}
+
+/* BPE merging.  llama2.c rescans the whole sequence for the best pair after every merge, O(n^2):
+   fine for a prompt, hopeless for a perplexity file of a million characters.  We produce the
+   same result with a heap of candidate pairs ordered by (score descending, position ascending)
+   over a doubly linked list of symbols; a candidate whose symbols changed since it was pushed is
+   skipped when popped.  Leftmost-wins ties match because merging never reorders symbols. */
+
+typedef struct { float score; int left; int right_version; int left_version; int id; } MergeCand;
+
+typedef struct { MergeCand *a; int n, cap; } MergeHeap;
+
+static int cand_before(const MergeCand *x, const MergeCand *y) {
+    if (x->score != y->score) return x->score > y->score;
+    return x->left < y->left;
+}
+
+static void heap_push(MergeHeap *h, MergeCand c) {
+    if (h->n == h->cap) {
+        h->cap = h->cap ? 2 * h->cap : 64;
+        h->a = realloc(h->a, h->cap * sizeof(MergeCand));
+        if (!h->a) die("out of memory in the tokenizer");
+    }
+    int i = h->n++;
+    while (i > 0) {
+        int parent = (i - 1) / 2;
+        if (!cand_before(&c, &h->a[parent])) break;
+        h->a[i] = h->a[parent];
+        i = parent;
+    }
+    h->a[i] = c;
+}
+
+static MergeCand heap_pop(MergeHeap *h) {
+    MergeCand top = h->a[0], last = h->a[--h->n];
+    int i = 0;
+    for (;;) {
+        int child = 2 * i + 1;
+        if (child >= h->n) break;
+        if (child + 1 < h->n && cand_before(&h->a[child + 1], &h->a[child])) child++;
+        if (!cand_before(&h->a[child], &last)) break;
+        h->a[i] = h->a[child];
+        i = child;
+    }
+    if (h->n > 0) h->a[i] = last;
+    return top;
+}
+
+typedef struct {
+    int *id, *prev, *next, *version, *start, *len;  // per symbol; start/len index the text
+} Symbols;
+
+static void push_pair(const Tokenizer *t, MergeHeap *heap, const Symbols *s, const char *text, int left) {
+    int right = s->next[left];
+    if (right < 0) return;
+    int id = lookup_piece(t, text + s->start[left], s->len[left] + s->len[right]);
+    if (id < 0) return;
+    heap_push(heap, (MergeCand){t->scores[id], left, s->version[right], s->version[left], id});
+}
+
+// Appends the ids for `text` to tokens[*n...]; tokens must have room for strlen(text) ids.
+static void bpe_encode_text(const Tokenizer *t, const char *text, int n_bytes, int *tokens, int *n) {
+    Symbols s;
+    int cap = n_bytes + 1;
+    int *mem = xmalloc(6 * (size_t)cap * sizeof(int));
+    s.id = mem; s.prev = mem + cap; s.next = mem + 2 * cap; s.version = mem + 3 * cap;
+    s.start = mem + 4 * cap; s.len = mem + 5 * cap;
+    int count = 0;
+    // One symbol per UTF-8 code point if the vocabulary has it, otherwise one per byte.
+    for (int i = 0; i < n_bytes;) {
+        int cp_len = 1;
+        while (i + cp_len < n_bytes && cp_len < 4 && ((unsigned char)text[i + cp_len] & 0xC0) == 0x80) cp_len++;
+        int id = lookup_piece(t, text + i, cp_len);
+        if (id >= 0) {
+            s.id[count] = id; s.start[count] = i; s.len[count] = cp_len; count++;
+        } else {
+            for (int j = 0; j < cp_len; j++) {
+                int b = (unsigned char)text[i + j];
+                // byte pieces start at id 3 in llama2.c's files; use the table when it exists
+                s.id[count] = t->byte_piece[b] >= 0 ? t->byte_piece[b] : b + 3;
+                s.start[count] = i + j; s.len[count] = 1; count++;
+            }
+        }
+        i += cp_len;
+    }
+    for (int i = 0; i < count; i++) {
+        s.prev[i] = i - 1;
+        s.next[i] = i + 1 < count ? i + 1 : -1;
+        s.version[i] = 0;
+    }
+    MergeHeap heap = {0};
+    for (int i = 0; i + 1 < count; i++) push_pair(t, &heap, &s, text, i);
+    while (heap.n > 0) {
+        MergeCand c = heap_pop(&heap);
+        int left = c.left, right = s.next[left];
+        if (s.len[left] == 0 || right < 0 || s.version[left] != c.left_version ||
+            s.version[right] != c.right_version)
+            continue;  // stale: one of the two symbols changed after this candidate was pushed
+        s.id[left] = c.id;
+        s.len[left] += s.len[right];
+        s.version[left]++;
+        s.len[right] = 0;  // dead
+        s.next[left] = s.next[right];
+        if (s.next[right] >= 0) s.prev[s.next[right]] = left;
+        if (s.prev[left] >= 0) push_pair(t, &heap, &s, text, s.prev[left]);
+        push_pair(t, &heap, &s, text, left);
+    }
+    for (int i = count > 0 ? 0 : -1; i >= 0; i = s.next[i]) tokens[(*n)++] = s.id[i];
+    free(heap.a);
+    free(mem);
+}
+
+// text -> ids.  tokens needs room for strlen(text) + 3 ids.
+static void encode(const Tokenizer *t, const char *text, int bos_id, int add_bos, int *tokens, int *n_tokens) {
+    int n = 0;
+    if (add_bos) tokens[n++] = bos_id;
+    size_t len = strlen(text);
+    if (len > 0) {
+        // sentencepiece's "dummy prefix": the text is encoded as if it began with a space
+        char *buf = xmalloc(len + 2);
+        buf[0] = ' ';
+        memcpy(buf + 1, text, len + 1);
+        bpe_encode_text(t, buf, (int)len + 1, tokens, &n);
+        free(buf);
+    }
+    *n_tokens = n;
+}
+
+// The bytes to print for `token` following `prev_token`.
+static const char *decode_piece(const Tokenizer *t, int bos_id, int prev_token, int token, char byte_buf[2]) {
+    const char *piece = t->vocab[token];
+    if (prev_token == bos_id && piece[0] == ' ') piece++;  // no leading space right after BOS
+    unsigned int byte;
+    if (strlen(piece) == 6 && sscanf(piece, "<0x%02X>", &byte) == 1) {
+        byte_buf[0] = (char)byte;
+        byte_buf[1] = '\0';
+        return byte_buf;
+    }
+    return piece;
+}
+
+// Prints a piece, except single bytes that are control codes (as llama2.c does).
+static void safe_print(const char *piece) {
+    if (!piece || !piece[0]) return;
+    if (piece[1] == '\0') {
+        unsigned char b = (unsigned char)piece[0];
+        if (!(isprint(b) || isspace(b))) return;
+    }
+    fputs(piece, stdout);
+}
+
+/* ==========================================================================================
+   3. Sampler
+   ========================================================================================== */
+
+typedef struct {
+    float prob;
+    int index;
+} ProbIndex;
+
+typedef struct {
+    int vocab_size;
+    ProbIndex *candidates;  // top-p scratch
+    float temperature;
+    float topp;
+    uint64_t rng_state;
+} Sampler;
+
+static uint32_t random_u32(uint64_t *state) {  // xorshift*
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
+
+static int argmax(const float *p, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (p[i] > p[best]) best = i;
+    return best;
+}
+
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] > max) max = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+static int sample_multinomial(const float *probs, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += probs[i];
+        if (coin < cdf) return i;
+    }
+    return n - 1;  // rounding
+}
+
+static int compare_prob_desc(const void *a, const void *b) {
+    float pa = ((const ProbIndex *)a)->prob, pb = ((const ProbIndex *)b)->prob;
+    return pa > pb ? -1 : pa < pb ? 1 : 0;
+}
+
+// Nucleus sampling: sample among the most likely tokens whose mass first exceeds topp.
+static int sample_topp(const float *probs, int n, float topp, ProbIndex *cand, float coin) {
+    // tokens below this cannot be in the nucleus, so they are not worth sorting
+    const float cutoff = (1.0f - topp) / (n - 1);
+    int n_cand = 0;
+    for (int i = 0; i < n; i++)
+        if (probs[i] >= cutoff) cand[n_cand++] = (ProbIndex){probs[i], i};
+    qsort(cand, n_cand, sizeof(ProbIndex), compare_prob_desc);
+    float mass = 0.0f;
+    int last = n_cand - 1;
+    for (int i = 0; i < n_cand; i++) {
+        mass += cand[i].prob;
+        if (mass > topp) { last = i; break; }
+    }
+    float r = coin * mass, cdf = 0.0f;
+    for (int i = 0; i <= last; i++) {
+        cdf += cand[i].prob;
+        if (r < cdf) return cand[i].index;
+    }
+    return cand[last].index;
+}
+
+static int sample(Sampler *s, float *logits) {
+    if (s->temperature == 0.0f) return argmax(logits, s->vocab_size);
+    for (int i = 0; i < s->vocab_size; i++) logits[i] /= s->temperature;
+    softmax(logits, s->vocab_size);
+    float coin = random_f32(&s->rng_state);
+    if (s->topp <= 0 || s->topp >= 1) return sample_multinomial(logits, s->vocab_size, coin);
+    return sample_topp(logits, s->vocab_size, s->topp, s->candidates, coin);
+}
+
+/* ==========================================================================================
+   4. Math helpers
+   ========================================================================================== */
+
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    ss = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (ss * x[i]);
+}
+
+/* out (d) = W (d, n) @ x (n).  The OpenMP fork/join costs a few microseconds, more than a
+   small product takes (stories260K's largest is 512 x 64), so only large products are split
+   across threads. */
+#define PARALLEL_MIN_MACS (1 << 17)
+
+static void matmul(float *out, const float *x, const float *w, int n, int d) {
+#ifdef _OPENMP
+    if ((long)n * d >= PARALLEL_MIN_MACS && omp_get_max_threads() > 1) {
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < d; i++) {
+            const float *row = w + (size_t)i * n;
+            float v = 0.0f;
+            for (int j = 0; j < n; j++) v += row[j] * x[j];
+            out[i] = v;
+        }
+        return;
+    }
+#endif
+    for (int i = 0; i < d; i++) {
+        const float *row = w + (size_t)i * n;
+        float v = 0.0f;
+        for (int j = 0; j < n; j++) v += row[j] * x[j];
+        out[i] = v;
+    }
+}
+
+/* RoPE.  Pair i of a head (channels 2i, 2i+1) at position t is rotated by the angle
+   t * theta^(-2i/hs).  The cos/sin of every (position, pair) are computed once, with the same
+   float expressions llama2.c uses so that outputs match it bit for bit.
+   table: (seq_len, hs/2, 2) = cos, sin */
+typedef struct {
+    float *cos_sin;
+    int half;  // hs / 2
+} RopeTable;
+
+static void rope_init(RopeTable *r, const Config *c) {
+    r->half = c->head_size / 2;
+    r->cos_sin = xmalloc((size_t)c->seq_len * r->half * 2 * sizeof(float));
+    for (int t = 0; t < c->seq_len; t++)
+        for (int i = 0; i < r->half; i++) {
+            float freq = 1.0f / powf(c->rope_theta, (2 * i) / (float)c->head_size);
+            float angle = t * freq;
+            r->cos_sin[((size_t)t * r->half + i) * 2] = cosf(angle);
+            r->cos_sin[((size_t)t * r->half + i) * 2 + 1] = sinf(angle);
+        }
+}
+
+// Rotates n_heads heads of size 2*half in place to position t.
+static void rope_rotate(const RopeTable *r, float *x, int n_heads, int t) {
+    const float *cs = r->cos_sin + (size_t)t * r->half * 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *v = x + (size_t)h * r->half * 2;
+        for (int i = 0; i < r->half; i++) {
+            float c = cs[2 * i], s = cs[2 * i + 1], a = v[2 * i], b = v[2 * i + 1];
+            v[2 * i] = a * c - b * s;
+            v[2 * i + 1] = a * s + b * c;
+        }
+    }
+}
+
+/* ==========================================================================================
+   5. The KV cache
+   ========================================================================================== */
+
+/* The rest of the program sees the cache through three calls:
+     kv_cache_init  - storage for every layer and position, of the chosen types
+     kv_append      - store the key (pre-RoPE) and value of the token at `pos` for one layer
+     kv_attend      - attention of all query heads against positions 0..pos of one layer
+   Keys and values each live in a KVStore of their own type, so keys can be kept at more bits
+   than values (-k cq2:cq1). */
+
+typedef enum { KV_FP32 } KVKind;
+
+typedef struct {
+    KVKind kind;
+    const char *name;
+} KVType;
+
+typedef struct {
+    KVType type;
+    int is_key;
+    int n_layers, n_kv_heads, head_size, kv_dim, seq_len;
+    float *f32;  // fp32: (L, seq_len, kv_dim); keys stored after RoPE
+} KVStore;
+
+typedef struct {
+    KVStore k, v;
+    const RopeTable *rope;
+    int n_heads;
+} KVCache;
+
+static int parse_kv_type(const char *s, KVType *out) {
+    if (strcmp(s, "fp32") == 0) { *out = (KVType){KV_FP32, "fp32"}; return 1; }
+    return 0;
+}
+
+static double kv_type_bits(const KVType *t) {
+    switch (t->kind) {
+    case KV_FP32: return 32.0;
+    }
+    return 0;
+}
+
+static void kv_store_init(KVStore *s, KVType type, int is_key, const Config *c) {
+    memset(s, 0, sizeof *s);
+    s->type = type;
+    s->is_key = is_key;
+    s->n_layers = c->n_layers;
+    s->n_kv_heads = c->n_kv_heads;
+    s->head_size = c->head_size;
+    s->kv_dim = kv_dim_of(c);
+    s->seq_len = c->seq_len;
+    s->f32 = xmalloc((size_t)s->n_layers * s->seq_len * s->kv_dim * sizeof(float));
+}
+
+static void kv_store_free(KVStore *s) { free(s->f32); }
+
+// Bytes one token takes in this store, over all layers.
+static double kv_store_bytes_per_token(const KVStore *s) {
+    return kv_type_bits(&s->type) / 8.0 * s->kv_dim * s->n_layers;
+}
+
+static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, const Config *c, const RopeTable *rope) {
+    kv_store_init(&kv->k, ktype, 1, c);
+    kv_store_init(&kv->v, vtype, 0, c);
+    kv->rope = rope;
+    kv->n_heads = c->n_heads;
+}
+
+static void kv_cache_free(KVCache *kv) {
+    kv_store_free(&kv->k);
+    kv_store_free(&kv->v);
+}
+
+// k: (kv_dim) before RoPE, v: (kv_dim)
+static void kv_append(KVCache *kv, int layer, int pos, const float *k, const float *v) {
+    KVStore *ks = &kv->k, *vs = &kv->v;
+    float *kdst = ks->f32 + ((size_t)layer * ks->seq_len + pos) * ks->kv_dim;
+    memcpy(kdst, k, ks->kv_dim * sizeof(float));
+    rope_rotate(kv->rope, kdst, ks->n_kv_heads, pos);
+    memcpy(vs->f32 + ((size_t)layer * vs->seq_len + pos) * vs->kv_dim, v, vs->kv_dim * sizeof(float));
+}
+
+/* Attention for one layer: q (H, hs) already rotated to `pos`; out (H, hs).
+   att: scratch of (H, seq_len).  Query head h reads kv head h / (H / KVH). */
+static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *out, float *att) {
+    const KVStore *ks = &kv->k, *vs = &kv->v;
+    int hs = ks->head_size, group = kv->n_heads / ks->n_kv_heads;
+    float scale = 1.0f / sqrtf((float)hs);
+    const float *kbase = ks->f32 + (size_t)layer * ks->seq_len * ks->kv_dim;
+    const float *vbase = vs->f32 + (size_t)layer * vs->seq_len * vs->kv_dim;
+    int n = pos + 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if ((long)n * kv->n_heads * hs >= PARALLEL_MIN_MACS)
+#endif
+    for (int h = 0; h < kv->n_heads; h++) {
+        const float *qh = q + (size_t)h * hs;
+        int kvh = h / group;
+        float *a = att + (size_t)h * ks->seq_len;
+        for (int t = 0; t < n; t++) {
+            const float *kt = kbase + (size_t)t * ks->kv_dim + (size_t)kvh * hs;
+            float score = 0.0f;
+            for (int i = 0; i < hs; i++) score += qh[i] * kt[i];
+            a[t] = score * scale;
+        }
+        softmax(a, n);
+        float *oh = out + (size_t)h * hs;
+        memset(oh, 0, hs * sizeof(float));
+        for (int t = 0; t < n; t++) {
+            const float *vt = vbase + (size_t)t * vs->kv_dim + (size_t)kvh * hs;
+            float p = a[t];
+            for (int i = 0; i < hs; i++) oh[i] += p * vt[i];
+        }
+    }
+}
+
+/* ==========================================================================================
+   6. The forward pass
+   ========================================================================================== */
+
+typedef struct {       // activations of the current token
+    float *x;          // (D) residual stream
+    float *xb;         // (max(D, H*hs)) normed input / attention output
+    float *xb2;        // (D)
+    float *hb, *hb2;   // (F)
+    float *q;          // (H*hs)
+    float *k, *v;      // (KVH*hs), k before RoPE
+    float *att;        // (H, seq_len) attention weights
+    float *logits;     // (V)
+} RunState;
+
+static void run_state_init(RunState *s, const Config *c) {
+    int wide = c->dim > q_dim_of(c) ? c->dim : q_dim_of(c);
+    s->x = xmalloc(c->dim * sizeof(float));
+    s->xb = xmalloc(wide * sizeof(float));
+    s->xb2 = xmalloc(c->dim * sizeof(float));
+    s->hb = xmalloc(c->hidden_dim * sizeof(float));
+    s->hb2 = xmalloc(c->hidden_dim * sizeof(float));
+    s->q = xmalloc(q_dim_of(c) * sizeof(float));
+    s->k = xmalloc(kv_dim_of(c) * sizeof(float));
+    s->v = xmalloc(kv_dim_of(c) * sizeof(float));
+    s->att = xmalloc((size_t)c->n_heads * c->seq_len * sizeof(float));
+    s->logits = xmalloc(c->vocab_size * sizeof(float));
+}
+
+static void run_state_free(RunState *s) {
+    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2);
+    free(s->q); free(s->k); free(s->v); free(s->att); free(s->logits);
+}
+
+// Runs `token` at position `pos` through the model, reading and extending `kv`.  Returns logits (V).
+static float *forward(const Model *m, RunState *s, KVCache *kv, const RopeTable *rope, int token, int pos) {
+    const Config *c = &m->cfg;
+    const Weights *w = &m->w;
+    int D = c->dim, F = c->hidden_dim, QD = q_dim_of(c), KD = kv_dim_of(c);
+    memcpy(s->x, w->token_embedding + (size_t)token * D, D * sizeof(float));
+
+    for (int l = 0; l < c->n_layers; l++) {
+        // attention block
+        rmsnorm(s->xb, s->x, w->attn_norm + (size_t)l * D, D, c->norm_eps);
+        matmul(s->q, s->xb, w->wq + (size_t)l * QD * D, D, QD);
+        matmul(s->k, s->xb, w->wk + (size_t)l * KD * D, D, KD);
+        matmul(s->v, s->xb, w->wv + (size_t)l * KD * D, D, KD);
+        rope_rotate(rope, s->q, c->n_heads, pos);
+        kv_append(kv, l, pos, s->k, s->v);  // the current token, too, is read back through the cache
+        kv_attend(kv, l, pos, s->q, s->xb, s->att);
+        matmul(s->xb2, s->xb, w->wo + (size_t)l * D * QD, QD, D);
+        for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
+
+        // SwiGLU feed-forward block
+        rmsnorm(s->xb, s->x, w->ffn_norm + (size_t)l * D, D, c->norm_eps);
+        matmul(s->hb, s->xb, w->w1 + (size_t)l * F * D, D, F);
+        matmul(s->hb2, s->xb, w->w3 + (size_t)l * F * D, D, F);
+        for (int i = 0; i < F; i++) {
+            float a = s->hb[i];
+            s->hb[i] = a / (1.0f + expf(-a)) * s->hb2[i];
+        }
+        matmul(s->xb, s->hb, w->w2 + (size_t)l * D * F, F, D);
+        for (int i = 0; i < D; i++) s->x[i] += s->xb[i];
+    }
+    rmsnorm(s->x, s->x, w->final_norm, D, c->norm_eps);
+    matmul(s->logits, s->x, w->classifier, D, c->vocab_size);
+    return s->logits;
+}
+
+/* ==========================================================================================
+   7. Generation, chat, perplexity, benchmark
+   ========================================================================================== */
+
+typedef struct {           // everything the command line chooses
+    const char *checkpoint, *tokenizer, *mode, *prompt, *system_prompt;
+    const char *kv_spec, *centroids, *text_file, *logits_file;
+    float temperature, topp;
+    long long seed;
+    int steps, window, length;
+    int ids_input, kl;
+    int steps_given;
+} Options;
+
+typedef struct {           // a model ready to run: weights, RoPE table, one cache and its state
+    Model model;
+    RopeTable rope;
+    Tokenizer tok;
+    KVType ktype, vtype;
+} Runtime;
+
+static FILE *open_logits(const Options *o) {
+    if (!o->logits_file) return NULL;
+    FILE *f = fopen(o->logits_file, "wb");
+    if (!f) die("cannot write %s: %s", o->logits_file, strerror(errno));
+    return f;
+}
+
+static void write_logits(FILE *f, const float *logits, int n) {
+    if (f && fwrite(logits, sizeof(float), n, f) != (size_t)n) die("writing logits failed: %s", strerror(errno));
+}
+
+static int *encode_prompt(const Runtime *rt, const char *text, int *n) {
+    int *ids = xmalloc((strlen(text) + 3) * sizeof(int));
+    encode(&rt->tok, text, rt->model.cfg.bos_id, 1, ids, n);
+    return ids;
+}
+
+static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
+    const Config *c = &rt->model.cfg;
+    const char *prompt = o->prompt ? o->prompt : "";
+    int n_prompt;
+    int *prompt_ids = encode_prompt(rt, prompt, &n_prompt);
+    if (n_prompt > c->seq_len)
+        die("the prompt is %d tokens long but the model's context is %d", n_prompt, c->seq_len);
+    int steps = o->steps;
+    RunState s;
+    KVCache kv;
+    run_state_init(&s, c);
+    kv_cache_init(&kv, rt->ktype, rt->vtype, c, &rt->rope);
+    FILE *logits_out = open_logits(o);
+
+    long start = 0;
+    int token = prompt_ids[0], pos = 0;
+    while (pos < steps) {
+        float *logits = forward(&rt->model, &s, &kv, &rt->rope, token, pos);
+        write_logits(logits_out, logits, c->vocab_size);
+        // inside the prompt the next token is forced, after it the model chooses
+        int next = pos < n_prompt - 1 ? prompt_ids[pos + 1] : sample(sampler, logits);
+        pos++;
+        if (next == c->bos_id) break;  // llama2.c stops when the model starts a new sequence
+        char byte_buf[2];
+        safe_print(decode_piece(&rt->tok, c->bos_id, token, next, byte_buf));
+        fflush(stdout);
+        token = next;
+        if (start == 0) start = time_in_ms();  // the first step is excluded: it warms up
+    }
+    printf("\n");
+    if (pos > 1) {
+        long end = time_in_ms();
+        fprintf(stderr, "achieved tok/s: %f\n", (pos - 1) / (double)(end - start) * 1000);
+    }
+    if (logits_out) fclose(logits_out);
+    free(prompt_ids);
+    run_state_free(&s);
+    kv_cache_free(&kv);
+}
+
+// Reads a line from stdin into buf without the newline; returns 0 at end of input.
+static int read_line(const char *guide, char *buf, size_t size) {
+    printf("%s", guide);
+    fflush(stdout);
+    if (!fgets(buf, (int)size, stdin)) return 0;
+    size_t len = strlen(buf);
+    if (len > 0 && buf[len - 1] == '\n') buf[len - 1] = '\0';
+    return 1;
+}
+
+// Renders one user turn with the checkpoint's chat template.
+static void render_turn(char *out, size_t size, int template, int first, const char *sys, const char *user) {
+    if (template == 1) {  // ChatML
+        if (first && sys[0])
+            snprintf(out, size, "<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys, user);
+        else
+            snprintf(out, size, "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", user);
+    } else if (first && sys[0]) {  // Llama-2-chat
+        snprintf(out, size, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);
+    } else {
+        snprintf(out, size, "[INST] %s [/INST]", user);
+    }
+}
+
+static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
+    const Config *c = &rt->model.cfg;
+    enum { BUF = 1152 };
+    char system_prompt[BUF] = "", user_prompt[BUF] = "", rendered[3 * BUF + 256];
+    int *prompt_ids = xmalloc((sizeof rendered + 3) * sizeof(int));
+    int n_prompt = 0, user_idx = 0, user_turn = 1, next = 0, token, pos = 0;
+    RunState s;
+    KVCache kv;
+    run_state_init(&s, c);
+    kv_cache_init(&kv, rt->ktype, rt->vtype, c, &rt->rope);
+    int steps = o->steps;
+    while (pos < steps) {
+        if (user_turn) {
+            if (pos == 0) {
+                if (o->system_prompt) snprintf(system_prompt, BUF, "%s", o->system_prompt);
+                else if (!read_line("Enter system prompt (optional): ", system_prompt, BUF)) break;
+            }
+            if (pos == 0 && o->prompt) snprintf(user_prompt, BUF, "%s", o->prompt);
+            else if (!read_line("User: ", user_prompt, BUF)) break;
+            render_turn(rendered, sizeof rendered, c->chat_template, pos == 0, system_prompt, user_prompt);
+            encode(&rt->tok, rendered, c->bos_id, 1, prompt_ids, &n_prompt);
+            if (pos + n_prompt > c->seq_len) {
+                fprintf(stderr, "error: this turn (%d tokens) does not fit in the remaining context (%d of %d)\n",
+                        n_prompt, c->seq_len - pos, c->seq_len);
+                break;
+            }
+            user_idx = 0;
+            user_turn = 0;
+            printf("Assistant: ");
+        }
+        token = user_idx < n_prompt ? prompt_ids[user_idx++] : next;
+        if (token == c->eos_id) user_turn = 1;
+        float *logits = forward(&rt->model, &s, &kv, &rt->rope, token, pos);
+        next = sample(sampler, logits);
+        pos++;
+        if (user_idx >= n_prompt && next != c->eos_id) {
+            char byte_buf[2];
+            safe_print(decode_piece(&rt->tok, c->bos_id, token, next, byte_buf));
+            fflush(stdout);
+        }
+        if (next == c->eos_id) printf("\n");
+    }
+    printf("\n");
+    free(prompt_ids);
+    run_state_free(&s);
+    kv_cache_free(&kv);
+}
+
+static char *read_file(const char *path, size_t *len_out) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open %s: %s", path, strerror(errno));
+    size_t cap = 1 << 16, len = 0, got;
+    char *buf = xmalloc(cap + 1);
+    while ((got = fread(buf + len, 1, cap - len, f)) > 0) {
+        len += got;
+        if (len == cap) {
+            cap *= 2;
+            buf = realloc(buf, cap + 1);
+            if (!buf) die("out of memory reading %s", path);
+        }
+    }
+    if (ferror(f)) die("error reading %s", path);
+    fclose(f);
+    buf[len] = '\0';
+    if (strlen(buf) != len) die("%s contains NUL bytes: not a text file", path);
+    *len_out = len;
+    return buf;
+}
+
+// The token stream a perplexity run scores: the text's ids (no BOS), or ids given directly.
+static int *read_eval_tokens(const Runtime *rt, const Options *o, int *n_out) {
+    size_t len;
+    char *text = read_file(o->text_file, &len);
+    int *ids = xmalloc((len + 3) * sizeof(int)), n = 0;
+    if (o->ids_input) {
+        char *p = text, *end;
+        for (;;) {
+            while (isspace((unsigned char)*p)) p++;
+            if (!*p) break;
+            errno = 0;
+            long v = strtol(p, &end, 10);
+            if (end == p || errno || v < 0 || v >= rt->model.cfg.vocab_size)
+                die("%s: token id #%d is not an integer in [0, %d)", o->text_file, n + 1, rt->model.cfg.vocab_size);
+            ids[n++] = (int)v;
+            p = end;
+        }
+    } else {
+        encode(&rt->tok, text, rt->model.cfg.bos_id, 0, ids, &n);
+    }
+    free(text);
+    if (n < 1) die("%s holds no tokens to score", o->text_file);
+    *n_out = n;
+    return ids;
+}
+
+// log p(target) from logits, and KL(p_ref || p) when ref is given; in double.
+static double log_prob(const float *logits, int n, int target) {
+    double max = logits[0], sum = 0.0;
+    for (int i = 1; i < n; i++) if (logits[i] > max) max = logits[i];
+    for (int i = 0; i < n; i++) sum += exp(logits[i] - max);
+    return logits[target] - max - log(sum);
+}
+
+static double kl_divergence(const float *ref, const float *logits, int n) {
+    double mr = ref[0], ml = logits[0], sr = 0.0, sl = 0.0, kl = 0.0;
+    for (int i = 1; i < n; i++) { if (ref[i] > mr) mr = ref[i]; if (logits[i] > ml) ml = logits[i]; }
+    for (int i = 0; i < n; i++) { sr += exp(ref[i] - mr); sl += exp(logits[i] - ml); }
+    double lsr = log(sr), lsl = log(sl);
+    for (int i = 0; i < n; i++) {
+        double lp = ref[i] - mr - lsr, lq = logits[i] - ml - lsl;
+        kl += exp(lp) * (lp - lq);
+    }
+    return kl;
+}
+
+static void kv_type_label(char *buf, size_t n, const KVType *k, const KVType *v) {
+    if (strcmp(k->name, v->name) == 0) snprintf(buf, n, "%s", k->name);
+    else snprintf(buf, n, "%s:%s", k->name, v->name);
+}
+
+static void perplexity(Runtime *rt, const Options *o) {
+    const Config *c = &rt->model.cfg;
+    int n_tokens;
+    int *ids = read_eval_tokens(rt, o, &n_tokens);
+    int window = o->length > 0 ? o->length : c->seq_len;
+    int chunk = window - 1;
+    RunState s, ref_s;
+    KVCache kv, ref_kv;
+    KVType fp32;
+    parse_kv_type("fp32", &fp32);
+    run_state_init(&s, c);
+    kv_cache_init(&kv, rt->ktype, rt->vtype, c, &rt->rope);
+    if (o->kl) {
+        run_state_init(&ref_s, c);
+        kv_cache_init(&ref_kv, fp32, fp32, c, &rt->rope);
+    }
+    FILE *logits_out = open_logits(o);
+
+    double nll = 0.0, kl = 0.0;
+    long scored = 0;
+    double t0 = now_seconds(), last_report = t0;
+    for (int start = 0; start < n_tokens; start += chunk) {
+        int len = n_tokens - start < chunk ? n_tokens - start : chunk;
+        // window: bos, ids[start .. start+len-1]; step j predicts ids[start + j]
+        int token = c->bos_id;
+        for (int j = 0; j <= len; j++) {
+            float *logits = forward(&rt->model, &s, &kv, &rt->rope, token, j);
+            write_logits(logits_out, logits, c->vocab_size);
+            if (j == len) break;  // the last token's prediction lies outside the window
+            int target = ids[start + j];
+            nll -= log_prob(logits, c->vocab_size, target);
+            if (o->kl) {
+                float *ref = forward(&rt->model, &ref_s, &ref_kv, &rt->rope, token, j);
+                kl += kl_divergence(ref, logits, c->vocab_size);
+            }
+            scored++;
+            token = target;
+        }
+        double now = now_seconds();
+        if (now - last_report > 1.0 || start + chunk >= n_tokens) {
+            fprintf(stderr, "\rppl: %ld/%d tokens, ppl %.4f, %.0f tok/s   ", scored, n_tokens,
+                    exp(nll / scored), scored / (now - t0));
+            last_report = now;
+        }
+    }
+    fprintf(stderr, "\n");
+    char label[64];
+    kv_type_label(label, sizeof label, &rt->ktype, &rt->vtype);
+    double bytes = kv_store_bytes_per_token(&kv.k) + kv_store_bytes_per_token(&kv.v);
+    double fp32_bytes = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
+    printf("type=%s bits_per_channel=%.3f kv_bytes_per_token=%.1f ratio_fp32=%.4f tokens=%ld nll=%.6f ppl=%.6f",
+           label, (kv_type_bits(&rt->ktype) + kv_type_bits(&rt->vtype)) / 2, bytes, bytes / fp32_bytes,
+           scored, nll / scored, exp(nll / scored));
+    if (o->kl) printf(" kl=%.6f", kl / scored);
+    printf("\n");
+    if (logits_out) fclose(logits_out);
+    free(ids);
+    run_state_free(&s);
+    kv_cache_free(&kv);
+    if (o->kl) { run_state_free(&ref_s); kv_cache_free(&ref_kv); }
+}
+
+// Standard normal numbers from the xorshift* generator (Box-Muller), for filling caches.
+static float random_normal(uint64_t *state) {
+    float u1 = (random_u32(state) + 1.0f) / 4294967296.0f, u2 = random_f32(state);
+    return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
+}
+
+/* Decode speed at context L: positions 0 .. L-n-1 are filled with random keys and values
+   (the cache's content does not change the work a step does), then n decode steps run at
+   positions L-n .. L-1 and are timed; the last step attends to all L positions. */
+static void benchmark(Runtime *rt, const Options *o) {
+    const Config *c = &rt->model.cfg;
+    int context = o->length > 0 ? o->length : (c->seq_len < 1024 ? c->seq_len : 1024);
+    int steps = o->steps_given ? o->steps : 16;
+    if (steps < 1 || steps > context) die("bench: -n must be in [1, %d] for a context of %d", context, context);
+    RunState s;
+    KVCache kv;
+    run_state_init(&s, c);
+    kv_cache_init(&kv, rt->ktype, rt->vtype, c, &rt->rope);
+    int KD = kv_dim_of(c), fill = context - steps;
+    float *k = xmalloc(KD * sizeof(float)), *v = xmalloc(KD * sizeof(float));
+    uint64_t rng = 42;
+    double t0 = now_seconds();
+    for (int pos = 0; pos < fill; pos++) {
+        for (int l = 0; l < c->n_layers; l++) {
+            for (int i = 0; i < KD; i++) { k[i] = random_normal(&rng); v[i] = random_normal(&rng); }
+            kv_append(&kv, l, pos, k, v);
+        }
+        if (pos % 256 == 255) fprintf(stderr, "\rbench: filling the cache %d/%d", pos + 1, fill);
+    }
+    double fill_time = now_seconds() - t0;
+    if (fill > 0) fprintf(stderr, "\rbench: filled %d positions in %.1f s\n", fill, fill_time);
+    int token = c->bos_id;
+    double start = now_seconds();
+    for (int pos = fill; pos < context; pos++) {
+        float *logits = forward(&rt->model, &s, &kv, &rt->rope, token, pos);
+        token = argmax(logits, c->vocab_size);
+    }
+    double elapsed = now_seconds() - start;
+    char label[64];
+    kv_type_label(label, sizeof label, &rt->ktype, &rt->vtype);
+    double bytes = kv_store_bytes_per_token(&kv.k) + kv_store_bytes_per_token(&kv.v);
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    printf("type=%s threads=%d context=%d steps=%d tok_per_s=%.2f ms_per_token=%.3f "
+           "kv_bytes_per_token=%.1f kv_bytes_total=%.0f\n",
+           label, threads, context, steps, steps / elapsed, 1000 * elapsed / steps, bytes, bytes * context);
+    free(k); free(v);
+    run_state_free(&s);
+    kv_cache_free(&kv);
+}
+
+// -m encode: prints the ids of the prompt (-i) or of a file (-f), BOS first.
+static void print_encoding(Runtime *rt, const Options *o) {
+    size_t len;
+    char *text = o->text_file ? read_file(o->text_file, &len) : strdup(o->prompt ? o->prompt : "");
+    int n;
+    int *ids = encode_prompt(rt, text, &n);
+    for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+    printf("\n");
+    free(ids);
+    free(text);
+}
+
+/* ==========================================================================================
+   8. Command line
+   ========================================================================================== */
+
+static void usage(FILE *f) {
+    fprintf(f,
+        "Usage:   run <checkpoint> [options]\n"
+        "Example: run model.bin -k cq1 -n 256 -i \"Once upon a time\"\n"
+        "Options:\n"
+        "  -t <float>  temperature in [0,inf), default 1.0 (0 = greedy)\n"
+        "  -p <float>  top-p in [0,1], default 0.9 (0 or 1 = plain sampling)\n"
+        "  -s <int>    random seed, default: time\n"
+        "  -n <int>    steps including the prompt, default 256, 0 = the model's context\n"
+        "  -i <string> prompt\n"
+        "  -z <path>   tokenizer, default tokenizer.bin\n"
+        "  -m <mode>   generate (default) | chat | ppl | bench | encode\n"
+        "  -y <string> system prompt (chat)\n"
+        "  -k <type>   KV cache type, or KEYTYPE:VALUETYPE; default fp32\n"
+        "              types: fp32\n"
+        "  -w <int>    keep the newest N tokens in full precision, default 0\n"
+        "  -c <path>   CQ centroid file, default <checkpoint minus .bin>.<c>c<b>b.cent\n"
+        "  -f <path>   ppl/encode: input text file\n"
+        "  -l <int>    ppl: window length (default the model's context); bench: context length\n"
+        "  --ids       ppl: -f holds whitespace-separated token ids instead of text\n"
+        "  --kl        ppl: also report mean KL(p_fp32 || p_type) over scored tokens\n"
+        "  --logits <path>  write the float32 logits of every forward step to a file\n"
+        "  -h, --help  this text\n");
+}
+
+static int parse_int(const char *flag, const char *s) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || errno || v < INT_MIN || v > INT_MAX)
+        die("%s expects an integer, got '%s'", flag, s);
+    return (int)v;
+}
+
+static long long parse_ll(const char *flag, const char *s) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (end == s || *end || errno) die("%s expects an integer, got '%s'", flag, s);
+    return v;
+}
+
+static float parse_float(const char *flag, const char *s) {
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (end == s || *end || errno || !isfinite(v)) die("%s expects a number, got '%s'", flag, s);
+    return v;
+}
+
+static void parse_args(int argc, char **argv, Options *o) {
+    *o = (Options){.tokenizer = "tokenizer.bin", .mode = "generate", .kv_spec = "fp32",
+                   .temperature = 1.0f, .topp = 0.9f, .steps = 256};
+    if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { usage(stdout); exit(0); }
+    if (argc < 2) { usage(stderr); die("no checkpoint given"); }
+    o->checkpoint = argv[1];
+    if (o->checkpoint[0] == '-') die("the first argument must be the checkpoint, not the flag %s", argv[1]);
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
+        if (!strcmp(a, "--ids")) { o->ids_input = 1; continue; }
+        if (!strcmp(a, "--kl")) { o->kl = 1; continue; }
+        int takes_value = !strcmp(a, "--logits") || (a[0] == '-' && a[1] && !a[2] && strchr("tpsnizmykwcfl", a[1]));
+        if (!takes_value) die("unknown option '%s' (see --help)", a);
+        if (i + 1 >= argc) die("option %s needs a value", a);
+        const char *v = argv[++i];
+        if (!strcmp(a, "--logits")) { o->logits_file = v; continue; }
+        switch (a[1]) {
+        case 't': o->temperature = parse_float(a, v); break;
+        case 'p': o->topp = parse_float(a, v); break;
+        case 's': o->seed = parse_ll(a, v); break;
+        case 'n': o->steps = parse_int(a, v); o->steps_given = 1; break;
+        case 'i': o->prompt = v; break;
+        case 'z': o->tokenizer = v; break;
+        case 'm': o->mode = v; break;
+        case 'y': o->system_prompt = v; break;
+        case 'k': o->kv_spec = v; break;
+        case 'w': o->window = parse_int(a, v); break;
+        case 'c': o->centroids = v; break;
+        case 'f': o->text_file = v; break;
+        case 'l': o->length = parse_int(a, v); break;
+        }
+    }
+    const char *modes[] = {"generate", "chat", "ppl", "bench", "encode"};
+    int known = 0;
+    for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) known |= !strcmp(o->mode, modes[i]);
+    if (!known) die("unknown mode '%s' (generate, chat, ppl, bench, encode)", o->mode);
+    if (o->temperature < 0) die("-t must be >= 0, got %g", o->temperature);
+    if (o->topp < 0 || o->topp > 1) die("-p must be in [0, 1], got %g", o->topp);
+    if (o->steps < 0) die("-n must be >= 0, got %d", o->steps);
+    if (o->window < 0) die("-w must be >= 0, got %d", o->window);
+    if (!strcmp(o->mode, "ppl") && !o->text_file) die("-m ppl needs -f FILE");
+    if (o->ids_input && strcmp(o->mode, "ppl")) die("--ids only applies to -m ppl");
+    if (o->kl && strcmp(o->mode, "ppl")) die("--kl only applies to -m ppl");
+}
+
+// "-k K" or "-k K:V"
+static void parse_kv_spec(const char *spec, KVType *k, KVType *v) {
+    char buf[64];
+    if (strlen(spec) >= sizeof buf) die("-k value too long: '%s'", spec);
+    strcpy(buf, spec);
+    char *colon = strchr(buf, ':');
+    if (colon) *colon = '\0';
+    const char *kname = buf, *vname = colon ? colon + 1 : buf;
+    if (!parse_kv_type(kname, k)) die("unknown KV cache type '%s' (see --help for the types)", kname);
+    if (!parse_kv_type(vname, v)) die("unknown KV cache type '%s' (see --help for the types)", vname);
+}
+
+int main(int argc, char **argv) {
+    Options o;
+    parse_args(argc, argv, &o);
+    Runtime rt;
+    memset(&rt, 0, sizeof rt);
+    parse_kv_spec(o.kv_spec, &rt.ktype, &rt.vtype);
+    load_model(&rt.model, o.checkpoint);
+    const Config *c = &rt.model.cfg;
+    if (o.steps == 0 || o.steps > c->seq_len) o.steps = c->seq_len;
+    if (o.length && (o.length < 2 || o.length > c->seq_len))
+        die("-l must be in [2, %d] (the model's context), got %d", c->seq_len, o.length);
+    int needs_tokenizer = strcmp(o.mode, "bench") && !(strcmp(o.mode, "ppl") == 0 && o.ids_input);
+    if (needs_tokenizer) load_tokenizer(&rt.tok, o.tokenizer, c->vocab_size);
+    rope_init(&rt.rope, c);
+
+    if (!strcmp(o.mode, "encode")) {
+        print_encoding(&rt, &o);
+    } else if (!strcmp(o.mode, "ppl")) {
+        perplexity(&rt, &o);
+    } else if (!strcmp(o.mode, "bench")) {
+        benchmark(&rt, &o);
+    } else {
+        Sampler sampler = {c->vocab_size, xmalloc(c->vocab_size * sizeof(ProbIndex)), o.temperature, o.topp,
+                           o.seed > 0 ? (uint64_t)o.seed : (uint64_t)time(NULL)};
+        if (!strcmp(o.mode, "generate")) generate(&rt, &sampler, &o);
+        else chat(&rt, &sampler, &o);
+        free(sampler.candidates);
+    }
+    free(rt.rope.cos_sin);
+    free_tokenizer(&rt.tok);
+    free_model(&rt.model);
+    return 0;
+}
