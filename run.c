@@ -613,46 +613,263 @@ static void rope_rotate(const RopeTable *r, float *x, int n_heads, int t) {
    5. The KV cache
    ========================================================================================== */
 
-/* The rest of the program sees the cache through three calls:
+/* The rest of the program sees the cache through four calls:
      kv_cache_init  - storage for every layer and position, of the chosen types
-     kv_append      - store the key (pre-RoPE) and value of the token at `pos` for one layer
+     kv_append      - store the key (BEFORE RoPE) and value of the token at `pos`, one layer
      kv_attend      - attention of all query heads against positions 0..pos of one layer
+     kv_cache_free
    Keys and values each live in a KVStore of their own type, so keys can be kept at more bits
-   than values (-k cq2:cq1). */
+   than values (-k cq2:cq1).  Every type but CQ stores keys AFTER RoPE, as llama2.c and
+   llama.cpp do; CQ stores them before RoPE, as the paper does, and rotates when it reads.
 
-typedef enum { KV_FP32 } KVKind;
+   Types and bits per channel (bits of a stored token / channels):
+     fp32 32    fp16 16
+     q8  8.5    int8 per channel, fp16 scale per block of 32 channels (symmetric)
+     q4  5      4-bit, fp16 scale and minimum per block of 32 channels (asymmetric)
+     q2  3      2-bit, same scheme
+     q1  2      1-bit, same scheme: each channel is its block's minimum or maximum
+     kivi4 5, kivi2 3: keys per channel over blocks of 32 tokens (4 or 2 bits, fp16 scale and
+                minimum per channel and block; the newest tokens of an unfinished block stay
+                fp32 until it fills), values per token as q4 / q2
+     cq<c>c<b>b  b/c: one b-bit code per group of c channels (cq4 = 2c8b, cq2 = 4c8b, cq1 = 8c8b)
+   With -w N the newest N tokens are also kept in fp32 and read from there. */
+
+typedef _Float16 half;  // IEEE binary16; gcc and clang on x86-64 and arm64
+
+typedef enum { KV_FP32, KV_FP16, KV_Q8, KV_Q4, KV_Q2, KV_Q1, KV_KIVI4, KV_KIVI2, KV_CQ } KVKind;
 
 typedef struct {
     KVKind kind;
-    const char *name;
+    int c, b;        // CQ only: channels per group, bits per code
+    char name[24];   // as printed
 } KVType;
+
+#define QBLOCK 32    // channels per block (q types), tokens per block (KIVI keys)
 
 typedef struct {
     KVType type;
     int is_key;
     int n_layers, n_kv_heads, head_size, kv_dim, seq_len;
-    float *f32;  // fp32: (L, seq_len, kv_dim); keys stored after RoPE
+    size_t row_bytes;      // bytes of one (layer, position) row
+    uint8_t *rows;         // (L, seq_len, row_bytes): every type except KIVI keys
+    // KIVI keys: blocks of QBLOCK tokens quantized per channel
+    size_t kivi_block_bytes;
+    uint8_t *kivi_blocks;  // (L, seq_len / QBLOCK, kv_dim, kivi_block_bytes)
+    float *kivi_recent;    // (L, QBLOCK, kv_dim) keys of the unfinished block, after RoPE
+    // CQ: codebooks learned offline by export.py
+    int n_groups;          // G = kv_dim / c
+    int n_centroids;       // K = 2^b
+    float *codebook;       // (L, G, K, c); keys before RoPE
+    float *centroid_sqnorm;// (L, G, K): ||C||^2, for the nearest-centroid search
+    // -w: the newest tokens in full precision
+    int window;
+    float *window_rows;    // (L, window, kv_dim), position t at slot t % window; keys after RoPE
 } KVStore;
+
+typedef enum { CQ_KEYS_AUTO, CQ_KEYS_LUT, CQ_KEYS_DECODE } CQKeyPath;
 
 typedef struct {
     KVStore k, v;
     const RopeTable *rope;
     int n_heads;
+    CQKeyPath key_path;
+    int n_threads;
+    float *att;            // (H, seq_len) attention weights
+    float *lut;            // CQ keys: (H, hs/c, K, c) products of the query with every centroid
+    float *acc;            // per thread: partial outputs (H*hs) or CQ value histograms
+    size_t acc_floats;     // floats per thread in acc
+    float *kbuf;           // per thread: one decoded row (kv_dim)
+    double seconds;        // time spent in kv_append + kv_attend (bench reports it)
 } KVCache;
 
+static int is_quantized(const KVType *t) { return t->kind != KV_FP32; }
+
 static int parse_kv_type(const char *s, KVType *out) {
-    if (strcmp(s, "fp32") == 0) { *out = (KVType){KV_FP32, "fp32"}; return 1; }
+    static const struct { const char *name; KVKind kind; int c, b; } named[] = {
+        {"fp32", KV_FP32, 0, 0}, {"fp16", KV_FP16, 0, 0}, {"q8", KV_Q8, 0, 0}, {"q4", KV_Q4, 0, 0},
+        {"q2", KV_Q2, 0, 0}, {"q1", KV_Q1, 0, 0}, {"kivi4", KV_KIVI4, 0, 0}, {"kivi2", KV_KIVI2, 0, 0},
+        {"cq4", KV_CQ, 2, 8}, {"cq2", KV_CQ, 4, 8}, {"cq1", KV_CQ, 8, 8}};
+    memset(out, 0, sizeof *out);
+    for (size_t i = 0; i < sizeof named / sizeof *named; i++)
+        if (!strcmp(s, named[i].name)) {
+            out->kind = named[i].kind; out->c = named[i].c; out->b = named[i].b;
+            snprintf(out->name, sizeof out->name, "%s", s);
+            return 1;
+        }
+    int c, b, used = 0;
+    if (sscanf(s, "cq%dc%db%n", &c, &b, &used) == 2 && used == (int)strlen(s)) {
+        if (c < 1 || (c & (c - 1))) die("-k %s: c must be a power of two", s);
+        if (b < 1 || b > 16) die("-k %s: b must be in [1, 16]", s);
+        out->kind = KV_CQ; out->c = c; out->b = b;
+        snprintf(out->name, sizeof out->name, "%s", s);
+        return 1;
+    }
     return 0;
 }
 
 static double kv_type_bits(const KVType *t) {
     switch (t->kind) {
-    case KV_FP32: return 32.0;
+    case KV_FP32: return 32;
+    case KV_FP16: return 16;
+    case KV_Q8: return 8 + 16.0 / QBLOCK;
+    case KV_Q4: case KV_KIVI4: return 4 + 32.0 / QBLOCK;
+    case KV_Q2: case KV_KIVI2: return 2 + 32.0 / QBLOCK;
+    case KV_Q1: return 1 + 32.0 / QBLOCK;
+    case KV_CQ: return (double)t->b / t->c;
     }
     return 0;
 }
 
-static void kv_store_init(KVStore *s, KVType type, int is_key, const Config *c) {
+static int scalar_bits(KVKind k) {
+    return k == KV_Q4 || k == KV_KIVI4 ? 4 : k == KV_Q2 || k == KV_KIVI2 ? 2 : k == KV_Q1 ? 1 : 8;
+}
+
+/* ---- scalar blocks: the building block of q8/q4/q2/q1 rows and of KIVI's per-channel keys.
+   An asymmetric block of n <= 32 values: half scale, half min, then n codes of `bits` bits
+   packed from the low bits up; x ~= min + code * scale.  q8 is symmetric: half scale, n int8. */
+
+static size_t block_bytes(int bits) { return bits == 8 ? 2 + QBLOCK : 4 + QBLOCK * bits / 8; }
+
+static void quantize_block(const float *x, int n, int stride, int bits, uint8_t *dst) {
+    if (bits == 8) {
+        float amax = 0.0f;
+        for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i * stride]));
+        half scale = (half)(amax / 127.0f);
+        float inv = (float)scale > 0 ? 1.0f / (float)scale : 0.0f;
+        memcpy(dst, &scale, 2);
+        for (int i = 0; i < n; i++) {
+            float r = roundf(x[i * stride] * inv);
+            ((int8_t *)dst)[2 + i] = (int8_t)fmaxf(-127.0f, fminf(127.0f, r));
+        }
+        return;
+    }
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < n; i++) { lo = fminf(lo, x[i * stride]); hi = fmaxf(hi, x[i * stride]); }
+    int levels = (1 << bits) - 1;
+    half scale = (half)((hi - lo) / levels), min = (half)lo;
+    float inv = (float)scale > 0 ? 1.0f / (float)scale : 0.0f;
+    memcpy(dst, &scale, 2);
+    memcpy(dst + 2, &min, 2);
+    uint8_t *codes = dst + 4;
+    memset(codes, 0, QBLOCK * bits / 8);
+    for (int i = 0; i < n; i++) {
+        float r = roundf((x[i * stride] - (float)min) * inv);
+        int q = (int)fmaxf(0.0f, fminf((float)levels, r));
+        codes[i * bits / 8] |= (uint8_t)(q << (i * bits % 8));
+    }
+}
+
+static void dequantize_block(const uint8_t *src, int n, int bits, float *out) {
+    half scale;
+    memcpy(&scale, src, 2);
+    float s = scale;
+    if (bits == 8) {
+        for (int i = 0; i < n; i++) out[i] = s * ((const int8_t *)src)[2 + i];
+        return;
+    }
+    half min;
+    memcpy(&min, src + 2, 2);
+    float m = min;
+    const uint8_t *codes = src + 4;
+    int mask = (1 << bits) - 1;
+    for (int i = 0; i < n; i++) out[i] = m + s * ((codes[i * bits / 8] >> (i * bits % 8)) & mask);
+}
+
+static float block_value(const uint8_t *src, int i, int bits) {  // one value of an asymmetric block
+    half scale, min;
+    memcpy(&scale, src, 2);
+    memcpy(&min, src + 2, 2);
+    int q = (src[4 + i * bits / 8] >> (i * bits % 8)) & ((1 << bits) - 1);
+    return (float)min + (float)scale * q;
+}
+
+/* ---- CQ: nearest centroid.  ||x - C_j||^2 = ||C_j||^2 - 2 x.C_j + ||x||^2, and the last term
+   is the same for every j, so the code is argmin_j (||C_j||^2 - 2 x.C_j); first index on ties. */
+
+static int cq_encode_group(const float *x, const float *cb, const float *sqnorm, int K, int c) {
+    int best = 0;
+    float best_d = INFINITY;
+    for (int j = 0; j < K; j++) {
+        const float *cj = cb + (size_t)j * c;
+        float dot = 0.0f;
+        for (int i = 0; i < c; i++) dot += x[i] * cj[i];
+        float d = sqnorm[j] - 2.0f * dot;
+        if (d < best_d) { best_d = d; best = j; }
+    }
+    return best;
+}
+
+static int cq_code(const KVStore *s, const uint8_t *row, int g) {
+    return s->type.b <= 8 ? row[g] : ((const uint16_t *)row)[g];
+}
+
+/* ---- centroid files (written by export.py centroids; format in README.md) */
+
+#define CQCB_MAGIC 0x42435143u  // "CQCB"
+#define CQCB_HEADER_BYTES 64
+
+static uint64_t model_fingerprint(const float *wk_layer0, size_t n_floats) {
+    uint64_t sum = 0;
+    const uint32_t *words = (const uint32_t *)wk_layer0;
+    for (size_t i = 0; i < n_floats; i++) sum += words[i];
+    return sum;
+}
+
+static void default_centroid_path(char *out, size_t size, const char *checkpoint, const KVType *t) {
+    size_t len = strlen(checkpoint);
+    if (len > 4 && !strcmp(checkpoint + len - 4, ".bin")) len -= 4;
+    snprintf(out, size, "%.*s.%dc%db.cent", (int)len, checkpoint, t->c, t->b);
+}
+
+// Loads the keys' or the values' codebooks of `path` into s->codebook after checking the header.
+static void load_centroids(KVStore *s, const char *path, const char *checkpoint, const Model *m) {
+    const Config *c = &m->cfg;
+    const KVType *t = &s->type;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        die("no centroids for -k %s at %s (%s); create them with: "
+            "python3 export.py centroids %s -z TOKENIZER --calib TEXT --types %s  (or name a file with -c)",
+            t->name, path, strerror(errno), checkpoint, t->name);
+    int32_t h[10];
+    uint64_t fingerprint;
+    if (fread(h, 4, 10, f) != 10 || fread(&fingerprint, 8, 1, f) != 1) die("%s: truncated centroid header", path);
+    if ((uint32_t)h[0] != CQCB_MAGIC) die("%s is not a centroid file (bad magic)", path);
+    if (h[1] != 1) die("%s: centroid file version %d is not supported", path, h[1]);
+    if (h[2] != c->n_layers || h[3] != c->n_kv_heads || h[4] != c->head_size)
+        die("%s was made for a model with %d layers, %d kv heads, head size %d; this model has %d, %d, %d",
+            path, h[2], h[3], h[4], c->n_layers, c->n_kv_heads, c->head_size);
+    if (h[5] != t->c || h[6] != t->b)
+        die("%s holds CQ-%dc%db centroids, but -k asks for %s (CQ-%dc%db)", path, h[5], h[6], t->name, t->c, t->b);
+    size_t wk_floats = (size_t)kv_dim_of(c) * c->dim;
+    if (fingerprint != model_fingerprint(m->w.wk, wk_floats))
+        die("%s was learned on another model (fingerprint differs) of the same shape", path);
+    size_t per_side = (size_t)s->n_groups * s->n_centroids * t->c;  // floats per layer and K/V
+    if (fseek(f, 0, SEEK_END) != 0) die("cannot seek in %s", path);
+    long size = ftell(f);
+    long want = CQCB_HEADER_BYTES + (long)(4 * per_side * 2 * c->n_layers);
+    if (size != want) die("%s: %ld bytes, expected %ld: truncated or corrupt", path, size, want);
+    for (int l = 0; l < c->n_layers; l++) {
+        long offset = CQCB_HEADER_BYTES + (long)(4 * per_side * (2 * l + (s->is_key ? 0 : 1)));
+        if (fseek(f, offset, SEEK_SET) != 0 ||
+            fread(s->codebook + (size_t)l * per_side, 4, per_side, f) != per_side)
+            die("%s: read error", path);
+    }
+    fclose(f);
+    for (size_t i = 0; i < per_side * c->n_layers; i++)
+        if (!isfinite(s->codebook[i])) die("%s: codebook holds a non-finite value", path);
+    for (size_t gj = 0; gj < (size_t)c->n_layers * s->n_groups * s->n_centroids; gj++) {
+        const float *cj = s->codebook + gj * t->c;
+        float n2 = 0.0f;
+        for (int i = 0; i < t->c; i++) n2 += cj[i] * cj[i];
+        s->centroid_sqnorm[gj] = n2;
+    }
+}
+
+/* ---- one store (keys or values) */
+
+static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const Model *m,
+                          const char *checkpoint, const char *centroid_path) {
+    const Config *c = &m->cfg;
     memset(s, 0, sizeof *s);
     s->type = type;
     s->is_key = is_key;
@@ -661,67 +878,364 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, const Config *c) 
     s->head_size = c->head_size;
     s->kv_dim = kv_dim_of(c);
     s->seq_len = c->seq_len;
-    s->f32 = xmalloc((size_t)s->n_layers * s->seq_len * s->kv_dim * sizeof(float));
+    s->window = is_quantized(&type) ? window : 0;
+    size_t L = s->n_layers, S = s->seq_len, KD = s->kv_dim, n_blocks = (KD + QBLOCK - 1) / QBLOCK;
+    switch (type.kind) {
+    case KV_FP32: s->row_bytes = KD * 4; break;
+    case KV_FP16: s->row_bytes = KD * 2; break;
+    case KV_CQ:
+        if (type.c > c->head_size || c->head_size % type.c)
+            die("-k %s: c = %d must divide the head size %d", type.name, type.c, c->head_size);
+        s->n_groups = (int)(KD / type.c);
+        s->n_centroids = 1 << type.b;
+        s->row_bytes = (size_t)s->n_groups * (type.b <= 8 ? 1 : 2);
+        s->codebook = xmalloc(L * s->n_groups * s->n_centroids * type.c * sizeof(float));
+        s->centroid_sqnorm = xmalloc(L * s->n_groups * s->n_centroids * sizeof(float));
+        {
+            char path[4096];
+            if (centroid_path) snprintf(path, sizeof path, "%s", centroid_path);
+            else default_centroid_path(path, sizeof path, checkpoint, &type);
+            load_centroids(s, path, checkpoint, m);
+        }
+        break;
+    case KV_KIVI4: case KV_KIVI2:
+        if (is_key) {
+            s->kivi_block_bytes = block_bytes(scalar_bits(type.kind));
+            s->kivi_blocks = xmalloc(L * (S / QBLOCK + 1) * KD * s->kivi_block_bytes);
+            s->kivi_recent = xmalloc(L * QBLOCK * KD * sizeof(float));
+        } else {  // KIVI values are quantized per token like q4 / q2
+            s->row_bytes = n_blocks * block_bytes(scalar_bits(type.kind));
+        }
+        break;
+    default:
+        s->row_bytes = n_blocks * block_bytes(scalar_bits(type.kind));
+    }
+    if (s->row_bytes) s->rows = xmalloc(L * S * s->row_bytes);
+    if (s->window) s->window_rows = xmalloc(L * s->window * KD * sizeof(float));
 }
 
-static void kv_store_free(KVStore *s) { free(s->f32); }
+static void kv_store_free(KVStore *s) {
+    free(s->rows); free(s->kivi_blocks); free(s->kivi_recent);
+    free(s->codebook); free(s->centroid_sqnorm); free(s->window_rows);
+}
 
-// Bytes one token takes in this store, over all layers.
+static uint8_t *store_row(const KVStore *s, int layer, int t) {
+    return s->rows + ((size_t)layer * s->seq_len + t) * s->row_bytes;
+}
+
+// Bytes one token takes in this store, over all layers (codebooks and window excluded).
 static double kv_store_bytes_per_token(const KVStore *s) {
     return kv_type_bits(&s->type) / 8.0 * s->kv_dim * s->n_layers;
 }
 
-static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, const Config *c, const RopeTable *rope) {
-    kv_store_init(&kv->k, ktype, 1, c);
-    kv_store_init(&kv->v, vtype, 0, c);
+// Stores x (kv_dim) for position pos.  Keys arrive rotated, except for CQ: see kv_append.
+static void store_put(KVStore *s, int layer, int pos, const float *x) {
+    int KD = s->kv_dim;
+    if (s->window) memcpy(s->window_rows + ((size_t)layer * s->window + pos % s->window) * KD, x, KD * sizeof(float));
+    uint8_t *row = s->rows ? store_row(s, layer, pos) : NULL;
+    switch (s->type.kind) {
+    case KV_FP32: memcpy(row, x, KD * sizeof(float)); break;
+    case KV_FP16: for (int i = 0; i < KD; i++) ((half *)row)[i] = (half)x[i]; break;
+    case KV_CQ: {
+        int c = s->type.c, K = s->n_centroids;
+        for (int g = 0; g < s->n_groups; g++) {
+            size_t lg = (size_t)layer * s->n_groups + g;
+            int code = cq_encode_group(x + g * c, s->codebook + lg * K * c, s->centroid_sqnorm + lg * K, K, c);
+            if (s->type.b <= 8) row[g] = (uint8_t)code;
+            else ((uint16_t *)row)[g] = (uint16_t)code;
+        }
+        break;
+    }
+    default:
+        if (s->kivi_blocks) {  // KIVI keys: wait for the block to fill, then quantize per channel
+            float *recent = s->kivi_recent + (size_t)layer * QBLOCK * KD;
+            memcpy(recent + (size_t)(pos % QBLOCK) * KD, x, KD * sizeof(float));
+            if (pos % QBLOCK == QBLOCK - 1) {
+                uint8_t *blk = s->kivi_blocks + (((size_t)layer * (s->seq_len / QBLOCK + 1) + pos / QBLOCK) * KD) * s->kivi_block_bytes;
+                for (int ch = 0; ch < KD; ch++)
+                    quantize_block(recent + ch, QBLOCK, KD, scalar_bits(s->type.kind), blk + ch * s->kivi_block_bytes);
+            }
+        } else {
+            int bits = scalar_bits(s->type.kind);
+            for (int b0 = 0, i = 0; b0 < KD; b0 += QBLOCK, i++)
+                quantize_block(x + b0, KD - b0 < QBLOCK ? KD - b0 : QBLOCK, 1, bits, row + i * block_bytes(bits));
+        }
+    }
+}
+
+/* The stored vector of position t as floats (keys: after RoPE), for the types read row by row
+   (every type except CQ's fused path).  Returns a pointer into the cache or into buf (kv_dim).
+   `pos` is the newest position: it says which KIVI blocks are finished. */
+static const float *store_get(const KVStore *s, const RopeTable *rope, int layer, int t, int pos, float *buf) {
+    int KD = s->kv_dim;
+    if (s->window && t > pos - s->window) return s->window_rows + ((size_t)layer * s->window + t % s->window) * KD;
+    const uint8_t *row = s->rows ? store_row(s, layer, t) : NULL;
+    switch (s->type.kind) {
+    case KV_FP32: return (const float *)row;
+    case KV_FP16: for (int i = 0; i < KD; i++) buf[i] = ((const half *)row)[i]; return buf;
+    case KV_CQ: {
+        int c = s->type.c, K = s->n_centroids;
+        for (int g = 0; g < s->n_groups; g++)
+            memcpy(buf + g * c, s->codebook + (((size_t)layer * s->n_groups + g) * K + cq_code(s, row, g)) * c, c * sizeof(float));
+        if (s->is_key) rope_rotate(rope, buf, s->n_kv_heads, t);  // CQ keys were stored before RoPE
+        return buf;
+    }
+    default:
+        if (s->kivi_blocks) {
+            int block = t / QBLOCK, bits = scalar_bits(s->type.kind);
+            if (block * QBLOCK + QBLOCK - 1 > pos)  // unfinished block: still full precision
+                return s->kivi_recent + ((size_t)layer * QBLOCK + t % QBLOCK) * KD;
+            const uint8_t *blk = s->kivi_blocks + (((size_t)layer * (s->seq_len / QBLOCK + 1) + block) * KD) * s->kivi_block_bytes;
+            for (int ch = 0; ch < KD; ch++) buf[ch] = block_value(blk + ch * s->kivi_block_bytes, t % QBLOCK, bits);
+        } else {
+            int bits = scalar_bits(s->type.kind);
+            for (int b0 = 0, i = 0; b0 < KD; b0 += QBLOCK, i++)
+                dequantize_block(row + i * block_bytes(bits), KD - b0 < QBLOCK ? KD - b0 : QBLOCK, bits, buf + b0);
+        }
+        return buf;
+    }
+}
+
+/* ---- the cache */
+
+static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, const Model *m,
+                          const RopeTable *rope, const char *checkpoint, const char *centroids) {
+    const Config *c = &m->cfg;
+    memset(kv, 0, sizeof *kv);
+    if (centroids && ktype.kind == KV_CQ && vtype.kind == KV_CQ && (ktype.c != vtype.c || ktype.b != vtype.b))
+        die("-c names one centroid file, but keys and values use two CQ configurations; "
+            "keep the default file names instead");
+    kv_store_init(&kv->k, ktype, 1, window, m, checkpoint, centroids);
+    kv_store_init(&kv->v, vtype, 0, window, m, checkpoint, centroids);
     kv->rope = rope;
     kv->n_heads = c->n_heads;
+    kv->n_threads = 1;
+#ifdef _OPENMP
+    kv->n_threads = omp_get_max_threads();
+#endif
+    int H = c->n_heads, hs = c->head_size;
+    kv->att = xmalloc((size_t)H * c->seq_len * sizeof(float));
+    if (ktype.kind == KV_CQ && ktype.c % 2 == 0)
+        kv->lut = xmalloc((size_t)H * hs * kv->k.n_centroids * sizeof(float));
+    kv->acc_floats = (size_t)H * hs;
+    if (vtype.kind == KV_CQ && kv->v.n_centroids <= c->seq_len) {  // room for value histograms
+        size_t hist = (size_t)H * (hs / vtype.c) * kv->v.n_centroids;
+        if (hist > kv->acc_floats) kv->acc_floats = hist;
+    }
+    kv->acc = xmalloc(kv->n_threads * kv->acc_floats * sizeof(float));
+    kv->kbuf = xmalloc((size_t)kv->n_threads * kv_dim_of(c) * sizeof(float));
 }
 
 static void kv_cache_free(KVCache *kv) {
     kv_store_free(&kv->k);
     kv_store_free(&kv->v);
+    free(kv->att); free(kv->lut); free(kv->acc); free(kv->kbuf);
 }
 
-// k: (kv_dim) before RoPE, v: (kv_dim)
+// k: (kv_dim) before RoPE, v: (kv_dim).  kbuf is scratch for the rotated key.
 static void kv_append(KVCache *kv, int layer, int pos, const float *k, const float *v) {
-    KVStore *ks = &kv->k, *vs = &kv->v;
-    float *kdst = ks->f32 + ((size_t)layer * ks->seq_len + pos) * ks->kv_dim;
-    memcpy(kdst, k, ks->kv_dim * sizeof(float));
-    rope_rotate(kv->rope, kdst, ks->n_kv_heads, pos);
-    memcpy(vs->f32 + ((size_t)layer * vs->seq_len + pos) * vs->kv_dim, v, vs->kv_dim * sizeof(float));
+    KVStore *ks = &kv->k;
+    if (ks->type.kind == KV_CQ) {
+        store_put(ks, layer, pos, k);  // CQ codes the key before RoPE ...
+        if (ks->window) {              // ... but its full-precision window holds rotated keys
+            float *w = ks->window_rows + ((size_t)layer * ks->window + pos % ks->window) * ks->kv_dim;
+            rope_rotate(kv->rope, w, ks->n_kv_heads, pos);
+        }
+    } else {
+        float *rotated = kv->kbuf;
+        memcpy(rotated, k, ks->kv_dim * sizeof(float));
+        rope_rotate(kv->rope, rotated, ks->n_kv_heads, pos);
+        store_put(ks, layer, pos, rotated);
+    }
+    store_put(&kv->v, layer, pos, v);
+}
+
+/* CQ keys, fused path.  With q already rotated to its own position and the key's RoPE pairs
+   written as complex numbers, the contribution of group g of token t to q.k is
+       Re( sum over pairs p of g:  conj(q_p) * C_g[code][p] * e^{i theta_p t} ).
+   lut[h][g][j] holds conj(q_p) * C_g[j][p] for every centroid j, stored as (re, -im) so that
+   a token costs one c-float dot product per group with the (cos, sin) row of its position.
+   Layout (H, hs/c, K, c); the 1/sqrt(hs) scale is folded in. */
+static void cq_build_key_lut(KVCache *kv, int layer, const float *q, int h) {
+    const KVStore *s = &kv->k;
+    int c = s->type.c, K = s->n_centroids, hs = s->head_size, gh = hs / c;
+    int kvh = h / (kv->n_heads / s->n_kv_heads);
+    float scale = 1.0f / sqrtf((float)hs);
+    for (int gl = 0; gl < gh; gl++) {
+        const float *qg = q + (size_t)h * hs + gl * c;
+        const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh + gl) * K * c;
+        float *out = kv->lut + (((size_t)h * gh + gl) * K) * c;
+        for (int j = 0; j < K; j++)
+            for (int p = 0; p < c; p += 2) {
+                float qr = qg[p], qi = qg[p + 1], cr = cb[j * c + p], ci = cb[j * c + p + 1];
+                out[j * c + p] = scale * (qr * cr + qi * ci);
+                out[j * c + p + 1] = scale * (qi * cr - qr * ci);
+            }
+    }
+}
+
+// Scores att[h][t] for t in [t0, t1): fused CQ path.
+static void cq_key_scores_lut(KVCache *kv, int layer, int t0, int t1) {
+    const KVStore *s = &kv->k;
+    int c = s->type.c, K = s->n_centroids, hs = s->head_size, gh = hs / c;
+    int group = kv->n_heads / s->n_kv_heads;
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *row = store_row(s, layer, t);
+        const float *cs = kv->rope->cos_sin + (size_t)t * hs;  // (hs/2) pairs of (cos, sin)
+        for (int h = 0; h < kv->n_heads; h++) {
+            int g0 = (h / group) * gh;
+            const float *lut = kv->lut + (size_t)h * gh * K * c;
+            float score = 0.0f;
+            for (int gl = 0; gl < gh; gl++) {
+                const float *z = lut + ((size_t)gl * K + cq_code(s, row, g0 + gl)) * c;
+                const float *w = cs + gl * c;
+                for (int i = 0; i < c; i++) score += z[i] * w[i];
+            }
+            kv->att[(size_t)h * s->seq_len + t] = score;
+        }
+    }
+}
+
+// Scores for t in [t0, t1) from whole key rows (every other type, CQ's decode path, the window).
+static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int t0, int t1, float *buf) {
+    const KVStore *s = &kv->k;
+    int hs = s->head_size, group = kv->n_heads / s->n_kv_heads;
+    float scale = 1.0f / sqrtf((float)hs);
+    for (int t = t0; t < t1; t++) {
+        const float *row = store_get(s, kv->rope, layer, t, pos, buf);
+        for (int h = 0; h < kv->n_heads; h++) {
+            const float *kt = row + (size_t)(h / group) * hs, *qh = q + (size_t)h * hs;
+            float score = 0.0f;
+            for (int i = 0; i < hs; i++) score += qh[i] * kt[i];
+            kv->att[(size_t)h * s->seq_len + t] = score * scale;
+        }
+    }
+}
+
+/* CQ values without decoding: out_h = sum_t p_t v_t = sum_g sum_j (sum of p_t over the tokens
+   whose code in group g is j) * C_g[j].  Each token adds its weight to one bin per group; one
+   (K x c) product per group at the end.  hist: (H, hs/c, K). */
+static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, float *hist) {
+    const KVStore *s = &kv->v;
+    int K = s->n_centroids, gh = s->head_size / s->type.c, group = kv->n_heads / s->n_kv_heads;
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *row = store_row(s, layer, t);
+        for (int h = 0; h < kv->n_heads; h++) {
+            float p = kv->att[(size_t)h * s->seq_len + t];
+            int g0 = (h / group) * gh;
+            float *hh = hist + (size_t)h * gh * K;
+            for (int gl = 0; gl < gh; gl++) hh[(size_t)gl * K + cq_code(s, row, g0 + gl)] += p;
+        }
+    }
+}
+
+// out_h += sum over t in [t0, t1) of p_t v_t, from whole value rows.  out: (H, hs)
+static void row_value_sum(const KVCache *kv, int layer, int pos, int t0, int t1, float *out, float *buf) {
+    const KVStore *s = &kv->v;
+    int hs = s->head_size, group = kv->n_heads / s->n_kv_heads;
+    for (int t = t0; t < t1; t++) {
+        const float *row = store_get(s, kv->rope, layer, t, pos, buf);
+        for (int h = 0; h < kv->n_heads; h++) {
+            const float *vt = row + (size_t)(h / group) * hs;
+            float p = kv->att[(size_t)h * s->seq_len + t], *oh = out + (size_t)h * hs;
+            for (int i = 0; i < hs; i++) oh[i] += p * vt[i];
+        }
+    }
 }
 
 /* Attention for one layer: q (H, hs) already rotated to `pos`; out (H, hs).
-   att: scratch of (H, seq_len).  Query head h reads kv head h / (H / KVH). */
-static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *out, float *att) {
+   Positions are split among threads in contiguous ranges; each thread scores its range, the
+   softmax runs per head, then each thread sums its range's values into its own accumulator
+   and the accumulators are added up. */
+static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *out) {
     const KVStore *ks = &kv->k, *vs = &kv->v;
-    int hs = ks->head_size, group = kv->n_heads / ks->n_kv_heads;
-    float scale = 1.0f / sqrtf((float)hs);
-    const float *kbase = ks->f32 + (size_t)layer * ks->seq_len * ks->kv_dim;
-    const float *vbase = vs->f32 + (size_t)layer * vs->seq_len * vs->kv_dim;
-    int n = pos + 1;
+    int H = kv->n_heads, hs = ks->head_size, n = pos + 1, S = ks->seq_len;
+    // positions below n_codes_k (n_codes_v) are read through codes; the rest from the window
+    int n_codes_k = ks->window ? (n - ks->window > 0 ? n - ks->window : 0) : n;
+    int n_codes_v = vs->window ? (n - vs->window > 0 ? n - vs->window : 0) : n;
+    int key_lut = ks->type.kind == KV_CQ && kv->lut &&
+                  (kv->key_path == CQ_KEYS_LUT || (kv->key_path == CQ_KEYS_AUTO && n_codes_k >= ks->n_centroids));
+    int value_hist = vs->type.kind == KV_CQ && n_codes_v >= vs->n_centroids && kv->v.n_centroids <= S;
+    int parallel = kv->n_threads > 1 && (long)n * H * hs >= PARALLEL_MIN_MACS / 4;
+    size_t hist_floats = value_hist ? (size_t)H * (hs / vs->type.c) * vs->n_centroids : 0;
+    size_t acc_floats = value_hist ? hist_floats : (size_t)H * hs;
+    int used_threads = parallel ? kv->n_threads : 1;
+
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if ((long)n * kv->n_heads * hs >= PARALLEL_MIN_MACS)
+#pragma omp parallel num_threads(used_threads)
 #endif
-    for (int h = 0; h < kv->n_heads; h++) {
-        const float *qh = q + (size_t)h * hs;
-        int kvh = h / group;
-        float *a = att + (size_t)h * ks->seq_len;
-        for (int t = 0; t < n; t++) {
-            const float *kt = kbase + (size_t)t * ks->kv_dim + (size_t)kvh * hs;
-            float score = 0.0f;
-            for (int i = 0; i < hs; i++) score += qh[i] * kt[i];
-            a[t] = score * scale;
+    {
+        int tid = 0, nth = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nth = omp_get_num_threads();
+#endif
+        float *buf = kv->kbuf + (size_t)tid * ks->kv_dim;
+        int t0 = (int)((long)n * tid / nth), t1 = (int)((long)n * (tid + 1) / nth);
+        // 1. scores
+        if (key_lut) {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int h = 0; h < H; h++) cq_build_key_lut(kv, layer, q, h);
+            int a = t0, b = t1 < n_codes_k ? t1 : n_codes_k;
+            if (a < b) cq_key_scores_lut(kv, layer, a, b);
+            if (t1 > n_codes_k) row_key_scores(kv, layer, pos, q, t0 > n_codes_k ? t0 : n_codes_k, t1, buf);
+        } else {
+            row_key_scores(kv, layer, pos, q, t0, t1, buf);
         }
-        softmax(a, n);
-        float *oh = out + (size_t)h * hs;
-        memset(oh, 0, hs * sizeof(float));
-        for (int t = 0; t < n; t++) {
-            const float *vt = vbase + (size_t)t * vs->kv_dim + (size_t)kvh * hs;
-            float p = a[t];
-            for (int i = 0; i < hs; i++) oh[i] += p * vt[i];
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp for schedule(static)
+#endif
+        for (int h = 0; h < H; h++) softmax(kv->att + (size_t)h * S, n);
+        // 2. weighted sum of values into this thread's accumulator
+        float *acc = kv->acc + (size_t)tid * kv->acc_floats;
+        memset(acc, 0, acc_floats * sizeof(float));
+        float *win_out = out;  // window tokens of the histogram path are summed straight into out
+        if (value_hist) {
+            int b = t1 < n_codes_v ? t1 : n_codes_v;
+            if (t0 < b) cq_value_histogram(kv, layer, t0, b, acc);
+        } else {
+            row_value_sum(kv, layer, pos, t0, t1 < n_codes_v ? t1 : n_codes_v, acc, buf);
         }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        // 3. add up the accumulators
+        if (value_hist) {
+            int K = vs->n_centroids, c = vs->type.c, gh = hs / c, group = H / vs->n_kv_heads;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int hg = 0; hg < H * gh; hg++) {
+                int h = hg / gh, gl = hg % gh;
+                float *hist = kv->acc + (size_t)hg * K;
+                for (int th = 1; th < nth; th++)
+                    for (int j = 0; j < K; j++) hist[j] += kv->acc[th * kv->acc_floats + (size_t)hg * K + j];
+                const float *cb = vs->codebook + ((size_t)layer * vs->n_groups + (h / group) * gh + gl) * K * c;
+                float *o = out + (size_t)h * hs + gl * c;
+                for (int i = 0; i < c; i++) o[i] = 0.0f;
+                for (int j = 0; j < K; j++) {
+                    float p = hist[j];
+                    if (p != 0.0f) for (int i = 0; i < c; i++) o[i] += p * cb[j * c + i];
+                }
+            }
+        } else {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int i = 0; i < H * hs; i++) {
+                float sum = 0.0f;
+                for (int th = 0; th < nth; th++) sum += kv->acc[th * kv->acc_floats + i];
+                out[i] = sum;
+            }
+        }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        // 4. tokens inside the full-precision window, when values are read through codes
+        if (tid == 0 && n_codes_v < n) row_value_sum(kv, layer, pos, n_codes_v, n, win_out, buf);
     }
 }
 
@@ -736,7 +1250,6 @@ typedef struct {       // activations of the current token
     float *hb, *hb2;   // (F)
     float *q;          // (H*hs)
     float *k, *v;      // (KVH*hs), k before RoPE
-    float *att;        // (H, seq_len) attention weights
     float *logits;     // (V)
 } RunState;
 
@@ -750,13 +1263,12 @@ static void run_state_init(RunState *s, const Config *c) {
     s->q = xmalloc(q_dim_of(c) * sizeof(float));
     s->k = xmalloc(kv_dim_of(c) * sizeof(float));
     s->v = xmalloc(kv_dim_of(c) * sizeof(float));
-    s->att = xmalloc((size_t)c->n_heads * c->seq_len * sizeof(float));
     s->logits = xmalloc(c->vocab_size * sizeof(float));
 }
 
 static void run_state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2);
-    free(s->q); free(s->k); free(s->v); free(s->att); free(s->logits);
+    free(s->q); free(s->k); free(s->v); free(s->logits);
 }
 
 // Runs `token` at position `pos` through the model, reading and extending `kv`.  Returns logits (V).
@@ -773,8 +1285,10 @@ static float *forward(const Model *m, RunState *s, KVCache *kv, const RopeTable 
         matmul(s->k, s->xb, w->wk + (size_t)l * KD * D, D, KD);
         matmul(s->v, s->xb, w->wv + (size_t)l * KD * D, D, KD);
         rope_rotate(rope, s->q, c->n_heads, pos);
+        double t0 = now_seconds();
         kv_append(kv, l, pos, s->k, s->v);  // the current token, too, is read back through the cache
-        kv_attend(kv, l, pos, s->q, s->xb, s->att);
+        kv_attend(kv, l, pos, s->q, s->xb);
+        kv->seconds += now_seconds() - t0;
         matmul(s->xb2, s->xb, w->wo + (size_t)l * D * QD, QD, D);
         for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
 
@@ -806,6 +1320,7 @@ typedef struct {           // everything the command line chooses
     int steps, window, length;
     int ids_input, kl;
     int steps_given;
+    CQKeyPath cq_key_path;
 } Options;
 
 typedef struct {           // a model ready to run: weights, RoPE table, one cache and its state
@@ -814,6 +1329,11 @@ typedef struct {           // a model ready to run: weights, RoPE table, one cac
     Tokenizer tok;
     KVType ktype, vtype;
 } Runtime;
+
+static void new_cache(const Runtime *rt, const Options *o, KVCache *kv, KVType k, KVType v) {
+    kv_cache_init(kv, k, v, o->window, &rt->model, &rt->rope, o->checkpoint, o->centroids);
+    kv->key_path = o->cq_key_path;
+}
 
 static FILE *open_logits(const Options *o) {
     if (!o->logits_file) return NULL;
@@ -843,7 +1363,7 @@ static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
     RunState s;
     KVCache kv;
     run_state_init(&s, c);
-    kv_cache_init(&kv, rt->ktype, rt->vtype, c, &rt->rope);
+    new_cache(rt, o, &kv, rt->ktype, rt->vtype);
     FILE *logits_out = open_logits(o);
 
     long start = 0;
@@ -905,7 +1425,7 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
     RunState s;
     KVCache kv;
     run_state_init(&s, c);
-    kv_cache_init(&kv, rt->ktype, rt->vtype, c, &rt->rope);
+    new_cache(rt, o, &kv, rt->ktype, rt->vtype);
     int steps = o->steps;
     while (pos < steps) {
         if (user_turn) {
@@ -1027,10 +1547,10 @@ static void perplexity(Runtime *rt, const Options *o) {
     KVType fp32;
     parse_kv_type("fp32", &fp32);
     run_state_init(&s, c);
-    kv_cache_init(&kv, rt->ktype, rt->vtype, c, &rt->rope);
+    new_cache(rt, o, &kv, rt->ktype, rt->vtype);
     if (o->kl) {
         run_state_init(&ref_s, c);
-        kv_cache_init(&ref_kv, fp32, fp32, c, &rt->rope);
+        new_cache(rt, o, &ref_kv, fp32, fp32);
     }
     FILE *logits_out = open_logits(o);
 
@@ -1095,7 +1615,7 @@ static void benchmark(Runtime *rt, const Options *o) {
     RunState s;
     KVCache kv;
     run_state_init(&s, c);
-    kv_cache_init(&kv, rt->ktype, rt->vtype, c, &rt->rope);
+    new_cache(rt, o, &kv, rt->ktype, rt->vtype);
     int KD = kv_dim_of(c), fill = context - steps;
     float *k = xmalloc(KD * sizeof(float)), *v = xmalloc(KD * sizeof(float));
     uint64_t rng = 42;
@@ -1108,6 +1628,7 @@ static void benchmark(Runtime *rt, const Options *o) {
         if (pos % 256 == 255) fprintf(stderr, "\rbench: filling the cache %d/%d", pos + 1, fill);
     }
     double fill_time = now_seconds() - t0;
+    kv.seconds = 0;
     if (fill > 0) fprintf(stderr, "\rbench: filled %d positions in %.1f s\n", fill, fill_time);
     int token = c->bos_id;
     double start = now_seconds();
@@ -1123,9 +1644,10 @@ static void benchmark(Runtime *rt, const Options *o) {
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    printf("type=%s threads=%d context=%d steps=%d tok_per_s=%.2f ms_per_token=%.3f "
+    printf("type=%s threads=%d context=%d steps=%d tok_per_s=%.2f ms_per_token=%.3f attention_ms=%.3f "
            "kv_bytes_per_token=%.1f kv_bytes_total=%.0f\n",
-           label, threads, context, steps, steps / elapsed, 1000 * elapsed / steps, bytes, bytes * context);
+           label, threads, context, steps, steps / elapsed, 1000 * elapsed / steps, 1000 * kv.seconds / steps,
+           bytes, bytes * context);
     free(k); free(v);
     run_state_free(&s);
     kv_cache_free(&kv);
@@ -1161,7 +1683,8 @@ static void usage(FILE *f) {
         "  -m <mode>   generate (default) | chat | ppl | bench | encode\n"
         "  -y <string> system prompt (chat)\n"
         "  -k <type>   KV cache type, or KEYTYPE:VALUETYPE; default fp32\n"
-        "              types: fp32\n"
+        "              types: fp32 fp16 q8 q4 q2 q1 kivi4 kivi2 cq4 cq2 cq1 cq<c>c<b>b\n"
+        "              (cq4 = cq2c8b, cq2 = cq4c8b, cq1 = cq8c8b: b/c bits per channel)\n"
         "  -w <int>    keep the newest N tokens in full precision, default 0\n"
         "  -c <path>   CQ centroid file, default <checkpoint minus .bin>.<c>c<b>b.cent\n"
         "  -f <path>   ppl/encode: input text file\n"
@@ -1169,6 +1692,8 @@ static void usage(FILE *f) {
         "  --ids       ppl: -f holds whitespace-separated token ids instead of text\n"
         "  --kl        ppl: also report mean KL(p_fp32 || p_type) over scored tokens\n"
         "  --logits <path>  write the float32 logits of every forward step to a file\n"
+        "  --cq-keys auto|lut|decode  how CQ keys are scored: precomputed query-centroid\n"
+        "              products (lut), decode+rotate+dot (decode), or by context length (auto)\n"
         "  -h, --help  this text\n");
 }
 
@@ -1209,11 +1734,18 @@ static void parse_args(int argc, char **argv, Options *o) {
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
         if (!strcmp(a, "--ids")) { o->ids_input = 1; continue; }
         if (!strcmp(a, "--kl")) { o->kl = 1; continue; }
-        int takes_value = !strcmp(a, "--logits") || (a[0] == '-' && a[1] && !a[2] && strchr("tpsnizmykwcfl", a[1]));
+        int takes_value = !strcmp(a, "--logits") || !strcmp(a, "--cq-keys") || (a[0] == '-' && a[1] && !a[2] && strchr("tpsnizmykwcfl", a[1]));
         if (!takes_value) die("unknown option '%s' (see --help)", a);
         if (i + 1 >= argc) die("option %s needs a value", a);
         const char *v = argv[++i];
         if (!strcmp(a, "--logits")) { o->logits_file = v; continue; }
+        if (!strcmp(a, "--cq-keys")) {
+            if (!strcmp(v, "auto")) o->cq_key_path = CQ_KEYS_AUTO;
+            else if (!strcmp(v, "lut")) o->cq_key_path = CQ_KEYS_LUT;
+            else if (!strcmp(v, "decode")) o->cq_key_path = CQ_KEYS_DECODE;
+            else die("--cq-keys expects auto, lut or decode, got '%s'", v);
+            continue;
+        }
         switch (a[1]) {
         case 't': o->temperature = parse_float(a, v); break;
         case 'p': o->topp = parse_float(a, v); break;
