@@ -66,6 +66,12 @@ static long time_in_ms(void) {
     return t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
+static double cpu_seconds(void) {  // CPU time of the whole process, all threads
+    struct timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
 static double now_seconds(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -116,6 +122,7 @@ typedef struct {
 } Model;
 
 #define CQKV_MAGIC 0x564B5143u  // "CQKV"
+#define MAX_HEAD_SIZE 1024
 #define CQKV_HEADER_BYTES 256
 #define LEGACY_HEADER_BYTES 28
 
@@ -138,7 +145,7 @@ static void check_config(const Config *c, const char *path) {
             "vocab %d seq_len %d head_size %d)", path, c->dim, c->hidden_dim, c->n_layers, c->n_heads,
             c->n_kv_heads, c->vocab_size, c->seq_len, c->head_size);
     if (c->dim > (1 << 16) || c->hidden_dim > (1 << 18) || c->n_layers > 1024 || c->n_heads > 1024 ||
-        c->vocab_size > (1 << 22) || c->seq_len > (1 << 22) || c->head_size > 1024)
+        c->vocab_size > (1 << 22) || c->seq_len > (1 << 22) || c->head_size > MAX_HEAD_SIZE)
         die("%s: header values are implausibly large; is this a checkpoint?", path);
     if (c->n_heads % c->n_kv_heads != 0)
         die("%s: n_heads (%d) is not a multiple of n_kv_heads (%d)", path, c->n_heads, c->n_kv_heads);
@@ -602,26 +609,72 @@ static int thread_id(void) {
 
 /* RoPE.  Pair i of a head (channels 2i, 2i+1) at position t is rotated by the angle
    t * theta^(-2i/hs).  The cos/sin of every (position, pair) are computed once, with the same
-   float expressions llama2.c uses so that outputs match it bit for bit.
-   table: (seq_len, hs/2, 2) = cos, sin */
+   float expressions llama2.c uses so that outputs match it bit for bit: cos_sin (seq_len, hs).
+
+   CQ rotates every cached key when it reads it, and a (seq_len, hs) table is as large as one
+   layer's fp32 keys: streaming it from memory for every layer would cost CQ what it saves.  So
+   CQ builds the rotation of position t = 32a + b from two small tables that stay in cache,
+   e^{i w t} = e^{i w 32a} * e^{i w b} (one complex multiply; within a few float ulps of the
+   direct cos/sin).  They use the layout cos2 = (cos, cos), sin2 = (-sin, sin) per pair, which
+   turns a rotation into the element-wise x * cos2 + swap_pairs(x) * sin2. */
+#define ROPE_FINE 32
+
 typedef struct {
-    float *cos_sin;
-    int half;  // hs / 2
+    float *cos_sin;               // (seq_len, hs): (cos, sin) per pair, exact
+    float *coarse_cos2, *coarse_sin2;  // (seq_len / ROPE_FINE + 1, hs): positions 0, 32, 64, ...
+    float *fine_cos2, *fine_sin2;      // (ROPE_FINE, hs): positions 0 .. 31
+    int half;                     // hs / 2
 } RopeTable;
 
-static void rope_init(RopeTable *r, const Config *c) {
-    r->half = c->head_size / 2;
-    r->cos_sin = xmalloc((size_t)c->seq_len * r->half * 2 * sizeof(float));
-    for (int t = 0; t < c->seq_len; t++)
-        for (int i = 0; i < r->half; i++) {
-            float freq = 1.0f / powf(c->rope_theta, (2 * i) / (float)c->head_size);
-            float angle = t * freq;
-            r->cos_sin[((size_t)t * r->half + i) * 2] = cosf(angle);
-            r->cos_sin[((size_t)t * r->half + i) * 2 + 1] = sinf(angle);
-        }
+static void rope_angle(const Config *c, int t, int i, float *cs, float *sn) {
+    float freq = 1.0f / powf(c->rope_theta, (2 * i) / (float)c->head_size);
+    float angle = t * freq;
+    *cs = cosf(angle);
+    *sn = sinf(angle);
 }
 
-// Rotates n_heads heads of size 2*half in place to position t.
+static void rope_init(RopeTable *r, const Config *c) {
+    int hs = c->head_size, n_coarse = c->seq_len / ROPE_FINE + 1;
+    r->half = hs / 2;
+    r->cos_sin = xmalloc((size_t)c->seq_len * hs * sizeof(float));
+    r->coarse_cos2 = xmalloc((size_t)n_coarse * hs * sizeof(float));
+    r->coarse_sin2 = xmalloc((size_t)n_coarse * hs * sizeof(float));
+    r->fine_cos2 = xmalloc((size_t)ROPE_FINE * hs * sizeof(float));
+    r->fine_sin2 = xmalloc((size_t)ROPE_FINE * hs * sizeof(float));
+    for (int t = 0; t < c->seq_len; t++)
+        for (int i = 0; i < r->half; i++)
+            rope_angle(c, t, i, &r->cos_sin[(size_t)t * hs + 2 * i], &r->cos_sin[(size_t)t * hs + 2 * i + 1]);
+    for (int i = 0; i < r->half; i++) {
+        float cs, sn;
+        for (int a = 0; a < n_coarse; a++) {
+            rope_angle(c, a * ROPE_FINE, i, &cs, &sn);
+            float *c2 = r->coarse_cos2 + (size_t)a * hs + 2 * i, *s2 = r->coarse_sin2 + (size_t)a * hs + 2 * i;
+            c2[0] = c2[1] = cs; s2[0] = -sn; s2[1] = sn;
+        }
+        for (int b = 0; b < ROPE_FINE; b++) {
+            rope_angle(c, b, i, &cs, &sn);
+            float *c2 = r->fine_cos2 + (size_t)b * hs + 2 * i, *s2 = r->fine_sin2 + (size_t)b * hs + 2 * i;
+            c2[0] = c2[1] = cs; s2[0] = -sn; s2[1] = sn;
+        }
+    }
+}
+
+static void rope_free(RopeTable *r) {
+    free(r->cos_sin); free(r->coarse_cos2); free(r->coarse_sin2); free(r->fine_cos2); free(r->fine_sin2);
+}
+
+// cos2, sin2 (hs) of position t from the coarse and fine tables (see above).
+static inline void rope_cos2_sin2(const RopeTable *r, int t, float *cos2, float *sin2) {
+    int hs = 2 * r->half;
+    const float *cc = r->coarse_cos2 + (size_t)(t / ROPE_FINE) * hs, *sc = r->coarse_sin2 + (size_t)(t / ROPE_FINE) * hs;
+    const float *cf = r->fine_cos2 + (size_t)(t % ROPE_FINE) * hs, *sf = r->fine_sin2 + (size_t)(t % ROPE_FINE) * hs;
+    for (int i = 0; i < hs; i++) {
+        cos2[i] = cc[i] * cf[i] - sc[i] * sf[i];
+        sin2[i] = sc[i] * cf[i] + cc[i] * sf[i];
+    }
+}
+
+// Rotates n_heads heads of size 2*half in place to position t (exact table).
 static void rope_rotate(const RopeTable *r, float *x, int n_heads, int t) {
     const float *cs = r->cos_sin + (size_t)t * r->half * 2;
     for (int h = 0; h < n_heads; h++) {
@@ -1102,29 +1155,33 @@ static void kv_append(KVCache *kv, int layer, int pos, const float *k, const flo
 /* CQ keys, fused path.  With q already rotated to its own position and the key's RoPE pairs
    written as complex numbers, the contribution of group g of token t to q.k is
        Re( sum over pairs p of g:  conj(q_p) * C_g[code][p] * e^{i theta_p t} ).
-   lut[h][g][j] holds conj(q_p) * C_g[j][p] for every centroid j, stored as (re, -im) so that
-   a token costs one c-float dot product per group with the (cos, sin) row of its position.
-   Layout (H, hs/c, K, c); the 1/sqrt(hs) scale is folded in. */
-static inline __attribute__((always_inline)) void cq_build_key_lut_c(KVCache *kv, int layer, const float *q, int h, const int c) {
+   lut holds conj(q_p) * C_g[j][p] for every centroid j, stored as (re, -im) so that a token
+   costs one c-float dot product per group and head with the (cos, sin) row of its position.
+   Layout (KVH, hs/c, K, R, c) where R = H/KVH: the R query heads that share a kv head sit side
+   by side, so one code reads one contiguous block for all of them.  1/sqrt(hs) is folded in.
+   `c` is a compile-time constant in the calls below (see the switches), so inner loops unroll. */
+#define CQ_INLINE static inline __attribute__((always_inline))
+
+CQ_INLINE void cq_build_key_lut_c(KVCache *kv, int layer, const float *q, int h, const int c) {
     const KVStore *s = &kv->k;
-    int K = s->n_centroids, hs = s->head_size, gh = hs / c;
-    int kvh = h / (kv->n_heads / s->n_kv_heads);
+    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
+    int kvh = h / R, r = h % R;
     float scale = 1.0f / sqrtf((float)hs);
     for (int gl = 0; gl < gh; gl++) {
         const float *qg = q + (size_t)h * hs + gl * c;
         const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh + gl) * K * c;
-        float *out = kv->lut + (((size_t)h * gh + gl) * K) * c;
-        for (int j = 0; j < K; j++)
+        float *out = kv->lut + ((size_t)(kvh * gh + gl) * K * R + r) * c;
+        for (int j = 0; j < K; j++, out += R * c)
             for (int p = 0; p < c; p += 2) {
                 float qr = qg[p], qi = qg[p + 1], cr = cb[j * c + p], ci = cb[j * c + p + 1];
-                out[j * c + p] = scale * (qr * cr + qi * ci);
-                out[j * c + p + 1] = scale * (qi * cr - qr * ci);
+                out[p] = scale * (qr * cr + qi * ci);
+                out[p + 1] = scale * (qi * cr - qr * ci);
             }
     }
 }
 
 static void cq_build_key_lut(KVCache *kv, int layer, const float *q, int h) {
-    switch (kv->k.type.c) {  // constant c: see cq_key_scores_lut
+    switch (kv->k.type.c) {
     case 2: cq_build_key_lut_c(kv, layer, q, h, 2); break;
     case 4: cq_build_key_lut_c(kv, layer, q, h, 4); break;
     case 8: cq_build_key_lut_c(kv, layer, q, h, 8); break;
@@ -1132,29 +1189,31 @@ static void cq_build_key_lut(KVCache *kv, int layer, const float *q, int h) {
     }
 }
 
-/* Scores att[h][t] for t in [t0, t1): fused CQ path.  Per token: its codes, its position's
-   (cos, sin) row (shared by every head), then for each head one c-float dot product per group
-   between the LUT row of the group's code and the matching part of the (cos, sin) row.
-   `c` is a compile-time constant in the calls below, so the inner loop unrolls. */
-static inline __attribute__((always_inline)) void cq_lut_scores_c(KVCache *kv, int layer, int t0, int t1, const int c) {
+/* Scores att[h][t] for t in [t0, t1), fused path.  Per token: its codes and its position's
+   (cos, sin) row (shared by all heads); per kv head and group, the LUT block of the code. */
+CQ_INLINE void cq_lut_scores_c(KVCache *kv, int layer, int t0, int t1, const int c) {
     const KVStore *s = &kv->k;
-    int K = s->n_centroids, hs = s->head_size, gh = hs / c, group = kv->n_heads / s->n_kv_heads;
+    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
     int codes[s->n_groups];
     for (int t = t0; t < t1; t++) {
         cq_read_codes(s, store_row(s, layer, t), codes);
-        const float *cs = kv->rope->cos_sin + (size_t)t * hs;  // (hs/2) pairs of (cos, sin)
-        for (int h = 0; h < kv->n_heads; h++) {
-            const int *hc = codes + (h / group) * gh;
-            const float *lut = kv->lut + (size_t)h * gh * K * c;
-            float partial[c];  // c independent sums: one vector multiply-add per group
-            for (int i = 0; i < c; i++) partial[i] = 0.0f;
-            for (int gl = 0; gl < gh; gl++) {
-                const float *z = lut + ((size_t)gl * K + hc[gl]) * c, *w = cs + gl * c;
-                for (int i = 0; i < c; i++) partial[i] += z[i] * w[i];
+        float cos2[MAX_HEAD_SIZE], sin2[MAX_HEAD_SIZE], cs[MAX_HEAD_SIZE];  // cs: (cos, sin) per pair
+        rope_cos2_sin2(kv->rope, t, cos2, sin2);
+        for (int i = 0; i < hs; i++) cs[i] = i & 1 ? sin2[i] : cos2[i];
+        for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
+            const int *hc = codes + kvh * gh;
+            const float *lut = kv->lut + (size_t)kvh * gh * K * R * c;
+            for (int r = 0; r < R; r++) {
+                float partial[MAX_HEAD_SIZE];  // c independent sums: one vector multiply-add per group
+                for (int i = 0; i < c; i++) partial[i] = 0.0f;
+                for (int gl = 0; gl < gh; gl++) {
+                    const float *z = lut + (((size_t)gl * K + hc[gl]) * R + r) * c;
+                    for (int i = 0; i < c; i++) partial[i] += z[i] * cs[gl * c + i];
+                }
+                float score = 0.0f;
+                for (int i = 0; i < c; i++) score += partial[i];
+                kv->att[(size_t)(kvh * R + r) * s->seq_len + t] = score;
             }
-            float score = 0.0f;
-            for (int i = 0; i < c; i++) score += partial[i];
-            kv->att[(size_t)h * s->seq_len + t] = score;
         }
     }
 }
@@ -1170,33 +1229,35 @@ static void cq_key_scores_lut(KVCache *kv, int layer, int t0, int t1) {
 
 /* Scores for t in [t0, t1): CQ decode path.  Per token and kv head: gather the centroids of its
    codes (hs floats), rotate them to the token's position, then one dot product per query head
-   of the group.  No per-query table to build, and the rotation is shared by the query heads
+   of the group.  No per-query table to build, and the rotation is shared by the R query heads
    of a GQA group. */
-static inline __attribute__((always_inline)) void cq_decode_scores_c(KVCache *kv, int layer, const float *q, int t0, int t1, const int c) {
+CQ_INLINE void cq_decode_scores_c(KVCache *kv, int layer, const float *q, int t0, int t1, const int c) {
     const KVStore *s = &kv->k;
-    int K = s->n_centroids, hs = s->head_size, gh = hs / c, group = kv->n_heads / s->n_kv_heads;
+    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
     float scale = 1.0f / sqrtf((float)hs);
     int codes[s->n_groups];
-    float key[hs];
-    for (int t = t0; t < t1; t++) {
-        cq_read_codes(s, store_row(s, layer, t), codes);
-        const float *cs = kv->rope->cos_sin + (size_t)t * hs;
-        for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
-            const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
-            for (int gl = 0; gl < gh; gl++) {
-                const float *centroid = cb + ((size_t)gl * K + codes[kvh * gh + gl]) * c;
-                for (int i = 0; i < c; i++) key[gl * c + i] = centroid[i];
+    // kv head by kv head: its codebooks (gh * K * c floats) stay in L2 while the codes stream by
+    for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
+        const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
+        const float *qk = q + (size_t)kvh * R * hs;
+        for (int t = t0; t < t1; t++) {
+            cq_read_codes(s, store_row(s, layer, t), codes);
+            float cos2[MAX_HEAD_SIZE], sin2[MAX_HEAD_SIZE], key[MAX_HEAD_SIZE];
+            rope_cos2_sin2(kv->rope, t, cos2, sin2);
+            for (int gl = 0; gl < gh; gl++) {  // the head's key: centroids rotated to position t
+                const float *cen = cb + ((size_t)gl * K + codes[kvh * gh + gl]) * c;
+                const float *cg = cos2 + gl * c, *sg = sin2 + gl * c;
+                for (int i = 0; i < c; i++) key[gl * c + i] = cen[i] * cg[i] + cen[i ^ 1] * sg[i];
             }
-            for (int i = 0; i < hs; i += 2) {
-                float a = key[i], b = key[i + 1];
-                key[i] = a * cs[i] - b * cs[i + 1];
-                key[i + 1] = a * cs[i + 1] + b * cs[i];
-            }
-            for (int h = kvh * group; h < (kvh + 1) * group; h++) {
-                const float *qh = q + (size_t)h * hs;
+            for (int r = 0; r < R; r++) {
+                const float *qh = qk + (size_t)r * hs;
+                float partial[MAX_HEAD_SIZE];  // c independent sums, read in the c-float chunks they were written in
+                for (int i = 0; i < c; i++) partial[i] = 0.0f;
+                for (int gl = 0; gl < gh; gl++)
+                    for (int i = 0; i < c; i++) partial[i] += qh[gl * c + i] * key[gl * c + i];
                 float score = 0.0f;
-                for (int i = 0; i < hs; i++) score += qh[i] * key[i];
-                kv->att[(size_t)h * s->seq_len + t] = score * scale;
+                for (int i = 0; i < c; i++) score += partial[i];
+                kv->att[(size_t)(kvh * R + r) * s->seq_len + t] = score * scale;
             }
         }
     }
@@ -1228,19 +1289,41 @@ static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int 
 }
 
 /* CQ values without decoding: out_h = sum_t p_t v_t = sum_g sum_j (sum of p_t over the tokens
-   whose code in group g is j) * C_g[j].  Each token adds its weight to one bin per group; one
-   (K x c) product per group at the end.  hist: (H, hs/c, K). */
+   whose code in group g is j) * C_g[j].  Each token adds its weight to one bin per group and
+   head; one (K x c) product per group at the end (cq_value_output).
+   hist: (KVH, hs/c, K, R), the R query heads of a kv head side by side as in the key LUT. */
 static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, float *hist) {
     const KVStore *s = &kv->v;
-    int K = s->n_centroids, gh = s->head_size / s->type.c, group = kv->n_heads / s->n_kv_heads;
-    int codes[s->n_groups];
-    for (int t = t0; t < t1; t++) {
-        cq_read_codes(s, store_row(s, layer, t), codes);
-        for (int h = 0; h < kv->n_heads; h++) {
-            float p = kv->att[(size_t)h * s->seq_len + t];
-            const int *hc = codes + (h / group) * gh;
-            float *hh = hist + (size_t)h * gh * K;
-            for (int gl = 0; gl < gh; gl++) hh[(size_t)gl * K + hc[gl]] += p;
+    int K = s->n_centroids, gh = s->head_size / s->type.c, R = kv->n_heads / s->n_kv_heads, S = s->seq_len;
+    enum { BLOCK = 64 };  // tokens per pass: one group's bins stay in L1 while its codes stream by
+    int codes[BLOCK][s->n_groups];
+    for (int b0 = t0; b0 < t1; b0 += BLOCK) {
+        int nb = t1 - b0 < BLOCK ? t1 - b0 : BLOCK;
+        for (int i = 0; i < nb; i++) cq_read_codes(s, store_row(s, layer, b0 + i), codes[i]);
+        for (int g = 0; g < s->n_groups; g++) {  // g = kvh * gh + gl
+            float *bins = hist + (size_t)g * K * R;
+            const float *p = kv->att + (size_t)(g / gh) * R * S + b0;  // weights of head kvh*R, row by row
+            for (int i = 0; i < nb; i++) {
+                float *bin = bins + (size_t)codes[i][g] * R;
+                for (int r = 0; r < R; r++) bin[r] += p[(size_t)r * S + i];
+            }
+        }
+    }
+}
+
+// out (H, hs) from the value histograms: out_h[group g] = sum_j hist[g][j][r] * C_g[j].
+static void cq_value_output(const KVCache *kv, int layer, int g, const float *hist, float *out) {
+    const KVStore *s = &kv->v;
+    int K = s->n_centroids, c = s->type.c, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
+    int kvh = g / gh, gl = g % gh;
+    const float *cb = s->codebook + ((size_t)layer * s->n_groups + g) * K * c;
+    const float *hg = hist + (size_t)g * K * R;
+    for (int r = 0; r < R; r++) {
+        float *o = out + (size_t)(kvh * R + r) * hs + gl * c;
+        for (int i = 0; i < c; i++) o[i] = 0.0f;
+        for (int j = 0; j < K; j++) {
+            float w = hg[j * R + r];
+            for (int i = 0; i < c; i++) o[i] += w * cb[j * c + i];
         }
     }
 }
@@ -1287,7 +1370,7 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
         float *buf = kv->kbuf + (size_t)tid * ks->kv_dim;
         int t0 = (int)((long)n * tid / nth), t1 = (int)((long)n * (tid + 1) / nth);
         // 1. scores
-        if (ks->type.kind == KV_CQ) {
+        if (ks->type.kind == KV_CQ && ks->type.c >= 2) {  // c = 1 splits RoPE pairs: row path below
             int b = t1 < n_codes_k ? t1 : n_codes_k;
             if (key_lut) {
 #ifdef _OPENMP
@@ -1322,23 +1405,17 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
 #endif
         // 3. add up the accumulators
         if (value_hist) {
-            int K = vs->n_centroids, c = vs->type.c, gh = hs / c, group = H / vs->n_kv_heads;
+            size_t block = (size_t)vs->n_centroids * (H / vs->n_kv_heads);  // one group's bins
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (int hg = 0; hg < H * gh; hg++) {
-                int h = hg / gh, gl = hg % gh;
-                float *hist = kv->acc + (size_t)hg * K;
-                for (int th = 1; th < nth; th++)
-                    for (int j = 0; j < K; j++) hist[j] += kv->acc[th * kv->acc_floats + (size_t)hg * K + j];
-                // out = hist (K) @ C (K, c), read through the transposed codebook (c, K)
-                const float *cb_t = vs->codebook_t + ((size_t)layer * vs->n_groups + (h / group) * gh + gl) * c * K;
-                float *o = out + (size_t)h * hs + gl * c;
-                for (int i = 0; i < c; i++) {
-                    float sum = 0.0f;
-                    for (int j = 0; j < K; j++) sum += hist[j] * cb_t[(size_t)i * K + j];
-                    o[i] = sum;
+            for (int g = 0; g < vs->n_groups; g++) {
+                float *hist = kv->acc + (size_t)g * block;
+                for (int th = 1; th < nth; th++) {
+                    const float *other = kv->acc + th * kv->acc_floats + (size_t)g * block;
+                    for (size_t j = 0; j < block; j++) hist[j] += other[j];
                 }
+                cq_value_output(kv, layer, g, kv->acc, out);
             }
         } else {
 #ifdef _OPENMP
@@ -1755,12 +1832,12 @@ static void benchmark(Runtime *rt, const Options *o) {
     kv.seconds = 0;
     if (fill > 0) fprintf(stderr, "\rbench: filled %d positions in %.1f s\n", fill, fill_time);
     int token = c->bos_id;
-    double start = now_seconds();
+    double start = now_seconds(), cpu_start = cpu_seconds();
     for (int pos = fill; pos < context; pos++) {
         float *logits = forward(&rt->model, &s, &kv, &rt->rope, token, pos);
         token = argmax(logits, c->vocab_size);
     }
-    double elapsed = now_seconds() - start;
+    double elapsed = now_seconds() - start, cpu = cpu_seconds() - cpu_start;
     char label[64];
     kv_type_label(label, sizeof label, &rt->ktype, &rt->vtype);
     double bytes = kv_store_bytes_per_token(&kv.k) + kv_store_bytes_per_token(&kv.v);
@@ -1769,9 +1846,9 @@ static void benchmark(Runtime *rt, const Options *o) {
     threads = omp_get_max_threads();
 #endif
     printf("type=%s threads=%d context=%d steps=%d tok_per_s=%.2f ms_per_token=%.3f attention_ms=%.3f "
-           "kv_bytes_per_token=%.1f kv_bytes_total=%.0f\n",
+           "cpu_ms_per_token=%.3f kv_bytes_per_token=%.1f kv_bytes_total=%.0f\n",
            label, threads, context, steps, steps / elapsed, 1000 * elapsed / steps, 1000 * kv.seconds / steps,
-           bytes, bytes * context);
+           1000 * cpu / steps, bytes, bytes * context);
     run_state_free(&s);
     kv_cache_free(&kv);
 }
@@ -1938,7 +2015,7 @@ int main(int argc, char **argv) {
         else chat(&rt, &sampler, &o);
         free(sampler.candidates);
     }
-    free(rt.rope.cos_sin);
+    rope_free(&rt.rope);
     free_tokenizer(&rt.tok);
     free_model(&rt.model);
     return 0;
