@@ -241,36 +241,151 @@ static void load_model(Model *m, const char *path) {
 static void free_model(Model *m) { munmap(m->map, m->map_size); }
 
 /* ==========================================================================================
-   2. Tokenizer: llama2.c's tokenizer.bin (sentencepiece-style BPE merged by piece score)
+   2. Tokenizer: llama2.c's tokenizer.bin (sentencepiece-style BPE merged by piece score) and
+      GPT-2-style byte-level BPE (merged by rank), in one file format
    ========================================================================================== */
 
+/* File: uint32 max_token_length, then per id: float score, int32 length, the piece's bytes.
+   Byte-level BPE files (tokenizer kind 1 in the checkpoint header) append, after the pieces:
+     uint32 "BPE1", int32 pretokenizer (0: GPT-2 regex, 1: every number code point split off
+     first, as SmolLM does), int32 n, n x (int32 left, int32 right) merges in rank order,
+     int32 n, n x int32 special-token ids (matched verbatim in the text), int32 n,
+     n x (uint32 first, uint32 last, int32 class) Unicode ranges: letters, numbers, white space.
+   The Unicode table comes from export.py so that this file needs no Unicode database.  */
+
+#define BPE_MAGIC 0x31455042u  // "BPE1"
+enum { CLASS_OTHER = 0, CLASS_LETTER = 1, CLASS_NUMBER = 2, CLASS_SPACE = 3 };
+
 typedef struct {
-    char *str;
+    const char *str;
+    int len;
     int id;
 } TokenIndex;
 
 typedef struct {
-    char **vocab;          // piece text per id (NUL-terminated; pieces never contain NUL here)
-    int *vocab_len;        // piece length in bytes
-    float *scores;         // merge priority per id
+    uint64_t pair;         // left << 32 | right; 0 marks an empty slot (no pair (0, 0) is stored)
+    int rank, id;
+} MergeRule;
+
+typedef struct {
+    uint32_t first, last;
+    int32_t cls;
+} CodeRange;
+
+typedef struct {
+    int kind;              // 0: sentencepiece-style, 1: byte-level BPE
+    char **vocab;          // piece bytes per id (NUL-terminated for convenience)
+    int *vocab_len;        // piece length in bytes (a byte-level piece may be the byte 0)
+    float *scores;         // merge priority per id (kind 0)
     int vocab_size;
     unsigned max_token_length;
-    TokenIndex *sorted;    // pieces sorted by text, for lookups
-    int byte_piece[256];   // id of the piece "<0xHH>" for each byte, or -1
+    TokenIndex *sorted;    // pieces sorted by bytes, for lookups
+    int byte_piece[256];   // kind 0: id of "<0xHH>"; kind 1: id of the one-byte piece; or -1
+    // kind 1 only
+    int pretokenizer;
+    MergeRule *merges;     // open-addressing hash table of merge_slots entries (a power of two)
+    int merge_slots;
+    int *specials, n_specials;  // longest first
+    CodeRange *ranges;
+    int n_ranges;
+    unsigned char ascii_class[128];
 } Tokenizer;
 
-static int compare_tokens(const void *a, const void *b) {
-    return strcmp(((const TokenIndex *)a)->str, ((const TokenIndex *)b)->str);
+static int compare_bytes(const char *a, int la, const char *b, int lb) {
+    int c = memcmp(a, b, la < lb ? la : lb);
+    return c ? c : (la > lb) - (la < lb);
 }
 
-static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size) {
+static int compare_tokens(const void *a, const void *b) {
+    const TokenIndex *x = a, *y = b;
+    return compare_bytes(x->str, x->len, y->str, y->len);
+}
+
+// Id of the piece with exactly these bytes, or -1.
+static int lookup_piece(const Tokenizer *t, const char *s, int len) {
+    TokenIndex key = {s, len, 0};
+    TokenIndex *hit = bsearch(&key, t->sorted, t->vocab_size, sizeof(TokenIndex), compare_tokens);
+    return hit ? hit->id : -1;
+}
+
+static uint64_t pair_key(int left, int right) { return (uint64_t)(uint32_t)left << 32 | (uint32_t)right; }
+
+static MergeRule *merge_slot(const Tokenizer *t, uint64_t pair) {
+    size_t i = (size_t)((pair * 0x9E3779B97F4A7C15ull) >> 20) & (t->merge_slots - 1);
+    while (t->merges[i].pair && t->merges[i].pair != pair) i = (i + 1) & (t->merge_slots - 1);
+    return &t->merges[i];
+}
+
+static void read_exact(void *dst, size_t size, size_t n, FILE *f, const char *path, const char *what) {
+    if (fread(dst, size, n, f) != n) die("%s: truncated tokenizer (in the %s)", path, what);
+}
+
+static int read_count(FILE *f, const char *path, const char *what, int max) {
+    int32_t n;
+    read_exact(&n, 4, 1, f, path, what);
+    if (n < 0 || n > max) die("%s: corrupt tokenizer: %d %s", path, n, what);
+    return n;
+}
+
+static void load_bpe_tables(Tokenizer *t, FILE *f, const char *path) {
+    uint32_t magic;
+    read_exact(&magic, 4, 1, f, path, "byte-level BPE header");
+    if (magic != BPE_MAGIC)
+        die("%s has no byte-level BPE tables, but the checkpoint expects a byte-level BPE tokenizer "
+            "(make one with export.py tokenizer)", path);
+    int32_t pre;
+    read_exact(&pre, 4, 1, f, path, "pre-tokenizer");
+    if (pre != 0 && pre != 1) die("%s: unknown pre-tokenizer %d", path, pre);
+    t->pretokenizer = pre;
+    int n_merges = read_count(f, path, "merges", 1 << 24);
+    t->merge_slots = 64;
+    while (t->merge_slots < 2 * n_merges) t->merge_slots *= 2;
+    t->merges = xmalloc(t->merge_slots * sizeof(MergeRule));
+    char *buf = xmalloc(2 * (size_t)t->max_token_length + 1);
+    for (int r = 0; r < n_merges; r++) {
+        int32_t lr[2];
+        read_exact(lr, 4, 2, f, path, "merges");
+        if (lr[0] < 0 || lr[0] >= t->vocab_size || lr[1] < 0 || lr[1] >= t->vocab_size || (lr[0] == 0 && lr[1] == 0))
+            die("%s: merge %d names tokens outside the vocabulary", path, r);
+        int la = t->vocab_len[lr[0]], lb = t->vocab_len[lr[1]];
+        memcpy(buf, t->vocab[lr[0]], la);
+        memcpy(buf + la, t->vocab[lr[1]], lb);
+        int id = lookup_piece(t, buf, la + lb);
+        if (id < 0) die("%s: merge %d (%d, %d) makes a piece that is not in the vocabulary", path, r, lr[0], lr[1]);
+        MergeRule *slot = merge_slot(t, pair_key(lr[0], lr[1]));
+        if (!slot->pair) *slot = (MergeRule){pair_key(lr[0], lr[1]), r, id};  // a repeated pair keeps its first rank
+    }
+    free(buf);
+    t->n_specials = read_count(f, path, "special tokens", t->vocab_size);
+    t->specials = xmalloc(t->n_specials * sizeof(int));
+    read_exact(t->specials, 4, t->n_specials, f, path, "special tokens");
+    for (int i = 0; i < t->n_specials; i++) {
+        if (t->specials[i] < 0 || t->specials[i] >= t->vocab_size || t->vocab_len[t->specials[i]] == 0)
+            die("%s: special token %d is not a piece of the vocabulary", path, t->specials[i]);
+        for (int j = i; j > 0 && t->vocab_len[t->specials[j]] > t->vocab_len[t->specials[j - 1]]; j--) {
+            int tmp = t->specials[j]; t->specials[j] = t->specials[j - 1]; t->specials[j - 1] = tmp;
+        }
+    }
+    t->n_ranges = read_count(f, path, "Unicode ranges", 1 << 22);
+    t->ranges = xmalloc(t->n_ranges * sizeof(CodeRange));
+    read_exact(t->ranges, sizeof(CodeRange), t->n_ranges, f, path, "Unicode ranges");
+    for (int i = 0; i < t->n_ranges; i++)
+        if (t->ranges[i].first > t->ranges[i].last || (i && t->ranges[i].first <= t->ranges[i - 1].last) ||
+            t->ranges[i].cls < CLASS_OTHER || t->ranges[i].cls > CLASS_SPACE)
+            die("%s: corrupt Unicode table", path);
+}
+
+static int code_class(const Tokenizer *t, uint32_t cp);
+
+static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int kind) {
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot open tokenizer %s: %s (use -z to name one)", path, strerror(errno));
+    t->kind = kind;
     t->vocab_size = vocab_size;
     t->vocab = xmalloc(vocab_size * sizeof(char *));
     t->vocab_len = xmalloc(vocab_size * sizeof(int));
     t->scores = xmalloc(vocab_size * sizeof(float));
-    if (fread(&t->max_token_length, 4, 1, f) != 1) die("%s: truncated tokenizer (no header)", path);
+    read_exact(&t->max_token_length, 4, 1, f, path, "header");
     if (t->max_token_length == 0 || t->max_token_length > 4096)
         die("%s: max_token_length %u is implausible; is this a tokenizer.bin?", path, t->max_token_length);
     for (int i = 0; i < vocab_size; i++) {
@@ -285,40 +400,34 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size) {
         t->vocab[i][len] = '\0';
         t->vocab_len[i] = len;
     }
-    fclose(f);
     t->sorted = xmalloc(vocab_size * sizeof(TokenIndex));
-    for (int i = 0; i < vocab_size; i++) t->sorted[i] = (TokenIndex){t->vocab[i], i};
+    for (int i = 0; i < vocab_size; i++) t->sorted[i] = (TokenIndex){t->vocab[i], t->vocab_len[i], i};
     qsort(t->sorted, vocab_size, sizeof(TokenIndex), compare_tokens);
     for (int b = 0; b < 256; b++) {
-        char name[8];
-        snprintf(name, sizeof name, "<0x%02X>", b);
-        TokenIndex key = {name, 0}, *hit = bsearch(&key, t->sorted, vocab_size, sizeof(TokenIndex), compare_tokens);
-        t->byte_piece[b] = hit ? hit->id : -1;
+        char name[8] = {(char)b};
+        if (kind == 0) snprintf(name, sizeof name, "<0x%02X>", b);
+        t->byte_piece[b] = lookup_piece(t, name, kind == 0 ? 6 : 1);
     }
+    if (kind == 1) {
+        load_bpe_tables(t, f, path);
+        for (int c = 0; c < 128; c++) t->ascii_class[c] = (unsigned char)code_class(t, c);
+    }
+    fclose(f);
 }
 
 static void free_tokenizer(Tokenizer *t) {
     if (!t->vocab) return;
     for (int i = 0; i < t->vocab_size; i++) free(t->vocab[i]);
     free(t->vocab); free(t->vocab_len); free(t->scores); free(t->sorted);
-}
-
-// Id of the piece with exactly these bytes, or -1.
-static int lookup_piece(const Tokenizer *t, const char *s, int len) {
-    char buf[4097];
-    if (len > 4096) return -1;
-    memcpy(buf, s, len);
-    buf[len] = '\0';
-    TokenIndex key = {buf, 0};
-    TokenIndex *hit = bsearch(&key, t->sorted, t->vocab_size, sizeof(TokenIndex), compare_tokens);
-    return hit ? hit->id : -1;
+    free(t->merges); free(t->specials); free(t->ranges);
 }
 
 /* BPE merging.  llama2.c rescans the whole sequence for the best pair after every merge, O(n^2):
    fine for a prompt, hopeless for a perplexity file of a million characters.  We produce the
-   same result with a heap of candidate pairs ordered by (score descending, position ascending)
-   over a doubly linked list of symbols; a candidate whose symbols changed since it was pushed is
-   skipped when popped.  Leftmost-wins ties match because merging never reorders symbols. */
+   same result with a heap of candidate pairs ordered by (priority descending, position
+   ascending) over a doubly linked list of symbols; a candidate whose symbols changed since it
+   was pushed is skipped when popped.  Leftmost-wins ties match because merging never reorders
+   symbols.  The priority is the merged piece's score (kind 0) or minus the merge's rank (kind 1). */
 
 typedef struct { float score; int left; int right_version; int left_version; int id; } MergeCand;
 
@@ -364,18 +473,27 @@ typedef struct {
     int *id, *prev, *next, *version;  // per symbol; a merged-away symbol has id -1
 } Symbols;
 
-// Pushes the pair (left, next[left]) when the concatenation of their pieces is itself a piece.
+// Pushes the pair (left, next[left]) when it can merge.
 static void push_pair(const Tokenizer *t, MergeHeap *heap, const Symbols *s, int left, char *buf) {
     int right = s->next[left];
     if (right < 0) return;
-    const char *a = t->vocab[s->id[left]], *b = t->vocab[s->id[right]];
-    int la = t->vocab_len[s->id[left]], lb = t->vocab_len[s->id[right]];
-    if ((unsigned)(la + lb) > t->max_token_length) return;  // cannot be a piece
-    memcpy(buf, a, la);
-    memcpy(buf + la, b, lb);
-    int id = lookup_piece(t, buf, la + lb);
-    if (id < 0) return;
-    heap_push(heap, (MergeCand){t->scores[id], left, s->version[right], s->version[left], id});
+    int a = s->id[left], b = s->id[right], id;
+    float priority;
+    if (t->kind == 1) {  // byte-level BPE: only the listed merges, by rank
+        MergeRule *rule = merge_slot(t, pair_key(a, b));
+        if (!rule->pair) return;
+        id = rule->id;
+        priority = -(float)rule->rank;
+    } else {             // sentencepiece-style: any pair whose concatenation is a piece, by its score
+        int la = t->vocab_len[a], lb = t->vocab_len[b];
+        if ((unsigned)(la + lb) > t->max_token_length) return;  // cannot be a piece
+        memcpy(buf, t->vocab[a], la);
+        memcpy(buf + la, t->vocab[b], lb);
+        id = lookup_piece(t, buf, la + lb);
+        if (id < 0) return;
+        priority = t->scores[id];
+    }
+    heap_push(heap, (MergeCand){priority, left, s->version[right], s->version[left], id});
 }
 
 // Merges the symbol ids in place (count of them), returns the new count.
@@ -419,12 +537,9 @@ static int byte_fallback(const Tokenizer *t, unsigned char b) {
     return t->byte_piece[b] >= 0 ? t->byte_piece[b] : b + 3;
 }
 
-// text -> ids.  tokens needs room for strlen(text) + 3 ids.
-static void encode(const Tokenizer *t, const char *text, int bos_id, int add_bos, int *tokens, int *n_tokens) {
+// Sentencepiece-style: the ids of text (no BOS); tokens needs room for strlen(text) + 1 ids.
+static int encode_sentencepiece(const Tokenizer *t, const char *text, size_t len, int *tokens) {
     int n = 0;
-    if (add_bos) tokens[n++] = bos_id;
-    int first = n;
-    size_t len = strlen(text);
     if (len > 0) {  // sentencepiece's "dummy prefix": the text is encoded as if it began with a space
         int space = lookup_piece(t, " ", 1);
         tokens[n++] = space >= 0 ? space : byte_fallback(t, ' ');
@@ -438,25 +553,135 @@ static void encode(const Tokenizer *t, const char *text, int bos_id, int add_bos
         else for (size_t j = 0; j < cp_len; j++) tokens[n++] = byte_fallback(t, (unsigned char)text[i + j]);
         i += cp_len;
     }
-    *n_tokens = first + bpe_merge(t, tokens + first, n - first);
+    return bpe_merge(t, tokens, n);
 }
 
-// The bytes to print for `token` following `prev_token`.
-static const char *decode_piece(const Tokenizer *t, int bos_id, int prev_token, int token, char byte_buf[2]) {
+/* Byte-level BPE.  The text is cut into "pre-tokens" by GPT-2's pattern
+     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+   (after splitting off every number code point when pretokenizer is 1), written out below as a
+   scanner over code-point classes; each pre-token's bytes are then merged by rank. */
+
+static int code_class(const Tokenizer *t, uint32_t cp) {
+    if (cp < 128 && t->ascii_class[cp]) return t->ascii_class[cp];
+    int lo = 0, hi = t->n_ranges - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (cp < t->ranges[mid].first) hi = mid - 1;
+        else if (cp > t->ranges[mid].last) lo = mid + 1;
+        else return t->ranges[mid].cls;
+    }
+    return CLASS_OTHER;
+}
+
+// Decodes the UTF-8 code point at s (n bytes left) into *cp; returns its length (1 for a bad byte).
+static int utf8_next(const unsigned char *s, size_t n, uint32_t *cp) {
+    int len = s[0] < 0x80 ? 1 : (s[0] >> 5) == 6 ? 2 : (s[0] >> 4) == 14 ? 3 : (s[0] >> 3) == 30 ? 4 : 0;
+    if (len == 0 || (size_t)len > n) { *cp = 0xFFFD; return 1; }
+    uint32_t v = len == 1 ? s[0] : s[0] & (0x7F >> len);
+    for (int i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) { *cp = 0xFFFD; return 1; }
+        v = v << 6 | (s[i] & 0x3F);
+    }
+    *cp = v;
+    return len;
+}
+
+// End (code-point index) of the pre-token starting at i in cp[0..n) with classes cls.
+static int pretoken_end(const uint32_t *cp, const unsigned char *cls, int i, int n) {
+    if (cp[i] == '\'' && i + 1 < n) {  // contractions
+        uint32_t a = cp[i + 1], b = i + 2 < n ? cp[i + 2] : 0;
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+    }
+    int j = cp[i] == ' ' && i + 1 < n ? i + 1 : i;  // " ?" before a letter, number or other run
+    if (cls[j] != CLASS_SPACE) {
+        int k = j;
+        while (k < n && cls[k] == cls[j]) k++;
+        return k;
+    }
+    int k = i;  // white space: \s+(?!\S) leaves the last one to the next pre-token, else \s+
+    while (k < n && cls[k] == CLASS_SPACE) k++;
+    return k < n && k - i >= 2 ? k - 1 : k;
+}
+
+// Byte-level BPE of text without special tokens; appends to tokens.
+static void encode_plain_bytes(const Tokenizer *t, const char *text, size_t len, int *tokens, int *n) {
+    if (len == 0) return;
+    uint32_t *cp = xmalloc((len + 1) * sizeof(uint32_t));
+    int *start = xmalloc((len + 1) * sizeof(int));
+    unsigned char *cls = xmalloc(len + 1);
+    int count = 0;
+    for (size_t i = 0; i < len; count++) {
+        start[count] = (int)i;
+        i += utf8_next((const unsigned char *)text + i, len - i, &cp[count]);
+        cls[count] = (unsigned char)code_class(t, cp[count]);
+    }
+    start[count] = (int)len;
+    for (int piece = 0; piece < count;) {
+        int piece_end = piece;  // with pretokenizer 1 every number is a piece of its own
+        if (t->pretokenizer == 1 && cls[piece] == CLASS_NUMBER) piece_end = piece + 1;
+        else while (piece_end < count && !(t->pretokenizer == 1 && cls[piece_end] == CLASS_NUMBER)) piece_end++;
+        for (int i = piece; i < piece_end;) {
+            int end = pretoken_end(cp + piece, cls + piece, i - piece, piece_end - piece) + piece;
+            int first = *n;
+            for (int b = start[i]; b < start[end]; b++) {  // a byte the vocabulary lacks is dropped, as HF's BPE does
+                int id = t->byte_piece[(unsigned char)text[b]];
+                if (id >= 0) tokens[(*n)++] = id;
+            }
+            *n = first + bpe_merge(t, tokens + first, *n - first);
+            i = end;
+        }
+        piece = piece_end;
+    }
+    free(cp); free(start); free(cls);
+}
+
+// Byte-level BPE: special tokens are matched verbatim first, the text between them is encoded.
+static int encode_bytes(const Tokenizer *t, const char *text, size_t len, int *tokens) {
+    int n = 0;
+    size_t plain = 0;
+    for (size_t i = 0; i < len;) {
+        int special = -1;
+        for (int s = 0; s < t->n_specials && special < 0; s++) {
+            int id = t->specials[s], sl = t->vocab_len[id];
+            if ((size_t)sl <= len - i && memcmp(text + i, t->vocab[id], sl) == 0) special = id;
+        }
+        if (special < 0) { i++; continue; }
+        encode_plain_bytes(t, text + plain, i - plain, tokens, &n);
+        tokens[n++] = special;
+        i += t->vocab_len[special];
+        plain = i;
+    }
+    encode_plain_bytes(t, text + plain, len - plain, tokens, &n);
+    return n;
+}
+
+// text -> ids.  tokens needs room for strlen(text) + 3 ids.
+static void encode(const Tokenizer *t, const char *text, int bos_id, int add_bos, int *tokens, int *n_tokens) {
+    int n = 0;
+    if (add_bos) tokens[n++] = bos_id;
+    size_t len = strlen(text);
+    n += t->kind == 1 ? encode_bytes(t, text, len, tokens + n) : encode_sentencepiece(t, text, len, tokens + n);
+    *n_tokens = n;
+}
+
+/* Prints `token` following `prev_token`.  Sentencepiece-style, as llama2.c: no leading space
+   right after BOS, "<0xHH>" prints its byte, and lone control bytes print nothing.
+   Byte-level: the piece's bytes as they are (a UTF-8 character may span tokens). */
+static void print_piece(const Tokenizer *t, int bos_id, int prev_token, int token) {
     const char *piece = t->vocab[token];
-    if (prev_token == bos_id && piece[0] == ' ') piece++;  // no leading space right after BOS
+    if (t->kind == 1) {
+        fwrite(piece, 1, t->vocab_len[token], stdout);
+        return;
+    }
+    if (prev_token == bos_id && piece[0] == ' ') piece++;
     unsigned int byte;
+    char byte_buf[2] = {0};
     if (strlen(piece) == 6 && sscanf(piece, "<0x%02X>", &byte) == 1) {
         byte_buf[0] = (char)byte;
-        byte_buf[1] = '\0';
-        return byte_buf;
+        piece = byte_buf;
     }
-    return piece;
-}
-
-// Prints a piece, except single bytes that are control codes (as llama2.c does).
-static void safe_print(const char *piece) {
-    if (!piece || !piece[0]) return;
+    if (!piece[0]) return;
     if (piece[1] == '\0') {
         unsigned char b = (unsigned char)piece[0];
         if (!(isprint(b) || isspace(b))) return;
@@ -1514,7 +1739,7 @@ typedef struct {           // everything the command line chooses
     float temperature, topp;
     long long seed;
     int steps, window, length;
-    int ids_input, kl;
+    int ids_input, kl, lines;
     int steps_given;
     CQKeyPath cq_key_path;
 } Options;
@@ -1570,9 +1795,9 @@ static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
         // inside the prompt the next token is forced, after it the model chooses
         int next = pos < n_prompt - 1 ? prompt_ids[pos + 1] : sample(sampler, logits);
         pos++;
-        if (next == c->bos_id) break;  // llama2.c stops when the model starts a new sequence
-        char byte_buf[2];
-        safe_print(decode_piece(&rt->tok, c->bos_id, token, next, byte_buf));
+        // llama2.c stops when the model starts a new sequence; byte-level BPE models also end on eos
+        if (next == c->bos_id || (rt->tok.kind == 1 && next == c->eos_id)) break;
+        print_piece(&rt->tok, c->bos_id, token, next);
         fflush(stdout);
         token = next;
         if (start == 0) start = time_in_ms();  // the first step is excluded: it warms up
@@ -1632,7 +1857,8 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
             if (pos == 0 && o->prompt) snprintf(user_prompt, BUF, "%s", o->prompt);
             else if (!read_line("User: ", user_prompt, BUF)) break;
             render_turn(rendered, sizeof rendered, c->chat_template, pos == 0, system_prompt, user_prompt);
-            encode(&rt->tok, rendered, c->bos_id, 1, prompt_ids, &n_prompt);
+            // Llama-2-chat starts every turn with BOS; ChatML's turns start with their own marker
+            encode(&rt->tok, rendered, c->bos_id, c->chat_template == 0, prompt_ids, &n_prompt);
             if (pos + n_prompt > c->seq_len) {
                 fprintf(stderr, "error: this turn (%d tokens) does not fit in the remaining context (%d of %d)\n",
                         n_prompt, c->seq_len - pos, c->seq_len);
@@ -1648,8 +1874,7 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
         next = sample(sampler, logits);
         pos++;
         if (user_idx >= n_prompt && next != c->eos_id) {
-            char byte_buf[2];
-            safe_print(decode_piece(&rt->tok, c->bos_id, token, next, byte_buf));
+            print_piece(&rt->tok, c->bos_id, token, next);
             fflush(stdout);
         }
         if (next == c->eos_id) printf("\n");
@@ -1853,14 +2078,29 @@ static void benchmark(Runtime *rt, const Options *o) {
     kv_cache_free(&kv);
 }
 
-// -m encode: prints the ids of the prompt (-i) or of a file (-f), BOS first.
+// -m decode: prints the text of the ids in -f (whitespace-separated), as generation prints it.
+static void print_decoding(Runtime *rt, const Options *o) {
+    int n;
+    int *ids = read_eval_tokens(rt, o, &n);
+    for (int i = 0; i < n; i++) print_piece(&rt->tok, rt->model.cfg.bos_id, i ? ids[i - 1] : -1, ids[i]);
+    free(ids);
+}
+
+// -m encode: prints the ids of the prompt (-i) or of a file (-f), BOS first.  With --lines,
+// every line of the file is encoded on its own (without its newline) and printed without BOS.
 static void print_encoding(Runtime *rt, const Options *o) {
     size_t len;
     char *text = o->text_file ? read_file(o->text_file, &len) : strdup(o->prompt ? o->prompt : "");
-    int n;
-    int *ids = encode_prompt(rt, text, &n);
-    for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
-    printf("\n");
+    int *ids = xmalloc((strlen(text) + 3) * sizeof(int)), n;
+    char *line = text;
+    do {
+        char *newline = o->lines ? strchr(line, '\n') : NULL;
+        if (newline) *newline = '\0';
+        encode(&rt->tok, line, rt->model.cfg.bos_id, !o->lines, ids, &n);
+        for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+        printf("\n");
+        line = newline ? newline + 1 : NULL;
+    } while (line && *line);
     free(ids);
     free(text);
 }
@@ -1880,17 +2120,18 @@ static void usage(FILE *f) {
         "  -n <int>    steps including the prompt, default 256, 0 = the model's context\n"
         "  -i <string> prompt\n"
         "  -z <path>   tokenizer, default tokenizer.bin\n"
-        "  -m <mode>   generate (default) | chat | ppl | bench | encode\n"
+        "  -m <mode>   generate (default) | chat | ppl | bench | encode | decode\n"
         "  -y <string> system prompt (chat)\n"
         "  -k <type>   KV cache type, or KEYTYPE:VALUETYPE; default fp32\n"
         "              types: fp32 fp16 q8 q4 q2 q1 kivi4 kivi2 cq4 cq2 cq1 cq<c>c<b>b\n"
         "              (cq4 = cq2c8b, cq2 = cq4c8b, cq1 = cq8c8b: b/c bits per channel)\n"
         "  -w <int>    keep the newest N tokens in full precision, default 0\n"
         "  -c <path>   CQ centroid file, default <checkpoint minus .bin>.<c>c<b>b.cent\n"
-        "  -f <path>   ppl/encode: input text file\n"
+        "  -f <path>   ppl/encode: input text file; decode: token ids\n"
         "  -l <int>    ppl: window length (default the model's context); bench: context length\n"
         "  --ids       ppl: -f holds whitespace-separated token ids instead of text\n"
         "  --kl        ppl: also report mean KL(p_fp32 || p_type) over scored tokens\n"
+        "  --lines     encode: encode each line of -f on its own, print one line of ids each\n"
         "  --logits <path>  write the float32 logits of every forward step to a file\n"
         "  --cq-keys auto|lut|decode  how CQ keys are scored: precomputed query-centroid\n"
         "              products (lut), decode+rotate+dot (decode), or by context length (auto)\n"
@@ -1934,6 +2175,7 @@ static void parse_args(int argc, char **argv, Options *o) {
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
         if (!strcmp(a, "--ids")) { o->ids_input = 1; continue; }
         if (!strcmp(a, "--kl")) { o->kl = 1; continue; }
+        if (!strcmp(a, "--lines")) { o->lines = 1; continue; }
         int takes_value = !strcmp(a, "--logits") || !strcmp(a, "--cq-keys") || (a[0] == '-' && a[1] && !a[2] && strchr("tpsnizmykwcfl", a[1]));
         if (!takes_value) die("unknown option '%s' (see --help)", a);
         if (i + 1 >= argc) die("option %s needs a value", a);
@@ -1962,17 +2204,20 @@ static void parse_args(int argc, char **argv, Options *o) {
         case 'l': o->length = parse_int(a, v); break;
         }
     }
-    const char *modes[] = {"generate", "chat", "ppl", "bench", "encode"};
+    const char *modes[] = {"generate", "chat", "ppl", "bench", "encode", "decode"};
     int known = 0;
     for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) known |= !strcmp(o->mode, modes[i]);
-    if (!known) die("unknown mode '%s' (generate, chat, ppl, bench, encode)", o->mode);
+    if (!known) die("unknown mode '%s' (generate, chat, ppl, bench, encode, decode)", o->mode);
+    if (!strcmp(o->mode, "decode")) o->ids_input = 1;  // decode reads ids, like ppl --ids
+    if (!strcmp(o->mode, "decode") && !o->text_file) die("-m decode needs -f FILE of token ids");
     if (o->temperature < 0) die("-t must be >= 0, got %g", o->temperature);
     if (o->topp < 0 || o->topp > 1) die("-p must be in [0, 1], got %g", o->topp);
     if (o->steps < 0) die("-n must be >= 0, got %d", o->steps);
     if (o->window < 0) die("-w must be >= 0, got %d", o->window);
     if (!strcmp(o->mode, "ppl") && !o->text_file) die("-m ppl needs -f FILE");
-    if (o->ids_input && strcmp(o->mode, "ppl")) die("--ids only applies to -m ppl");
+    if (o->ids_input && strcmp(o->mode, "ppl") && strcmp(o->mode, "decode")) die("--ids only applies to -m ppl");
     if (o->kl && strcmp(o->mode, "ppl")) die("--kl only applies to -m ppl");
+    if (o->lines && (strcmp(o->mode, "encode") || !o->text_file)) die("--lines only applies to -m encode -f FILE");
 }
 
 // "-k K" or "-k K:V"
@@ -1999,11 +2244,13 @@ int main(int argc, char **argv) {
     if (o.length && (o.length < 2 || o.length > c->seq_len))
         die("-l must be in [2, %d] (the model's context), got %d", c->seq_len, o.length);
     int needs_tokenizer = strcmp(o.mode, "bench") && !(strcmp(o.mode, "ppl") == 0 && o.ids_input);
-    if (needs_tokenizer) load_tokenizer(&rt.tok, o.tokenizer, c->vocab_size);
+    if (needs_tokenizer) load_tokenizer(&rt.tok, o.tokenizer, c->vocab_size, c->tokenizer_kind);
     rope_init(&rt.rope, c);
 
     if (!strcmp(o.mode, "encode")) {
         print_encoding(&rt, &o);
+    } else if (!strcmp(o.mode, "decode")) {
+        print_decoding(&rt, &o);
     } else if (!strcmp(o.mode, "ppl")) {
         perplexity(&rt, &o);
     } else if (!strcmp(o.mode, "bench")) {
