@@ -2010,7 +2010,7 @@ static void perplexity(Runtime *rt, const Options *o) {
     printf("type=%s bits_per_channel=%.3f kv_bytes_per_token=%.1f ratio_fp32=%.4f tokens=%ld nll=%.6f ppl=%.6f",
            label, (kv_type_bits(&rt->ktype) + kv_type_bits(&rt->vtype)) / 2, bytes, bytes / fp32_bytes,
            scored, nll / scored, exp(nll / scored));
-    if (o->kl) printf(" kl=%.6f", kl / scored);
+    if (o->kl) printf(" kl=%.6f", fmax(kl / scored, 0.0));  // KL >= 0; rounding can leave -1e-12
     printf("\n");
     if (logits_out) fclose(logits_out);
     free(ids);
