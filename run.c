@@ -1585,6 +1585,8 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
     size_t acc_floats = value_hist ? hist_floats : (size_t)H * hs;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(parallel ? kv->n_threads : 1)
+#else
+    (void)parallel;
 #endif
     {
         int tid = 0, nth = 1;
