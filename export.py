@@ -1,0 +1,1258 @@
+#!/usr/bin/env python3
+"""export.py: offline tools for the CQ (Coupled Quantization) KV-cache project.
+
+Run it with the system interpreter, which has numpy and torch (the pyenv python3 lacks them):
+
+  /usr/bin/python3 export.py centroids CHECKPOINT -z TOKENIZER --calib TEXTFILE [options]
+  /usr/bin/python3 export.py centroids CHECKPOINT --self N [options]
+
+centroids: learns CQ codebooks, one "CQCB" file (SPEC.md) per CQ type, from calibration
+activations: the PRE-RoPE keys and the values of every layer, in the checkpoint's interleaved
+channel order, grouped into contiguous groups of c channels.
+  --calib TEXTFILE  the text is tokenized once (llama2.c tokenizer.bin, BOS-free stream with
+                    the dummy prefix at its start) and cut into --seqs sequences, each BOS +
+                    min(--seq-len, seq_len) - 1 consecutive tokens (fewer if the text is short;
+                    said on stderr). --ids: the file holds token ids instead.
+  --self N          N tokens sampled from the model itself (temperature 1 from BOS, --seed),
+                    sequences of min(--seq-len, seq_len) tokens.
+  --types LIST      cq1 (8c8b), cq2 (4c8b), cq4 (2c8b), or cq<c>c<b>b with c a power of two
+                    dividing head_size and 1 <= b <= 16. Default cq1,cq2,cq4.
+  weights           Fisher-guided by default: the loss is the SUM over the sequence of the
+                    next-token cross-entropies; a token's weight for a group is the sum of the
+                    squared gradients of that loss w.r.t. the group's c activations.
+                    --uniform: all weights 1.
+  k-means           per (layer, K/V, group), 2^b centroids, k-means++ seeding and up to --iters
+                    Lloyd iterations (stops when no assignment changes); --seed fixes it.
+  output            CHECKPOINT minus its extension + ".<c>c<b>b.cent" (".<c>c<b>b.uniform.cent"
+                    with --uniform), or inside the directory -o, or the file -o (one type).
+  stdout            per type: final weighted objective (also relative to the weighted variance),
+                    plain relative MSE, Lloyd iterations, seconds; then the total time.
+Activations are collected once and serve every requested type.
+
+Speed: on this machine torch's CPU matrix products use a reference BLAS (~2.5 GFLOP/s), so
+the model's linear layers run as 1x1 convolutions (oneDNN) and k-means prunes its distance work
+with Hamerly's bounds. stories260K, cq1+cq2+cq4: about 35 s (text) / 50 s (--self 8192) on one
+CPU thread. A 135M model (30 layers, kv_dim 192, 16 x 2048 tokens) needs a GPU (--device cuda):
+about 2 minutes on an H200, 60 s of it generating --self text; k-means alone takes about 0.2-0.3
+s per (layer, K/V) and type there, against 45-80 s on one CPU thread here.
+
+The file is organised in sections (tests import the functions):
+  1. errors and small helpers
+  2. checkpoint I/O       load_checkpoint, write_checkpoint, model_fingerprint
+  3. tokenizer            Tokenizer (llama2.c tokenizer.bin, BPE by scores), write_tokenizer
+  4. torch model          TorchLlama, kv_and_grads, fisher_weights, collect_kv, generate
+  5. k-means              weighted_kmeans, kmeans_batched
+  6. centroid files       parse_cq_type, default_centroid_path, write_centroids, read_centroids
+  7. the centroids command
+  8. command line         build_parser, main (new subcommands go here)
+"""
+
+import argparse
+import heapq
+import math
+import os
+import re
+import struct
+import sys
+import time
+from dataclasses import dataclass
+
+# OpenMP threads that spin while waiting made torch erratic on this shared 2-core machine
+# (the same k-means took 5 s or 40 s); passive waiting must be chosen before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+try:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+except ImportError as _e:  # e.g. a python3 without them first on PATH
+    sys.exit(f"error: export.py needs numpy and torch ({_e}): run it with /usr/bin/python3")
+
+
+# =============================================================================================
+# 1. Errors and small helpers
+# =============================================================================================
+
+class ExportError(Exception):
+    """A user-facing error: main() prints it as one "error: ..." line and exits with 1."""
+
+
+def log(msg):
+    """Notes and timings of the work go to stderr (results go to stdout)."""
+    PROGRESS.done()
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A one-line text progress indicator on stderr ("\\r" rewrites), silent when disabled."""
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.width = 0
+
+    def show(self, msg):
+        if not self.enabled:
+            return
+        pad = max(0, self.width - len(msg))
+        sys.stderr.write("\r" + msg + " " * pad)
+        sys.stderr.flush()
+        self.width = len(msg)
+
+    def done(self):
+        if self.enabled and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+        self.width = 0
+
+
+PROGRESS = Progress()  # the one progress line of the command (main() clears it on errors)
+
+
+def file_size(path, what):
+    try:
+        return os.path.getsize(path)
+    except OSError as e:
+        raise ExportError(f"cannot open {what} '{path}': {e.strerror}") from None
+
+
+# =============================================================================================
+# 2. Checkpoint I/O
+#
+# Three layouts are read (all float32, little-endian):
+#   - "CQKV" version 1 (SPEC.md): 256-byte header, tensors in the order of TENSOR_ORDER;
+#   - llama2.c legacy ("v0"): 7 int32 header, same order, plus two obsolete RoPE tables after
+#     final_norm; a negative vocab_size means a separate classifier at the end;
+#   - llama2.c "version 1" (magic "ak42"): 256-byte header, norms first, then the matrices.
+# Every layout is turned into one Config and one dict of numpy arrays named as in TENSOR_ORDER,
+# per-layer tensors stacked as (n_layers, out, in). weights["classifier"] always exists (it is
+# the embedding when shared).
+# =============================================================================================
+
+CQKV_MAGIC = 0x564B5143       # bytes "CQKV"
+LLAMA2C_V1_MAGIC = 0x616B3432  # "ak42" (file bytes "24ka")
+CQKV_HEADER = 256
+LEGACY_HEADER = 28
+
+TENSOR_ORDER = ["token_embedding", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm",
+                "w1", "w2", "w3", "final_norm", "classifier"]
+
+
+@dataclass
+class Config:
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    seq_len: int
+    head_size: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    bos_id: int = 1
+    eos_id: int = 2
+    shared_classifier: int = 1
+    tokenizer_kind: int = 0
+    chat_template: int = 0
+    fmt: str = "cqkv"  # where it came from: "cqkv", "legacy" or "llama2c-v1"
+
+    @property
+    def q_dim(self):
+        return self.n_heads * self.head_size
+
+    @property
+    def kv_dim(self):
+        return self.n_kv_heads * self.head_size
+
+
+def tensor_shapes(cfg):
+    """Shapes of the tensors named in TENSOR_ORDER (classifier included even when shared)."""
+    L, D, F_, V = cfg.n_layers, cfg.dim, cfg.hidden_dim, cfg.vocab_size
+    return {
+        "token_embedding": (V, D), "attn_norm": (L, D),
+        "wq": (L, cfg.q_dim, D), "wk": (L, cfg.kv_dim, D), "wv": (L, cfg.kv_dim, D),
+        "wo": (L, D, cfg.q_dim), "ffn_norm": (L, D),
+        "w1": (L, F_, D), "w2": (L, D, F_), "w3": (L, F_, D),
+        "final_norm": (D,), "classifier": (V, D),
+    }
+
+
+def _check_config(cfg, path):
+    def bad(msg):
+        raise ExportError(f"checkpoint '{path}': {msg}")
+    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                 "seq_len", "head_size"):
+        if getattr(cfg, name) <= 0:
+            bad(f"{name} = {getattr(cfg, name)} in the header must be positive "
+                "(not a checkpoint, or a different format?)")
+    if cfg.n_heads % cfg.n_kv_heads:
+        bad(f"n_heads {cfg.n_heads} is not a multiple of n_kv_heads {cfg.n_kv_heads}")
+    if cfg.head_size % 2:
+        bad(f"head_size {cfg.head_size} is odd (RoPE needs pairs)")
+    if not (cfg.rope_theta > 0 and cfg.norm_eps > 0):
+        bad(f"rope_theta {cfg.rope_theta} and norm_eps {cfg.norm_eps} must be positive")
+    if not (0 <= cfg.bos_id < cfg.vocab_size and 0 <= cfg.eos_id < cfg.vocab_size):
+        bad(f"bos_id {cfg.bos_id} / eos_id {cfg.eos_id} outside the vocabulary")
+    if cfg.shared_classifier not in (0, 1):
+        bad(f"shared_classifier = {cfg.shared_classifier}, expected 0 or 1")
+
+
+def _read_tensors(path, cfg, offset, order, size, extra_floats_after=None):
+    """Maps the float32 tensors named in `order` starting at byte `offset`; checks the size.
+
+    extra_floats_after: (name, count) of floats to skip after tensor `name` (legacy RoPE tables).
+    """
+    shapes = tensor_shapes(cfg)
+    total = sum(int(np.prod(shapes[n])) for n in order)
+    if extra_floats_after:
+        total += extra_floats_after[1]
+    expected = offset + 4 * total
+    if size != expected:
+        raise ExportError(
+            f"checkpoint '{path}' has {size} bytes but its header ({cfg.fmt} format: dim "
+            f"{cfg.dim}, hidden {cfg.hidden_dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+            f"{cfg.n_kv_heads} kv heads, vocab {cfg.vocab_size}, seq_len {cfg.seq_len}) implies "
+            f"{expected} bytes")
+    data = np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=(total,))
+    out, pos = {}, 0
+    for name in order:
+        n = int(np.prod(shapes[name]))
+        out[name] = np.array(data[pos:pos + n], dtype=np.float32).reshape(shapes[name])
+        pos += n
+        if extra_floats_after and name == extra_floats_after[0]:
+            pos += extra_floats_after[1]
+    del data
+    if "classifier" not in out:
+        out["classifier"] = out["token_embedding"]
+    return out
+
+
+def load_checkpoint(path):
+    """Reads a CQKV, llama2.c legacy or llama2.c version-1 checkpoint -> (Config, weights)."""
+    size = file_size(path, "checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(CQKV_HEADER)
+    if len(head) < LEGACY_HEADER:
+        raise ExportError(f"checkpoint '{path}' is too small ({size} bytes) to hold a header")
+    magic = struct.unpack_from("<I", head, 0)[0]
+
+    if magic == CQKV_MAGIC:
+        if len(head) < CQKV_HEADER:
+            raise ExportError(f"checkpoint '{path}': truncated CQKV header")
+        version = struct.unpack_from("<i", head, 4)[0]
+        if version != 1:
+            raise ExportError(f"checkpoint '{path}': CQKV version {version} is not supported "
+                              "(only 1)")
+        ints = struct.unpack_from("<8i", head, 8)
+        theta, eps = struct.unpack_from("<2f", head, 40)
+        bos, eos, shared, tok_kind, chat = struct.unpack_from("<5i", head, 48)
+        cfg = Config(*ints, rope_theta=theta, norm_eps=eps, bos_id=bos, eos_id=eos,
+                     shared_classifier=shared, tokenizer_kind=tok_kind, chat_template=chat,
+                     fmt="cqkv")
+        _check_config(cfg, path)
+        order = TENSOR_ORDER if not cfg.shared_classifier else TENSOR_ORDER[:-1]
+        return cfg, _read_tensors(path, cfg, CQKV_HEADER, order, size)
+
+    if magic == LLAMA2C_V1_MAGIC:
+        version = struct.unpack_from("<i", head, 4)[0]
+        if version != 1:
+            raise ExportError(f"checkpoint '{path}': llama2.c export version {version} is not "
+                              "supported (version 2 is int8-quantized; use a float32 export)")
+        dim, hidden, L, H, KVH, V, T = struct.unpack_from("<7i", head, 8)
+        shared = head[36]
+        cfg = Config(dim, hidden, L, H, KVH, V, T, head_size=dim // max(H, 1),
+                     shared_classifier=int(shared), fmt="llama2c-v1")
+        _check_legacy_dims(cfg, path)
+        order = ["attn_norm", "ffn_norm", "final_norm", "token_embedding", "wq", "wk", "wv",
+                 "wo", "w1", "w2", "w3"] + ([] if shared else ["classifier"])
+        return cfg, _read_tensors(path, cfg, CQKV_HEADER, order, size)
+
+    # llama2.c legacy: 7 int32, negative vocab_size = separate classifier at the end
+    dim, hidden, L, H, KVH, V, T = struct.unpack_from("<7i", head, 0)
+    cfg = Config(dim, hidden, L, H, KVH, abs(V), T, head_size=dim // H if H > 0 else 0,
+                 shared_classifier=int(V > 0), fmt="legacy")
+    _check_legacy_dims(cfg, path)
+    order = TENSOR_ORDER[:-1] + ([] if V > 0 else ["classifier"])
+    rope_tables = 2 * cfg.seq_len * (cfg.head_size // 2)
+    return cfg, _read_tensors(path, cfg, LEGACY_HEADER, order, size,
+                              extra_floats_after=("final_norm", rope_tables))
+
+
+def _check_legacy_dims(cfg, path):
+    if cfg.n_heads <= 0 or cfg.dim <= 0 or cfg.dim % cfg.n_heads:
+        raise ExportError(f"checkpoint '{path}': dim {cfg.dim} is not a positive multiple of "
+                          f"n_heads {cfg.n_heads} (not a llama2.c checkpoint?)")
+    _check_config(cfg, path)
+
+
+def write_checkpoint(path, cfg, weights, fmt="cqkv"):
+    """Writes a checkpoint in the CQKV (SPEC.md) or llama2.c legacy layout.
+
+    weights: dict with the names of TENSOR_ORDER and the shapes of tensor_shapes(cfg);
+    "classifier" is written only when cfg.shared_classifier == 0.
+    """
+    shapes = tensor_shapes(cfg)
+    for name in TENSOR_ORDER:
+        if name == "classifier" and cfg.shared_classifier:
+            continue
+        if tuple(np.shape(weights[name])) != shapes[name]:
+            raise ExportError(f"tensor {name} has shape {np.shape(weights[name])}, "
+                              f"expected {shapes[name]}")
+    with open(path, "wb") as f:
+        if fmt == "cqkv":
+            head = struct.pack("<Ii8i2f5i", CQKV_MAGIC, 1, cfg.dim, cfg.hidden_dim, cfg.n_layers,
+                               cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, cfg.seq_len,
+                               cfg.head_size, cfg.rope_theta, cfg.norm_eps, cfg.bos_id,
+                               cfg.eos_id, cfg.shared_classifier, cfg.tokenizer_kind,
+                               cfg.chat_template)
+            f.write(head + bytes(CQKV_HEADER - len(head)))
+        elif fmt == "legacy":
+            if cfg.q_dim != cfg.dim or cfg.rope_theta != 10000.0 or cfg.norm_eps != 1e-5 \
+                    or cfg.bos_id != 1 or cfg.eos_id != 2:
+                raise ExportError("the legacy llama2.c format needs n_heads*head_size == dim, "
+                                  "theta 10000, eps 1e-5, bos 1, eos 2")
+            vocab = cfg.vocab_size if cfg.shared_classifier else -cfg.vocab_size
+            f.write(struct.pack("<7i", cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads,
+                                cfg.n_kv_heads, vocab, cfg.seq_len))
+        else:
+            raise ValueError(f"unknown checkpoint format {fmt!r}")
+        for name in TENSOR_ORDER:
+            if name == "classifier" and cfg.shared_classifier:
+                continue
+            f.write(np.ascontiguousarray(weights[name], dtype="<f4").tobytes())
+            if name == "final_norm" and fmt == "legacy":
+                # the obsolete RoPE tables llama2.c readers skip; written as llama2.c did
+                hs = cfg.head_size
+                freqs = 1.0 / (10000.0 ** (np.arange(0, hs, 2)[: hs // 2] / hs))
+                ang = np.outer(np.arange(cfg.seq_len), freqs)
+                f.write(np.cos(ang).astype("<f4").tobytes())
+                f.write(np.sin(ang).astype("<f4").tobytes())
+
+
+def model_fingerprint(wk):
+    """SPEC.md fingerprint: sum mod 2^64 of the layer-0 wk tensor read as uint32 words."""
+    words = np.ascontiguousarray(wk[0], dtype="<f4").view("<u4")
+    return int(words.astype(np.uint64).sum(dtype=np.uint64))  # uint64 sums wrap mod 2^64
+
+
+# =============================================================================================
+# 3. Tokenizer: llama2.c's tokenizer.bin (sentencepiece-style BPE by scores)
+#
+# File: uint32 max_token_length, then per id: float32 score, int32 length, bytes. Encoding as
+# llama2.c's encode(): optional BOS, the dummy-prefix piece " " (text not empty), each UTF-8
+# code point -> its piece or one byte piece (<0xHH> = id byte+3) per byte, then repeatedly
+# merge the adjacent pair whose concatenation is a piece of highest score (leftmost on ties).
+#
+# Speed (documented shortcut, still exact): llama2.c's merge loop is O(n^2) in the text length.
+# Here the symbol stream is cut before every symbol " " when no piece holds a space anywhere
+# but at its start (true for sentencepiece vocabularies, checked at load time). No merge can
+# then cross a cut, and greedy merging inside one piece does not depend on the other pieces,
+# so encoding piece by piece gives exactly the whole-text result. Pieces ("words") repeat a
+# lot and are cached; inside a piece a heap finds the best pair (O(m log m)). Without a safe
+# cut the whole text is one piece: still exact, just uncached.
+# =============================================================================================
+
+# llama2.c's grouping of bytes into "code points": a non-continuation byte starts a group,
+# which takes up to 3 following continuation bytes; stray continuation bytes group up to 4.
+_CODEPOINT_RE = re.compile(rb"[^\x80-\xbf][\x80-\xbf]{0,3}|[\x80-\xbf]{1,4}")
+
+
+class Tokenizer:
+    def __init__(self, path, vocab_size):
+        size = file_size(path, "tokenizer")
+        with open(path, "rb") as f:
+            data = f.read()
+        if size < 4:
+            raise ExportError(f"tokenizer '{path}' is too small")
+        self.max_token_length = struct.unpack_from("<I", data, 0)[0]
+        pieces, scores, pos = [], [], 4
+        for i in range(vocab_size):
+            if pos + 8 > len(data):
+                raise ExportError(f"tokenizer '{path}' holds only {i} pieces but the model's "
+                                  f"vocabulary has {vocab_size} (wrong tokenizer?)")
+            score, n = struct.unpack_from("<fi", data, pos)
+            pos += 8
+            if n < 0 or pos + n > len(data):
+                raise ExportError(f"tokenizer '{path}': piece {i} has a bad length {n}")
+            pieces.append(data[pos:pos + n])
+            scores.append(score)
+            pos += n
+        if pos != len(data):
+            raise ExportError(f"tokenizer '{path}' has {len(data) - pos} bytes left after "
+                              f"{vocab_size} pieces: it belongs to a larger vocabulary "
+                              "(wrong tokenizer for this model?)")
+        self.pieces, self.scores = pieces, scores
+        self.lookup = {}
+        for i, p in enumerate(pieces):
+            self.lookup.setdefault(p, i)  # first id wins if a piece is duplicated
+        self.space_id = self.lookup.get(b" ")
+        # cutting before " " is exact only if no piece holds a space after its first byte
+        self.cut_at_space = self.space_id is not None and not any(
+            p.find(b" ", 1) >= 0 for p in pieces)
+        self._cache = {}
+
+    def encode(self, text, bos=True, eos=False, bos_id=1, eos_id=2):
+        """Token ids of `text` (str or bytes), exactly as llama2.c's encode()."""
+        return list(self.iter_encode(text, bos=bos, eos=eos, bos_id=bos_id, eos_id=eos_id))
+
+    def iter_encode(self, text, bos=True, eos=False, bos_id=1, eos_id=2):
+        """Generator version of encode(): yields ids word by word (stop it early for a prefix)."""
+        if isinstance(text, str):
+            text = text.encode("utf-8")
+        if bos:
+            yield bos_id
+        if text:
+            if self.space_id is None:
+                raise ExportError("the tokenizer has no piece \" \" for the dummy prefix")
+            symbols = [self.space_id]
+            for cp in _CODEPOINT_RE.findall(text):
+                i = self.lookup.get(cp)
+                if i is not None:
+                    symbols.append(i)
+                elif len(self.pieces) >= 259:
+                    symbols.extend(b + 3 for b in cp)  # byte pieces <0xHH> are ids 3..258
+                else:
+                    raise ExportError(f"text holds {cp!r}, which this {len(self.pieces)}-piece "
+                                      "vocabulary can encode neither as a piece nor as bytes")
+            start = 0
+            for k in range(1, len(symbols) + 1):
+                if k == len(symbols) or (self.cut_at_space and symbols[k] == self.space_id):
+                    yield from self._merge_cached(tuple(symbols[start:k]))
+                    start = k
+        if eos:
+            yield eos_id
+
+    def _merge_cached(self, syms):
+        out = self._cache.get(syms)
+        if out is None:
+            out = self._merge(list(syms))
+            if len(syms) <= 64:
+                self._cache[syms] = out
+        return out
+
+    def _merge(self, syms):
+        """Greedy BPE of llama2.c (best score first, leftmost on ties) with a heap.
+
+        Symbols form a linked list; heap entries (-score, left position, left id, right id)
+        go stale when either side changes and are then skipped. The left position of a merged
+        symbol stays its left part's, so positions keep the list order and "smallest position
+        among the best scores" is exactly llama2.c's leftmost tie rule.
+        """
+        n = len(syms)
+        if n < 2:
+            return tuple(syms)
+        pieces, scores, lookup = self.pieces, self.scores, self.lookup
+        nxt = list(range(1, n + 1))     # linked list over positions; n = end
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+
+        def entry(i):
+            """Heap entry for merging the symbol at i with its right neighbour, or None."""
+            j = nxt[i]
+            if j >= n:
+                return None
+            m = lookup.get(pieces[syms[i]] + pieces[syms[j]])
+            if m is None or not scores[m] > -1e10:  # llama2.c: best_score starts at -1e10
+                return None
+            return (-scores[m], i, syms[i], syms[j], m)
+
+        heap = [e for e in map(entry, range(n - 1)) if e is not None]
+        heapq.heapify(heap)
+        while heap:
+            _, i, left, right, m = heapq.heappop(heap)
+            j = nxt[i] if alive[i] else n
+            if j >= n or syms[i] != left or syms[j] != right:
+                continue  # stale: one side has merged since
+            syms[i] = m
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            for p in (prv[i], i):  # the two pairs that now involve the merged symbol
+                e = entry(p) if p >= 0 else None
+                if e is not None:
+                    heapq.heappush(heap, e)
+        out, i = [], 0
+        while i < n:
+            out.append(syms[i])
+            i = nxt[i]
+        return tuple(out)
+
+
+def write_tokenizer(path, pieces, scores):
+    """Writes a llama2.c tokenizer.bin (pieces: list of bytes, scores: list of floats)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<I", max((len(p) for p in pieces), default=0)))
+        for p, s in zip(pieces, scores):
+            f.write(struct.pack("<fi", s, len(p)))
+            f.write(p)
+
+
+# =============================================================================================
+# 4. The model in torch (float32 by default; float64 for the gradient tests)
+#
+# Same arithmetic as llama2.c's forward pass, batched over sequences and positions: RMSNorm,
+# RoPE on interleaved pairs (2i, 2i+1) with angle pos * theta^(-2i/head_size), grouped-query
+# attention (query head h reads kv head h // (n_heads/n_kv_heads)), causal softmax scaled by
+# 1/sqrt(head_size), SwiGLU FFN, final norm, classifier.
+# =============================================================================================
+
+def linear(x, W):
+    """x @ W.T. On the CPU in float32 as a 1x1 convolution: the Debian torch build here has a
+    generic (reference) BLAS at ~2.5 GFLOP/s, while convolutions go through oneDNN, 10-40x
+    faster for the model's matrix sizes (autograd works the same)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        y = F.conv1d(x.reshape(-1, x.shape[-1]).T[None], W[:, :, None])  # (1, out, rows)
+        return y[0].T.reshape(*x.shape[:-1], W.shape[0])
+    return x @ W.T
+
+
+class TorchLlama:
+    def __init__(self, cfg, weights, dtype=torch.float32, device="cpu"):
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+
+        def t(name):
+            return torch.as_tensor(np.asarray(weights[name]), dtype=dtype, device=self.device)
+
+        self.w = {name: t(name) for name in TENSOR_ORDER if name != "classifier"}
+        shared = cfg.shared_classifier or "classifier" not in weights
+        self.w["classifier"] = self.w["token_embedding"] if shared else t("classifier")
+        hs = cfg.head_size
+        # float32 frequencies like llama2.c (powf) so positions map to the same angles
+        i = torch.arange(0, hs, 2, dtype=torch.float32)
+        self.inv_freq = 1.0 / torch.pow(torch.tensor(cfg.rope_theta, dtype=torch.float32),
+                                        i / hs)
+
+        self._tables = self._rope_tables(0, cfg.seq_len)  # once, for generation's steps
+
+    def _rope_tables(self, start, T):
+        pos = torch.arange(start, start + T, dtype=torch.float32)
+        ang = pos[:, None] * self.inv_freq[None, :]  # float32 product, as llama2.c
+        return (torch.cos(ang.double()).to(self.dtype).to(self.device),
+                torch.sin(ang.double()).to(self.dtype).to(self.device))
+
+    def rope_tables(self, start, T):
+        """cos and sin (T, head_size/2) of the RoPE angles of positions start..start+T-1."""
+        if start + T <= self._tables[0].shape[0]:
+            return self._tables[0][start:start + T], self._tables[1][start:start + T]
+        return self._rope_tables(start, T)
+
+    @staticmethod
+    def rope(x, cos, sin):
+        """x: (B, T, heads, hs); rotates pairs (2i, 2i+1) by the angles of cos/sin (T, hs/2)."""
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+
+    def rmsnorm(self, x, weight):
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.cfg.norm_eps) * weight
+
+    def new_cache(self, batch, max_len):
+        shape = (batch, self.cfg.n_kv_heads, max_len, self.cfg.head_size)
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device))
+                for _ in range(self.cfg.n_layers)]
+
+    def forward(self, tokens, start_pos=0, cache=None, kv_offsets=None, capture=None):
+        """tokens: (B, T) long -> logits (B, T, vocab).
+
+        kv_offsets: per layer (dk, dv) of shape (B, T, kv_dim) or None, added to the PRE-RoPE
+            keys and to the values (zeros with requires_grad give dL/dk and dL/dv; small
+            numbers give finite differences).
+        capture: a list that receives per layer (k, v), the pre-RoPE keys and the values
+            (B, T, kv_dim), detached.
+        cache: from new_cache(); positions start_pos .. start_pos+T-1 are written into it and
+            attention reads positions 0 .. start_pos+T-1 (incremental generation).
+        """
+        cfg, w = self.cfg, self.w
+        B, T = tokens.shape
+        H, KVH, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+        cos, sin = self.rope_tables(start_pos, T)
+        S = start_pos + T
+        qpos = torch.arange(start_pos, S, device=self.device)
+        kpos = torch.arange(S, device=self.device)
+        causal = kpos[None, :] <= qpos[:, None]  # (T, S): key position <= query position
+        x = w["token_embedding"][tokens]
+        for l in range(cfg.n_layers):
+            xn = self.rmsnorm(x, w["attn_norm"][l])
+            q = linear(xn, w["wq"][l])
+            k = linear(xn, w["wk"][l])
+            v = linear(xn, w["wv"][l])
+            if kv_offsets is not None and kv_offsets[l] is not None:
+                k = k + kv_offsets[l][0]
+                v = v + kv_offsets[l][1]
+            if capture is not None:
+                capture.append((k.detach(), v.detach()))
+            q = self.rope(q.view(B, T, H, hs), cos, sin).transpose(1, 2)    # (B, H, T, hs)
+            k = self.rope(k.view(B, T, KVH, hs), cos, sin).transpose(1, 2)  # (B, KVH, T, hs)
+            v = v.view(B, T, KVH, hs).transpose(1, 2)
+            if cache is not None:
+                kc, vc = cache[l]
+                kc[:, :, start_pos:S] = k
+                vc[:, :, start_pos:S] = v
+                k, v = kc[:, :, :S], vc[:, :, :S]
+            if H != KVH:
+                k = k.repeat_interleave(H // KVH, dim=1)
+                v = v.repeat_interleave(H // KVH, dim=1)
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs)
+            scores = scores.masked_fill(~causal, float("-inf"))
+            att = torch.softmax(scores, dim=-1) @ v                       # (B, H, T, hs)
+            x = x + linear(att.transpose(1, 2).reshape(B, T, H * hs), w["wo"][l])
+            h = self.rmsnorm(x, w["ffn_norm"][l])
+            x = x + linear(F.silu(linear(h, w["w1"][l])) * linear(h, w["w3"][l]), w["w2"][l])
+        x = self.rmsnorm(x, w["final_norm"])
+        return linear(x, w["classifier"])
+
+    def loss(self, tokens, **kw):
+        """Next-token cross-entropy SUMMED over all predicted positions of all sequences.
+
+        A sum (not a mean) so that each token's gradient does not depend on how many tokens
+        share its batch; the Fisher weighting is scale-free anyway.
+        """
+        logits = self.forward(tokens, **kw)
+        V = logits.shape[-1]
+        return F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1),
+                               reduction="sum")
+
+
+def kv_and_grads(model, tokens):
+    """For a batch (B, T) of sequences: per layer (k, v, dL/dk, dL/dv), each (B, T, kv_dim).
+
+    k are the pre-RoPE keys, v the values, L the summed next-token loss of model.loss().
+    """
+    B, T = tokens.shape
+    kvd = model.cfg.kv_dim
+    offs = [(torch.zeros(B, T, kvd, dtype=model.dtype, device=model.device, requires_grad=True),
+             torch.zeros(B, T, kvd, dtype=model.dtype, device=model.device, requires_grad=True))
+            for _ in range(model.cfg.n_layers)]
+    cap = []
+    loss = model.loss(tokens, kv_offsets=offs, capture=cap)
+    loss.backward()
+    return [(k, v, dk.grad, dv.grad) for (k, v), (dk, dv) in zip(cap, offs)]
+
+
+def group_weights(grad, c):
+    """Fisher weight per token and channel group: sum of squared grads over the group's c
+    channels. grad: (..., kv_dim) -> (..., kv_dim // c)."""
+    g2 = grad * grad
+    return g2.reshape(*g2.shape[:-1], g2.shape[-1] // c, c).sum(-1)
+
+
+def fisher_weights(model, tokens, c):
+    """Per layer (K weights, V weights), each (B, T, kv_dim // c), for a batch of sequences."""
+    return [(group_weights(dk, c), group_weights(dv, c))
+            for _, _, dk, dv in kv_and_grads(model, tokens)]
+
+
+def collect_kv(model, seqs, fisher=True, progress=None, max_batch_floats=1 << 28):
+    """Runs the model on every sequence (list of 1-D int arrays, each starting with BOS).
+
+    Returns (acts, g2): acts float32 (n_layers, 2, N, kv_dim) with the pre-RoPE keys [.., 0]
+    and values [.., 1] of all N tokens (sequences back to back); g2 the squared gradients of
+    the summed loss w.r.t. those activations (same shape), or None when fisher is False.
+    Sequences of equal length are batched; attention scores of a batch are kept under about
+    max_batch_floats floats.
+    """
+    cfg = model.cfg
+    N = sum(len(s) for s in seqs)
+    acts = torch.empty(cfg.n_layers, 2, N, cfg.kv_dim, dtype=torch.float32)
+    g2 = torch.empty_like(acts) if fisher else None
+    pos, i = 0, 0
+    while i < len(seqs):
+        T = len(seqs[i])
+        per_seq = cfg.n_heads * T * T * cfg.n_layers * 2
+        bmax = max(1, max_batch_floats // per_seq)
+        j = i
+        while j < len(seqs) and j - i < bmax and len(seqs[j]) == T:
+            j += 1
+        tok = torch.as_tensor(np.stack(seqs[i:j]), dtype=torch.long, device=model.device)
+        n = tok.numel()
+        if fisher:
+            for l, (k, v, dk, dv) in enumerate(kv_and_grads(model, tok)):
+                acts[l, 0, pos:pos + n] = k.reshape(n, -1).float().cpu()
+                acts[l, 1, pos:pos + n] = v.reshape(n, -1).float().cpu()
+                g2[l, 0, pos:pos + n] = (dk * dk).reshape(n, -1).float().cpu()
+                g2[l, 1, pos:pos + n] = (dv * dv).reshape(n, -1).float().cpu()
+        else:
+            cap = []
+            with torch.no_grad():
+                model.forward(tok, capture=cap)
+            for l, (k, v) in enumerate(cap):
+                acts[l, 0, pos:pos + n] = k.reshape(n, -1).float().cpu()
+                acts[l, 1, pos:pos + n] = v.reshape(n, -1).float().cpu()
+        pos += n
+        i = j
+        if progress:
+            progress.show(f"calibration forward{'/backward' if fisher else ''}: "
+                          f"{i}/{len(seqs)} sequences")
+    if progress:
+        progress.done()
+    return acts, g2
+
+
+@torch.no_grad()
+def generate(model, n_seqs, length, seed=0, temperature=1.0, progress=None):
+    """Samples n_seqs sequences of `length` tokens, each BOS + length-1 sampled tokens, in one
+    batch with a KV cache; plain multinomial sampling at `temperature` (no top-p), with a torch
+    generator on the model's device seeded with `seed`. A sampled BOS does not stop a sequence
+    (the model continues as after a document boundary). Returns int64 numpy (n_seqs, length)."""
+    dev = model.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = torch.empty(n_seqs, length, dtype=torch.long, device=dev)
+    out[:, 0] = model.cfg.bos_id
+    cache = model.new_cache(n_seqs, length)
+    for pos in range(length - 1):
+        logits = model.forward(out[:, pos:pos + 1], start_pos=pos, cache=cache)[:, -1]
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        out[:, pos + 1] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        if progress and (pos % 16 == 0 or pos == length - 2):
+            progress.show(f"generating calibration text: {pos + 2}/{length} positions "
+                          f"x {n_seqs} sequences")
+    if progress:
+        progress.done()
+    return out.cpu().numpy()
+
+
+# =============================================================================================
+# 5. Weighted k-means
+#
+# Many independent problems of the same size (all channel groups of one layer's K or V) are
+# solved together as a batch: X (G, n, c), weights w (G, n), k centroids each.
+#   - k-means++ initialisation: D^2 sampling weighted by w (a point is drawn with probability
+#     proportional to w * squared distance to the nearest centroid so far);
+#   - Lloyd iterations: assignment to the nearest centroid, centroid = weighted mean of its
+#     points; stop when no assignment changes, or after `iters` updates;
+#   - distances ||x||^2 - 2 x.C + ||C||^2 via batched float32 matrix products, in chunks
+#     bounding the (G, chunk, k) distance block. The data are centred per group first so that
+#     the expansion does not lose precision to a large common offset;
+#   - Hamerly's bounds skip most of that work after the first iterations: per point, u = the
+#     distance to its own centroid (recomputed exactly, it is also the objective) and l = a
+#     lower bound on the distance to every other centroid (the second-nearest distance, minus
+#     the largest centroid move since). If u < l the assignment cannot change. Results are
+#     those of plain Lloyd iterations (up to float rounding on exact ties).
+#   - a cluster without points is re-seeded at the point with the largest weighted distance
+#     to its centroid (distinct points for several empty clusters; none if every point already
+#     sits on a centroid). A cluster whose points all have zero weight takes their plain mean
+#     (it does not matter for the objective).
+# Fewer distinct points than k just gives duplicate centroids; k > n is allowed.
+# =============================================================================================
+
+def _sample_rows(p, fallback, gen):
+    """One index per row of p (G, n), drawn with probability proportional to p (fallback
+    rows used where p sums to 0). Float64 cumulative sums; uniform numbers from `gen` (CPU)."""
+    cs = torch.cumsum(p, dim=1, dtype=torch.float64)
+    empty = cs[:, -1] <= 0
+    if bool(empty.any()):
+        cs = torch.where(empty[:, None], torch.cumsum(fallback, dim=1, dtype=torch.float64), cs)
+    u = torch.rand(p.shape[0], 1, generator=gen, dtype=torch.float64).to(p.device) * cs[:, -1:]
+    idx = torch.searchsorted(cs, u, right=True)[:, 0]
+    return idx.clamp_(max=p.shape[1] - 1)
+
+
+def _sqdist_to(Xt, y):
+    """Squared distances of the points Xt (G, c, n) to one point per group y (G, c) -> (G, n).
+    Channel-major so that the sum runs over whole rows (summing a tiny last dim is slow)."""
+    d = Xt - y[:, :, None]
+    return (d * d).sum(1)
+
+
+def kmeanspp_init(X, Xt, w, k, gen):
+    """k-means++ seeding, D^2 sampling weighted by w. X (G, n, c), Xt its (G, c, n) copy."""
+    G, n, c = X.shape
+    rows = torch.arange(G, device=X.device)
+    fallback = torch.where((w.sum(1) > 0)[:, None], w, torch.ones_like(w))
+    C = X.new_empty(G, k, c)
+    idx = _sample_rows(fallback, fallback, gen)
+    C[:, 0] = X[rows, idx]
+    D = _sqdist_to(Xt, C[:, 0])
+    for j in range(1, k):
+        idx = _sample_rows(w * D, fallback, gen)
+        C[:, j] = X[rows, idx]
+        torch.minimum(D, _sqdist_to(Xt, C[:, j]), out=D)
+    return C
+
+
+def _sqdist_own(Xt, C, a):
+    """Exact squared distance of every point to its own centroid: Xt (G, c, n), C (G, k, c),
+    a (G, n) -> (G, n)."""
+    G, c, n = Xt.shape
+    own = torch.gather(C.transpose(1, 2), 2, a[:, None, :].expand(G, c, n))
+    d = Xt - own
+    return (d * d).sum(1)
+
+
+def _nearest_two(X, C, chunk_elems=None):
+    """Nearest and second-nearest centroids by the expansion: X (G, m, c), C (G, k, c) ->
+    (index (G, m), d1 (G, m), d2 (G, m)) with d1/d2 = squared distance minus ||x||^2.
+    The (G, chunk, k) distance blocks hold about chunk_elems floats (default: 16 MB on the
+    CPU, where smaller blocks stay in cache; 512 MB on a GPU, to launch fewer kernels)."""
+    if chunk_elems is None:
+        chunk_elems = 1 << 22 if X.device.type == "cpu" else 1 << 27
+    G, m, c = X.shape
+    k = C.shape[1]
+    Ct = (-2.0 * C).transpose(1, 2).contiguous()  # (G, c, k)
+    Cn = (C * C).sum(-1)[:, None, :]                # (G, 1, k)
+    a = torch.empty(G, m, dtype=torch.long, device=X.device)
+    d1 = X.new_empty(G, m)
+    d2 = X.new_empty(G, m)
+    step = max(1, chunk_elems // max(1, G * k))
+    for s in range(0, m, step):
+        d = torch.baddbmm(Cn, X[:, s:s + step], Ct)  # ||C||^2 - 2 x.C
+        v1, i1 = d.min(-1)
+        a[:, s:s + step], d1[:, s:s + step] = i1, v1
+        if k > 1:
+            d.scatter_(-1, i1[..., None], float("inf"))
+            d2[:, s:s + step] = d.min(-1).values
+        else:
+            d2[:, s:s + step] = float("inf")
+    return a, d1, d2
+
+
+def _nearest_two_masked(X, x2, C, mask):
+    """_nearest_two for the points where mask (G, n) is true; returns flat (gi, ii, a, dist1,
+    dist2) with true distances (not squared) for those points. Each group's selected points are
+    packed to the front of a (G, max count, c) block so one batched product serves all."""
+    gi, ii = mask.nonzero(as_tuple=True)
+    counts = mask.sum(1)
+    M = int(counts.max())
+    rank = (torch.cumsum(mask.long(), dim=1) - 1)[gi, ii]
+    Xp = X.new_zeros(X.shape[0], M, X.shape[2])
+    Xp[gi, rank] = X[gi, ii]
+    a, d1, d2 = _nearest_two(Xp, C)
+    x2s = x2[gi, ii]
+    return (gi, ii, a[gi, rank], (d1[gi, rank] + x2s).clamp_(min=0).sqrt_(),
+            (d2[gi, rank] + x2s).clamp_(min=0).sqrt_())
+
+
+def _update_centroids(X, w, a, dist2, C_old):
+    """Weighted means of the clusters; empty clusters re-seeded (see the section comment)."""
+    G, n, c = X.shape
+    k = C_old.shape[1]
+    dev = X.device
+    flat = (a + k * torch.arange(G, device=dev)[:, None]).reshape(-1)
+    wd = w.double().reshape(-1)
+    wsum = torch.zeros(G * k, dtype=torch.float64, device=dev).index_add_(0, flat, wd)
+    sums = torch.zeros(G * k, c, dtype=torch.float64, device=dev).index_add_(
+        0, flat, X.double().reshape(-1, c) * wd[:, None])
+    count = torch.bincount(flat, minlength=G * k)
+    C = (sums / wsum.clamp(min=1e-300)[:, None]).to(X.dtype)
+    C = torch.where((wsum > 0)[:, None], C, C_old.reshape(-1, c))
+    zero_w = (wsum <= 0) & (count > 0)
+    if bool(zero_w.any()):  # clusters whose points all have zero weight: plain mean
+        psum = torch.zeros(G * k, c, dtype=torch.float64, device=dev).index_add_(
+            0, flat, X.double().reshape(-1, c))
+        pmean = (psum / count.clamp(min=1)[:, None]).to(X.dtype)
+        C = torch.where(zero_w[:, None], pmean, C)
+    C = C.reshape(G, k, c)
+    empty = (count == 0).reshape(G, k)
+    if bool(empty.any()):
+        m = min(int(empty.sum(1).max()), n)
+        score = w * dist2                               # weighted distance to own centroid
+        top_s, top_i = score.topk(m, dim=1)             # (G, m), best first
+        gi, ji = empty.nonzero(as_tuple=True)
+        r = (torch.cumsum(empty.long(), dim=1) - 1)[gi, ji] % m
+        ok = top_s[gi, r] > 0                           # nothing to gain from a zero score
+        gi, ji, r = gi[ok], ji[ok], r[ok]
+        C[gi, ji] = X[gi, top_i[gi, r]]
+    return C
+
+
+def kmeans_batched(X, w, k, iters=100, seed=0, progress=None):
+    """Weighted k-means on G independent problems at once.
+
+    X: (G, n, c) float tensor; w: (G, n) non-negative weights (or None: all 1).
+    Returns (C (G, k, c), a (G, n) long, history (t+1, G) float64), where history[0] is the
+    weighted objective sum_i w_i ||x_i - C[a_i]||^2 after the k-means++ initialisation and
+    history[j] after j Lloyd updates. `a` assigns every point to its nearest centroid in C.
+    progress: optional callable(iteration, n_changed) called after each update.
+    """
+    X = torch.as_tensor(X).float()
+    G, n, c = X.shape
+    dev = X.device
+    w = torch.ones(G, n, device=dev) if w is None else torch.as_tensor(w).float().to(dev)
+    gen = torch.Generator().manual_seed(int(seed))
+    mu = X.mean(1, keepdim=True)
+    X = X - mu                                           # centring: see the section comment
+    Xt = X.transpose(1, 2).contiguous()                  # (G, c, n) for elementwise work
+    x2 = (Xt * Xt).sum(1)
+    wd = w.double()
+
+    C = kmeanspp_init(X, Xt, w, k, gen)
+    a, d1, d2 = _nearest_two(X, C)
+    lower = (d2 + x2).clamp_(min=0).sqrt_()
+    dist2 = _sqdist_own(Xt, C, a)                        # exact squared distance to own
+    history = [(wd * dist2).sum(1)]
+    for it in range(iters):
+        C_new = _update_centroids(X, w, a, dist2, C)
+        shift = (C_new - C).norm(dim=-1).max(1).values  # largest centroid move per group
+        C = C_new
+        lower -= shift[:, None]
+        dist2 = _sqdist_own(Xt, C, a)
+        cand = dist2.sqrt() >= lower                    # may have a nearer centroid now
+        changed = 0
+        if bool(cand.any()):
+            gi, ii, a_new, _, l_new = _nearest_two_masked(X, x2, C, cand)
+            moved = a_new != a[gi, ii]
+            changed = int(moved.sum())
+            a[gi, ii] = a_new
+            lower[gi, ii] = l_new
+            if changed:
+                dist2 = _sqdist_own(Xt, C, a)
+        history.append((wd * dist2).sum(1))
+        if progress:
+            progress(it + 1, changed)
+        if changed == 0:
+            break
+    return C + mu, a, torch.stack(history)
+
+
+def weighted_kmeans(X, w, k, iters=100, seed=0):
+    """One weighted k-means problem: X (n, c), w (n,) or None -> (centroids (k, c) float32
+    numpy, assignments (n,) int64 numpy, objective history list of floats; see kmeans_batched)."""
+    X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+    w = None if w is None else torch.as_tensor(np.asarray(w, dtype=np.float32))[None]
+    C, a, hist = kmeans_batched(X[None], w, k, iters=iters, seed=seed)
+    return C[0].numpy(), a[0].numpy(), hist[:, 0].tolist()
+
+
+# =============================================================================================
+# 6. Centroid files ("CQCB" version 1, SPEC.md)
+# =============================================================================================
+
+CENT_MAGIC = 0x42435143  # bytes "CQCB"
+CENT_HEADER = 64
+CQ_ALIASES = {"cq4": (2, 8), "cq2": (4, 8), "cq1": (8, 8)}
+_CQ_RE = re.compile(r"cq(\d+)c(\d+)b")
+
+
+def parse_cq_type(name, head_size=None):
+    """'cq1' / 'cq2' / 'cq4' / 'cq<c>c<b>b' -> (c, b); checks c against head_size if given."""
+    if name in CQ_ALIASES:
+        c, b = CQ_ALIASES[name]
+    else:
+        m = _CQ_RE.fullmatch(name)
+        if not m:
+            raise ExportError(f"unknown CQ type '{name}' (expected cq1, cq2, cq4 or "
+                              "cq<c>c<b>b such as cq8c10b)")
+        c, b = int(m.group(1)), int(m.group(2))
+    if c < 1 or c & (c - 1):
+        raise ExportError(f"CQ type '{name}': c = {c} channels per group must be a power of two")
+    if not 1 <= b <= 16:
+        raise ExportError(f"CQ type '{name}': b = {b} bits per code must be in 1..16")
+    if head_size is not None and head_size % c:
+        raise ExportError(f"CQ type '{name}': c = {c} does not divide head_size {head_size}")
+    return c, b
+
+
+def default_centroid_path(checkpoint, c, b, uniform=False):
+    """Checkpoint path minus its extension, plus '.<c>c<b>b.cent' or '.<c>c<b>b.uniform.cent'."""
+    base = os.path.splitext(checkpoint)[0]
+    return f"{base}.{c}c{b}b{'.uniform' if uniform else ''}.cent"
+
+
+def write_centroids(path, codebooks, n_kv_heads, head_size, weighting, n_tokens, fingerprint):
+    """codebooks: (n_layers, 2, n_groups, 2^b, c) float32; weighting 1 = Fisher, 0 = uniform."""
+    cb = np.ascontiguousarray(codebooks, dtype="<f4")
+    L, two, G, K, c = cb.shape
+    b = K.bit_length() - 1
+    if two != 2 or K != 1 << b or G * c != n_kv_heads * head_size:
+        raise ValueError(f"bad codebook shape {cb.shape}")
+    head = struct.pack("<Ii6iqQ", CENT_MAGIC, 1, L, n_kv_heads, head_size, c, b,
+                       int(weighting), int(n_tokens), int(fingerprint) % (1 << 64))
+    with open(path, "wb") as f:
+        f.write(head + bytes(CENT_HEADER - len(head)))
+        f.write(cb.tobytes())
+
+
+def read_centroids(path):
+    """-> (header dict, codebooks float32 (n_layers, 2, n_groups, 2^b, c)); checks the size."""
+    size = file_size(path, "centroid file")
+    with open(path, "rb") as f:
+        data = f.read()
+    if size < CENT_HEADER:
+        raise ExportError(f"centroid file '{path}' is too small")
+    magic, version, L, kvh, hs, c, b, weighting, n_tokens, fp = \
+        struct.unpack_from("<Ii6iqQ", data, 0)
+    if magic != CENT_MAGIC or version != 1:
+        raise ExportError(f"'{path}' is not a CQCB version 1 centroid file")
+    if min(L, kvh, hs, c) <= 0 or hs % c or not 1 <= b <= 16:
+        raise ExportError(f"centroid file '{path}': bad header")
+    G = kvh * hs // c
+    shape = (L, 2, G, 1 << b, c)
+    if size != CENT_HEADER + 4 * int(np.prod(shape)):
+        raise ExportError(f"centroid file '{path}' has {size} bytes, its header implies "
+                          f"{CENT_HEADER + 4 * int(np.prod(shape))}")
+    header = dict(magic=magic, version=version, n_layers=L, n_kv_heads=kvh, head_size=hs,
+                  c=c, b=b, weighting=weighting, n_tokens=n_tokens, fingerprint=fp)
+    cb = np.frombuffer(data, dtype="<f4", offset=CENT_HEADER).reshape(shape).astype(np.float32)
+    return header, cb
+
+
+# =============================================================================================
+# 7. The centroids command
+# =============================================================================================
+
+def calibration_sequences_from_text(path, tokenizer, cfg, n_seqs, length, ids=False):
+    """n_seqs sequences of `length` tokens: BOS + consecutive chunks of length-1 tokens of the
+    text's token stream (the whole text encoded as one string: one dummy prefix, at its start;
+    only the prefix that is needed is encoded). Fewer if the text is too short (said on
+    stderr). ids=True: the file holds whitespace-separated token ids instead."""
+    size = file_size(path, "calibration text")
+    need = n_seqs * (length - 1)
+    with open(path, "rb") as f:
+        data = f.read()
+    if ids:
+        try:
+            stream = [int(t) for t in data.split()[:need]]
+        except ValueError:
+            raise ExportError(f"'{path}' should hold whitespace-separated token ids") from None
+        bad = [t for t in stream if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ExportError(f"'{path}': token id {bad[0]} outside the vocabulary")
+    else:
+        stream = []
+        for t in tokenizer.iter_encode(data, bos=False):
+            stream.append(t)
+            if len(stream) >= need:
+                break
+    if not stream:
+        raise ExportError(f"calibration text '{path}' gives no tokens")
+    chunk = length - 1
+    n_full = len(stream) // chunk
+    if n_full >= n_seqs:
+        seqs = [stream[i * chunk:(i + 1) * chunk] for i in range(n_seqs)]
+    elif n_full > 0:
+        log(f"note: calibration text '{path}' ({size} bytes) gives only {len(stream)} tokens: "
+            f"using {n_full} sequences of {length} tokens instead of {n_seqs}")
+        seqs = [stream[i * chunk:(i + 1) * chunk] for i in range(n_full)]
+    else:
+        log(f"note: calibration text '{path}' gives only {len(stream)} tokens: using one "
+            f"sequence of {len(stream) + 1} tokens")
+        seqs = [stream]
+    return [np.array([cfg.bos_id] + s, dtype=np.int64) for s in seqs]
+
+
+def learn_codebooks(acts, g2, cfg, c, b, iters, seed, tag, progress):
+    """Learns (n_layers, 2, n_groups, 2^b, c) codebooks from activations (n_layers, 2, N,
+    kv_dim) and squared grads (same shape, or None for uniform weights).
+
+    Returns (codebooks, stats); stats sums over layers and groups, for K [0] and V [1]:
+    "obj" the final weighted objective sum w ||x - C[a]||^2, "wvar" the weighted total
+    variance sum w ||x - weighted mean||^2, "sse" and "var" the same unweighted, and "iters"
+    the Lloyd iteration counts of every (layer, K/V).
+    """
+    L, _, N, kvd = acts.shape
+    G, K = kvd // c, 1 << b
+    out = np.empty((L, 2, G, K, c), dtype=np.float32)
+    stats = {"obj": [0.0, 0.0], "wvar": [0.0, 0.0], "sse": [0.0, 0.0], "var": [0.0, 0.0],
+             "iters": []}
+    for l in range(L):
+        for kv in range(2):
+            X = acts[l, kv].reshape(N, G, c).transpose(0, 1).contiguous()  # (G, N, c)
+            w = None if g2 is None else group_weights(g2[l, kv], c).T.contiguous()  # (G, N)
+            name = "KV"[kv]
+
+            def report(it, changed):
+                progress.show(f"[{tag}] layer {l + 1}/{L} {name}: iteration {it}/{iters}, "
+                              f"{changed} assignments changed")
+
+            progress.show(f"[{tag}] layer {l + 1}/{L} {name}: k-means++ init")
+            C, a, hist = kmeans_batched(X, w, K, iters=iters, seed=seed, progress=report)
+            out[l, kv] = C.cpu().numpy()
+            Xd = X.double()
+            ww = torch.ones_like(Xd[..., 0]) if w is None else w.double()
+            wmean = (ww[..., None] * Xd).sum(1, keepdim=True) / ww.sum(1)[:, None, None]
+            err = ((Xd - C.double()[torch.arange(G, device=X.device)[:, None], a]) ** 2).sum(-1)
+            stats["obj"][kv] += float(hist[-1].sum())
+            stats["wvar"][kv] += float((ww * ((Xd - wmean) ** 2).sum(-1)).sum())
+            stats["sse"][kv] += float(err.sum())
+            stats["var"][kv] += float(((Xd - Xd.mean(1, keepdim=True)) ** 2).sum())
+            stats["iters"].append(len(hist) - 1)
+    progress.done()
+    return out, stats
+
+
+def _ratio(x, y):
+    return x / y if y > 0 else 0.0
+
+
+def cmd_centroids(args):
+    t_start = time.time()
+    # check the type spellings before any work
+    types = []
+    for name in ",".join(args.types or ["cq1,cq2,cq4"]).split(","):
+        name = name.strip()
+        if name and name not in [t[0] for t in types]:
+            types.append((name,) + parse_cq_type(name))
+    if not types:
+        raise ExportError("no CQ type given (--types cq1,cq2,cq4)")
+    if args.iters < 0 or args.seqs < 1 or args.seq_len < 2:
+        raise ExportError("--iters must be >= 0, --seqs >= 1 and --seq-len >= 2")
+    if args.self_tokens is not None and args.self_tokens < 2:
+        raise ExportError("--self needs at least 2 tokens")
+    if args.calib is not None and not args.ids and args.tokenizer is None:
+        raise ExportError("--calib TEXTFILE needs the tokenizer (-z TOKENIZER)")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise ExportError(f"device '{args.device}' requested but torch sees no CUDA device")
+
+    cfg, weights = load_checkpoint(args.checkpoint)
+    for name, c, b in types:
+        parse_cq_type(name, cfg.head_size)
+
+    # output paths (checked before the long work)
+    outputs = []
+    for name, c, b in types:
+        default = default_centroid_path(args.checkpoint, c, b, args.uniform)
+        if args.output is None:
+            path = default
+        elif os.path.isdir(args.output) or args.output.endswith(os.sep):
+            if not os.path.isdir(args.output):
+                raise ExportError(f"output directory '{args.output}' does not exist")
+            path = os.path.join(args.output, os.path.basename(default))
+        else:
+            if len(types) > 1:
+                raise ExportError("-o names a file but several types are requested: give a "
+                                  "directory or one type")
+            parent = os.path.dirname(args.output) or "."
+            if not os.path.isdir(parent):
+                raise ExportError(f"output directory '{parent}' does not exist")
+            path = args.output
+        if not os.access(os.path.dirname(path) or ".", os.W_OK):
+            raise ExportError(f"cannot write '{path}': directory not writable (choose another "
+                              "with -o)")
+        outputs.append(path)
+
+    length = min(args.seq_len, cfg.seq_len)
+    model = TorchLlama(cfg, weights, dtype=torch.float32, device=args.device)
+    progress = PROGRESS
+    progress.enabled = not args.quiet
+
+    # calibration tokens
+    t0 = time.time()
+    if args.self_tokens is not None:
+        n_seqs = -(-args.self_tokens // length)  # the last one shorter if need be
+        gen = generate(model, n_seqs, min(length, args.self_tokens), seed=args.seed,
+                       progress=progress)
+        seqs = [row for row in gen]
+        seqs[-1] = seqs[-1][:args.self_tokens - (n_seqs - 1) * length]
+        if len(seqs[-1]) < 2:
+            seqs.pop()
+        source = f"--self: sampled from the model (temperature 1, seed {args.seed})"
+    else:
+        tok = None if args.ids else Tokenizer(args.tokenizer, cfg.vocab_size)
+        if tok is not None and cfg.tokenizer_kind != 0:
+            raise ExportError("this checkpoint uses tokenizer kind "
+                              f"{cfg.tokenizer_kind} (GPT-2 byte-level BPE), which export.py "
+                              "cannot encode yet: use --ids with pre-tokenized ids, or --self")
+        seqs = calibration_sequences_from_text(args.calib, tok, cfg, args.seqs, length,
+                                               ids=args.ids)
+        source = f"{args.calib}"
+    n_tokens = sum(len(s) for s in seqs)
+    t_tok = time.time() - t0
+    log(f"calibration: {len(seqs)} sequences, {n_tokens} tokens ({source}), {t_tok:.1f} s")
+
+    # activations (and gradients) once for all types
+    t0 = time.time()
+    fisher = not args.uniform
+    acts, g2 = collect_kv(model, seqs, fisher=fisher, progress=progress)
+    del model
+    t_act = time.time() - t0
+    log(f"activations{' + Fisher gradients' if fisher else ''}: {cfg.n_layers} layers x "
+        f"{n_tokens} tokens x kv_dim {cfg.kv_dim}, {t_act:.1f} s")
+    if args.device != "cpu":
+        acts = acts.to(args.device)
+        g2 = g2.to(args.device) if g2 is not None else None
+
+    fp = model_fingerprint(weights["wk"])
+    for (name, c, b), path in zip(types, outputs):
+        t0 = time.time()
+        cb, st = learn_codebooks(acts, g2, cfg, c, b, args.iters, args.seed, name, progress)
+        try:
+            write_centroids(path, cb, cfg.n_kv_heads, cfg.head_size, 0 if args.uniform else 1,
+                            n_tokens, fp)
+        except OSError as e:
+            raise ExportError(f"cannot write '{path}': {e.strerror}") from None
+        dt = time.time() - t0
+        it = st["iters"]
+        print(f"{name} ({c}c{b}b, {'uniform' if args.uniform else 'Fisher'}): "
+              f"weighted objective K {st['obj'][0]:.5g} V {st['obj'][1]:.5g}, relative to the "
+              f"weighted variance K {_ratio(st['obj'][0], st['wvar'][0]):.4f} "
+              f"V {_ratio(st['obj'][1], st['wvar'][1]):.4f}; plain relative MSE "
+              f"K {_ratio(st['sse'][0], st['var'][0]):.4f} "
+              f"V {_ratio(st['sse'][1], st['var'][1]):.4f}; Lloyd iterations "
+              f"{min(it)}..{max(it)} (mean {sum(it) / len(it):.0f}); {dt:.1f} s -> {path}",
+              flush=True)
+    print(f"total {time.time() - t_start:.1f} s (calibration tokens {t_tok:.1f} s, "
+          f"activations {t_act:.1f} s)", flush=True)
+
+
+# =============================================================================================
+# 8. Command line
+# =============================================================================================
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one "error: ..." line (argparse would print the usage first)
+        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
+
+
+def build_parser():
+    p = _Parser(prog="export.py", description="Offline tools for the CQ KV-cache project.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    c = sub.add_parser(
+        "centroids", help="learn CQ centroid files from calibration activations",
+        description="Learn CQ codebooks (SPEC.md 'CQCB' files) for the given CQ types from "
+        "the pre-RoPE keys and values of every layer on calibration tokens, with Fisher "
+        "(squared-gradient) weights unless --uniform.")
+    c.add_argument("checkpoint", help="model checkpoint (CQKV or llama2.c format)")
+    c.add_argument("-z", "--tokenizer", help="tokenizer.bin (needed with --calib text)")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--calib", metavar="TEXTFILE", help="calibration text file")
+    src.add_argument("--self", dest="self_tokens", metavar="N", type=int,
+                     help="calibrate on N tokens sampled from the model itself (temperature "
+                     "1 from BOS, seed --seed, sequences of min(--seq-len, seq_len) tokens)")
+    c.add_argument("--ids", action="store_true",
+                   help="the --calib file holds whitespace-separated token ids (no tokenizer)")
+    c.add_argument("--types", action="append", default=None, metavar="LIST",
+                   help="comma-separated CQ types: cq1 (8c8b), cq2 (4c8b), cq4 (2c8b) or "
+                   "cq<c>c<b>b such as cq8c10b (default cq1,cq2,cq4)")
+    c.add_argument("--uniform", action="store_true",
+                   help="plain k-means (all weights 1) instead of Fisher-guided")
+    c.add_argument("--seqs", type=int, default=16, help="calibration sequences (16)")
+    c.add_argument("--seq-len", type=int, default=2048,
+                   help="tokens per sequence, capped at the model's seq_len (2048)")
+    c.add_argument("--iters", type=int, default=100, help="max Lloyd iterations (100)")
+    c.add_argument("--seed", type=int, default=0, help="seed for k-means++ and --self (0)")
+    c.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
+    c.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (1: on the shared 2-core machine a second "
+                   "thread gained little and sometimes slowed things down badly)")
+    c.add_argument("-o", "--output", metavar="OUTDIR_OR_FILE",
+                   help="output directory (default names inside) or file (one type only); "
+                   "default: next to the checkpoint")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
+    c.set_defaults(func=cmd_centroids)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(max(1, args.threads))
+    try:
+        args.func(args)
+    except ExportError as e:
+        PROGRESS.done()
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        PROGRESS.done()
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
