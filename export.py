@@ -5,6 +5,13 @@ Run it with the system interpreter, which has numpy and torch (the pyenv python3
 
   /usr/bin/python3 export.py centroids CHECKPOINT -z TOKENIZER --calib TEXTFILE [options]
   /usr/bin/python3 export.py centroids CHECKPOINT --self N [options]
+  .venv/bin/python export.py model SRC -o MODEL.bin       (GGUF sources need .venv's gguf)
+  .venv/bin/python export.py tokenizer SRC -o TOKENIZER.bin
+
+model: converts a GGUF file (LLaMA architecture; F32/F16/Q8_0/Q4_0/Q4_1... tensors), a Hugging
+Face directory, a Meta directory or a llama2.c file to a float32 CQKV checkpoint (section 7).
+tokenizer: writes run.c's tokenizer file from a sentencepiece .model, a tokenizer.json or the
+metadata of a GGUF file; byte-level BPE vocabularies get the merge and Unicode tables run.c needs.
 
 centroids: learns CQ codebooks, one "CQCB" file (SPEC.md) per CQ type, from calibration
 activations: the PRE-RoPE keys and the values of every layer, in the checkpoint's interleaved
@@ -48,6 +55,7 @@ The file is organised in sections (tests import the functions):
 """
 
 import argparse
+import json
 import heapq
 import math
 import os
@@ -989,7 +997,517 @@ def read_centroids(path):
 
 
 # =============================================================================================
-# 7. The centroids command
+# 7. Converting checkpoints and tokenizers (the model and tokenizer commands)
+#
+# Sources: GGUF files of LLaMA-architecture models (F32/F16/Q8_0/Q4_0/Q4_1... dequantized by
+# the `gguf` package), Hugging Face directories (config.json + *.safetensors or
+# pytorch_model*.bin), Meta's consolidated.*.pth + params.json, llama2.c files. Everything is
+# written as a float32 CQKV checkpoint.
+#
+# q/k row order: RoPE rotates pairs. Meta's checkpoints, llama2.c and GGUF (llama.cpp permutes
+# on conversion) pair channels (2i, 2i+1) of a head; Hugging Face pairs (i, i + hs/2)
+# ("rotate-half"). Within a head, HF channel j < hs/2 is our 2j and HF channel hs/2 + j is our
+# 2j + 1, so HF rows are reordered with hf_to_interleaved() below; the tests check it against
+# a forward pass written directly in the rotate-half convention.
+# =============================================================================================
+
+def hf_to_interleaved(w, n_heads, head_size):
+    """Rows of a q or k projection from HF's rotate-half layout to the interleaved one."""
+    w = np.asarray(w, dtype=np.float32)
+    return w.reshape(n_heads, 2, head_size // 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
+
+
+def interleaved_to_hf(w, n_heads, head_size):
+    """The inverse of hf_to_interleaved (used to load our weights into transformers)."""
+    w = np.asarray(w, dtype=np.float32)
+    return w.reshape(n_heads, head_size // 2, 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
+
+
+def _stack(tensors, L, name):
+    return np.stack([np.asarray(tensors(name.format(l)), dtype=np.float32) for l in range(L)])
+
+
+def _need(mapping, key, what):
+    if key not in mapping:
+        raise ExportError(f"{what}: '{key}' is missing")
+    return mapping[key]
+
+
+def _gguf_field(reader, name, default=None):
+    import gguf
+    f = reader.fields.get(name)
+    if f is None:
+        return default
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        if f.types[1] == gguf.GGUFValueType.STRING:
+            return [bytes(f.parts[i]) for i in f.data]
+        return [f.parts[i][0].item() for i in f.data]
+    if f.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(f.parts[f.data[0]]).decode("utf-8")
+    return f.parts[f.data[0]][0].item()
+
+
+def _open_gguf(path):
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("reading GGUF files needs the 'gguf' package (make deps installs it "
+                          "into .venv; run export.py with .venv/bin/python)") from None
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, struct.error) as e:
+        raise ExportError(f"'{path}' is not a readable GGUF file: {e}") from None
+
+
+def chat_template_kind(template):
+    """0: Llama-2 [INST] (also the default), 1: ChatML."""
+    return 1 if template and "<|im_start|>" in template else 0
+
+
+def convert_gguf(path, seq_len=None):
+    import gguf
+    from gguf.quants import dequantize
+    r = _open_gguf(path)
+    arch = _gguf_field(r, "general.architecture")
+    if arch != "llama":
+        raise ExportError(f"'{path}': architecture '{arch}' is not LLaMA")
+    tensors = {t.name: t for t in r.tensors}
+
+    def get(name):
+        t = _need(tensors, name, f"GGUF '{path}'")
+        try:
+            a = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ExportError(f"'{path}': tensor {name} has type {t.tensor_type.name}, "
+                              "which the gguf package cannot dequantize") from None
+        return np.asarray(a, dtype=np.float32).reshape(list(reversed(t.shape.tolist())))
+
+    field = lambda n, d=None: _gguf_field(r, "llama." + n, d)  # noqa: E731
+    n_heads, dim = field("attention.head_count"), field("embedding_length")
+    tokens = _gguf_field(r, "tokenizer.ggml.tokens") or []
+    cfg = Config(dim=dim, hidden_dim=field("feed_forward_length"), n_layers=field("block_count"),
+                 n_heads=n_heads, n_kv_heads=field("attention.head_count_kv", n_heads),
+                 vocab_size=len(tokens) or field("vocab_size"),
+                 seq_len=seq_len or field("context_length", 2048),
+                 head_size=field("rope.dimension_count", dim // n_heads),
+                 rope_theta=float(field("rope.freq_base", 10000.0)),
+                 norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
+                 bos_id=_gguf_field(r, "tokenizer.ggml.bos_token_id", 1),
+                 eos_id=_gguf_field(r, "tokenizer.ggml.eos_token_id", 2),
+                 shared_classifier=int("output.weight" not in tensors),
+                 tokenizer_kind=int(_gguf_field(r, "tokenizer.ggml.model") == "gpt2"),
+                 chat_template=chat_template_kind(_gguf_field(r, "tokenizer.chat_template")))
+    L = cfg.n_layers
+    w = {"token_embedding": get("token_embd.weight"), "final_norm": get("output_norm.weight")}
+    names = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
+             "wo": "attn_output", "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down",
+             "w3": "ffn_up"}
+    for ours, theirs in names.items():
+        w[ours] = np.stack([get(f"blk.{l}.{theirs}.weight") for l in range(L)])
+        PROGRESS.show(f"reading {theirs}")
+    w["classifier"] = w["token_embedding"] if cfg.shared_classifier else get("output.weight")
+    return cfg, w
+
+
+def _read_safetensors(path):
+    """name -> float32 array from a .safetensors file (F32, F16, BF16), without the package."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        base = 8 + n
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        raw = np.asarray(data[base + a:base + b])
+        dtype = info["dtype"]
+        if dtype == "F32":
+            x = raw.view("<f4")
+        elif dtype == "F16":
+            x = raw.view("<f2").astype(np.float32)
+        elif dtype == "BF16":
+            x = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            raise ExportError(f"'{path}': tensor {name} has dtype {dtype} (F32, F16, BF16 read)")
+        out[name] = x.reshape(info["shape"])
+    return out
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except TypeError:  # torch without weights_only
+        return torch.load(path, map_location="cpu")
+
+
+def convert_hf(directory, seq_len=None):
+    cfg_path = os.path.join(directory, "config.json")
+    try:
+        with open(cfg_path) as f:
+            hc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read '{cfg_path}': {e}") from None
+    tensors = {}
+    files = sorted(os.listdir(directory))
+    for name in files:
+        if name.endswith(".safetensors"):
+            tensors.update(_read_safetensors(os.path.join(directory, name)))
+    if not tensors:
+        for name in files:
+            if name.startswith("pytorch_model") and name.endswith(".bin"):
+                tensors.update({k: v.float().numpy() for k, v in _torch_load(os.path.join(directory, name)).items()})
+    if not tensors:
+        raise ExportError(f"'{directory}' has neither *.safetensors nor pytorch_model*.bin")
+    H = _need(hc, "num_attention_heads", cfg_path)
+    D = _need(hc, "hidden_size", cfg_path)
+    eos = hc.get("eos_token_id", 2)
+    template = None
+    tk_path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(tk_path):
+        with open(tk_path) as f:
+            template = json.load(f).get("chat_template")
+    tok_json = os.path.join(directory, "tokenizer.json")
+    byte_level = os.path.exists(tok_json) and "ByteLevel" in open(tok_json, encoding="utf-8").read()
+    cfg = Config(dim=D, hidden_dim=_need(hc, "intermediate_size", cfg_path),
+                 n_layers=_need(hc, "num_hidden_layers", cfg_path), n_heads=H,
+                 n_kv_heads=hc.get("num_key_value_heads") or H,
+                 vocab_size=_need(hc, "vocab_size", cfg_path),
+                 seq_len=seq_len or hc.get("max_position_embeddings", 2048),
+                 head_size=hc.get("head_dim") or D // H,
+                 rope_theta=float(hc.get("rope_theta", 10000.0)),
+                 norm_eps=float(hc.get("rms_norm_eps", 1e-5)),
+                 bos_id=hc.get("bos_token_id", 1) if hc.get("bos_token_id") is not None else 1,
+                 eos_id=(eos[0] if isinstance(eos, list) else eos) if eos is not None else 2,
+                 shared_classifier=int(bool(hc.get("tie_word_embeddings", False)) or "lm_head.weight" not in tensors),
+                 tokenizer_kind=int(byte_level), chat_template=chat_template_kind(template))
+    if hc.get("rope_scaling"):
+        log("warning: rope_scaling in config.json is ignored (plain RoPE)")
+    g = lambda n: _need(tensors, n, f"'{directory}'")  # noqa: E731
+    L, hs = cfg.n_layers, cfg.head_size
+    p = "model.layers.{}."
+    w = {"token_embedding": g("model.embed_tokens.weight"), "final_norm": g("model.norm.weight"),
+         "attn_norm": _stack(g, L, p + "input_layernorm.weight"),
+         "wq": np.stack([hf_to_interleaved(g(p.format(l) + "self_attn.q_proj.weight"), cfg.n_heads, hs) for l in range(L)]),
+         "wk": np.stack([hf_to_interleaved(g(p.format(l) + "self_attn.k_proj.weight"), cfg.n_kv_heads, hs) for l in range(L)]),
+         "wv": _stack(g, L, p + "self_attn.v_proj.weight"), "wo": _stack(g, L, p + "self_attn.o_proj.weight"),
+         "ffn_norm": _stack(g, L, p + "post_attention_layernorm.weight"),
+         "w1": _stack(g, L, p + "mlp.gate_proj.weight"), "w2": _stack(g, L, p + "mlp.down_proj.weight"),
+         "w3": _stack(g, L, p + "mlp.up_proj.weight")}
+    w["classifier"] = w["token_embedding"] if cfg.shared_classifier else g("lm_head.weight")
+    return cfg, {k: np.asarray(v, dtype=np.float32) for k, v in w.items()}
+
+
+def convert_meta(directory, seq_len=None):
+    params_path = os.path.join(directory, "params.json")
+    try:
+        with open(params_path) as f:
+            pj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read '{params_path}': {e}") from None
+    shards = sorted(n for n in os.listdir(directory) if n.startswith("consolidated.") and n.endswith(".pth"))
+    if not shards:
+        raise ExportError(f"'{directory}' has no consolidated.*.pth")
+    parts = [_torch_load(os.path.join(directory, n)) for n in shards]
+
+    def g(name):  # model-parallel shards: rows split for column-parallel, columns for row-parallel
+        xs = [_need(p, name, f"'{directory}'").float().numpy() for p in parts]
+        if len(xs) == 1 or xs[0].ndim == 1:
+            return xs[0]
+        axis = 1 if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")) else 0
+        return np.concatenate(xs, axis=axis)
+
+    H, D = pj["n_heads"], pj["dim"]
+    emb = g("tok_embeddings.weight")
+    w1 = g("layers.0.feed_forward.w1.weight")
+    cfg = Config(dim=D, hidden_dim=w1.shape[0], n_layers=pj["n_layers"], n_heads=H,
+                 n_kv_heads=pj.get("n_kv_heads") or H, vocab_size=emb.shape[0],
+                 seq_len=seq_len or pj.get("max_seq_len", 2048), head_size=D // H,
+                 rope_theta=float(pj.get("rope_theta", 10000.0)), norm_eps=float(pj.get("norm_eps", 1e-5)))
+    L = cfg.n_layers
+    w = {"token_embedding": emb, "final_norm": g("norm.weight"), "classifier": g("output.weight")}
+    for ours, theirs in {"attn_norm": "attention_norm", "wq": "attention.wq", "wk": "attention.wk",
+                         "wv": "attention.wv", "wo": "attention.wo", "ffn_norm": "ffn_norm",
+                         "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}.items():
+        w[ours] = np.stack([g(f"layers.{l}.{theirs}.weight") for l in range(L)])
+    cfg.shared_classifier = int(np.array_equal(w["classifier"], w["token_embedding"]))
+    return cfg, {k: np.asarray(v, dtype=np.float32) for k, v in w.items()}
+
+
+def detect_source(src):
+    if os.path.isdir(src):
+        if os.path.exists(os.path.join(src, "config.json")):
+            return "hf"
+        if os.path.exists(os.path.join(src, "params.json")):
+            return "meta"
+        raise ExportError(f"'{src}': a directory without config.json (Hugging Face) or params.json (Meta)")
+    with open(src, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return "gguf"
+    return "llama2c"
+
+
+def cmd_model(args):
+    t0 = time.time()
+    kind = args.source or detect_source(args.src) if os.path.exists(args.src) else None
+    if kind is None:
+        raise ExportError(f"cannot open '{args.src}': no such file or directory")
+    convert = {"gguf": convert_gguf, "hf": convert_hf, "meta": convert_meta,
+               "llama2c": lambda p, seq_len=None: load_checkpoint(p)}[kind]
+    cfg, w = convert(args.src, seq_len=args.seq_len) if kind != "llama2c" else convert(args.src)
+    if args.seq_len:
+        cfg.seq_len = args.seq_len
+    if args.tokenizer_kind is not None:
+        cfg.tokenizer_kind = args.tokenizer_kind
+    if args.chat_template is not None:
+        cfg.chat_template = args.chat_template
+    _check_config(cfg, args.src)
+    PROGRESS.show(f"writing {args.output}")
+    write_checkpoint(args.output, cfg, w, fmt="cqkv")
+    PROGRESS.done()
+    log(f"{args.output}: {kind} -> CQKV, dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.n_kv_heads} "
+        f"heads of {cfg.head_size}, vocab {cfg.vocab_size}, context {cfg.seq_len}, theta {cfg.rope_theta:g}, "
+        f"tokenizer kind {cfg.tokenizer_kind}, chat template {cfg.chat_template} ({time.time() - t0:.1f} s)")
+
+
+# ---- tokenizers ----------------------------------------------------------------------------
+
+def _byte_level_alphabet():
+    """GPT-2's map from bytes to the printable characters byte-level vocabularies are written in."""
+    keep = list(range(0x21, 0x7F)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+# Unicode's White_Space property (what \s matches in the regex engines of HF tokenizers).
+_WHITE_SPACE = [(0x9, 0xD), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680),
+                (0x2000, 0x200A), (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F),
+                (0x3000, 0x3000)]
+
+
+def unicode_class_ranges():
+    """(first, last, class) ranges: 1 letters (L*), 2 numbers (N*), 3 white space."""
+    import unicodedata
+    space = set()
+    for a, b in _WHITE_SPACE:
+        space.update(range(a, b + 1))
+    ranges = []
+    for cp in range(0x110000):
+        cat = unicodedata.category(chr(cp))
+        cls = 3 if cp in space else 1 if cat[0] == "L" else 2 if cat[0] == "N" else 0
+        if cls == 0:
+            continue
+        if ranges and ranges[-1][2] == cls and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp, cls])
+    return ranges
+
+
+def write_byte_level_tokenizer(path, pieces, merges, specials, pretokenizer):
+    """run.c's byte-level BPE file: llama2.c's layout (scores 0) plus the "BPE1" tables."""
+    write_tokenizer(path, pieces, [0.0] * len(pieces))
+    ranges = unicode_class_ranges()
+    with open(path, "ab") as f:
+        f.write(struct.pack("<Iii", 0x31455042, pretokenizer, len(merges)))
+        f.write(np.asarray(merges, dtype="<i4").reshape(-1).tobytes())
+        f.write(struct.pack("<i", len(specials)) + np.asarray(specials, dtype="<i4").tobytes())
+        f.write(struct.pack("<i", len(ranges)))
+        for a, b, c in ranges:
+            f.write(struct.pack("<IIi", a, b, c))
+
+
+def _byte_level_pieces(tokens, special):
+    """Vocabulary strings (GPT-2 alphabet) -> raw bytes; special tokens stay as written."""
+    alphabet = _byte_level_alphabet()
+    out = []
+    for i, t in enumerate(tokens):
+        if i in special or any(ch not in alphabet for ch in t):
+            out.append(t.encode("utf-8"))
+        else:
+            out.append(bytes(alphabet[ch] for ch in t))
+    return out
+
+
+def _merge_ids(merges, index, where):
+    out = []
+    for m in merges:
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        if a not in index or b not in index:
+            raise ExportError(f"{where}: merge '{a} {b}' names a token outside the vocabulary")
+        out.append((index[a], index[b]))
+    return out
+
+
+def _llama2c_pieces(tokens, bos_id, eos_id):
+    """Sentencepiece pieces as llama2.c's tokenizer export writes them: the word-boundary mark
+    becomes a space, BOS and EOS become "\\n<s>\\n" and "\\n</s>\\n"."""
+    out = []
+    for i, t in enumerate(tokens):
+        if i == bos_id:
+            t = "\n<s>\n"
+        elif i == eos_id:
+            t = "\n</s>\n"
+        out.append(t.replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+def tokenizer_from_gguf(path, out):
+    r = _open_gguf(path)
+    model = _gguf_field(r, "tokenizer.ggml.model")
+    tokens = [t.decode("utf-8") for t in _gguf_field(r, "tokenizer.ggml.tokens") or []]
+    if not tokens:
+        raise ExportError(f"'{path}' has no tokenizer.ggml.tokens")
+    if model == "llama":
+        scores = _gguf_field(r, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+        pieces = _llama2c_pieces(tokens, _gguf_field(r, "tokenizer.ggml.bos_token_id", 1),
+                                 _gguf_field(r, "tokenizer.ggml.eos_token_id", 2))
+        write_tokenizer(out, pieces, scores)
+        return "sentencepiece", len(pieces)
+    if model == "gpt2":
+        types = _gguf_field(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
+        special = [i for i, t in enumerate(types) if t in (3, 4)]  # CONTROL, USER_DEFINED
+        index = {t: i for i, t in enumerate(tokens)}
+        merges = _merge_ids([m.decode("utf-8") for m in _gguf_field(r, "tokenizer.ggml.merges") or []], index, path)
+        pre = _gguf_field(r, "tokenizer.ggml.pre", "gpt2")
+        if pre not in ("gpt2", "smollm", "starcoder", "default"):
+            raise ExportError(f"'{path}': pre-tokenizer '{pre}' is not implemented (gpt2, smollm, starcoder are)")
+        write_byte_level_tokenizer(out, _byte_level_pieces(tokens, set(special)), merges, special,
+                                   1 if pre in ("smollm", "starcoder") else 0)
+        return "byte-level BPE (%s)" % pre, len(tokens)
+    raise ExportError(f"'{path}': tokenizer model '{model}' is not supported (llama, gpt2 are)")
+
+
+def tokenizer_from_hf_json(path, out):
+    try:
+        with open(path, encoding="utf-8") as f:
+            tj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read '{path}': {e}") from None
+    m = tj.get("model") or {}
+    if m.get("type") != "BPE":
+        raise ExportError(f"'{path}': model type {m.get('type')} (only BPE is supported)")
+    vocab = dict(m["vocab"])
+    for a in tj.get("added_tokens", []):
+        vocab.setdefault(a["content"], a["id"])
+    n = max(vocab.values()) + 1
+    tokens = [""] * n
+    for t, i in vocab.items():
+        tokens[i] = t
+    index = {t: i for i, t in enumerate(tokens)}
+    merges = _merge_ids(m.get("merges", []), index, path)
+    pre = json.dumps(tj.get("pre_tokenizer"))
+    if "ByteLevel" in pre:
+        special = sorted(a["id"] for a in tj.get("added_tokens", []) if a.get("special"))
+        write_byte_level_tokenizer(out, _byte_level_pieces(tokens, set(special)), merges, special,
+                                   1 if '"Digits"' in pre else 0)
+        return "byte-level BPE", n
+    # sentencepiece-style BPE (Llama 2's tokenizer.json): rank order becomes the score
+    scores = [0.0] * n
+    for rank, (a, b) in enumerate(merges):
+        merged = index.get(tokens[a] + tokens[b])
+        if merged is not None and scores[merged] == 0.0:
+            scores[merged] = -float(rank + 1)
+    bos = next((a["id"] for a in tj.get("added_tokens", []) if a["content"] == "<s>"), 1)
+    eos = next((a["id"] for a in tj.get("added_tokens", []) if a["content"] == "</s>"), 2)
+    write_tokenizer(out, _llama2c_pieces(tokens, bos, eos), scores)
+    return "sentencepiece-style BPE", n
+
+
+def _protobuf_fields(buf):
+    """(field number, wire type, value) of a protobuf message; enough for sentencepiece."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + n], pos + n
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ExportError(f"unsupported protobuf wire type {wire}")
+        yield field, wire, value
+
+
+def _varint(buf, pos):
+    shift = value = 0
+    while True:
+        if pos >= len(buf):
+            raise ExportError("truncated protobuf")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def tokenizer_from_sentencepiece(path, out):
+    """A sentencepiece .model (ModelProto: field 1 = pieces {1 piece, 2 score, 3 type})."""
+    with open(path, "rb") as f:
+        data = f.read()
+    tokens, scores, types = [], [], []
+    try:
+        for field, wire, value in _protobuf_fields(data):
+            if field != 1 or wire != 2:
+                continue
+            piece, score, kind = "", 0.0, 1
+            for f2, w2, v2 in _protobuf_fields(value):
+                if f2 == 1:
+                    piece = v2.decode("utf-8")
+                elif f2 == 2 and w2 == 5:
+                    score = struct.unpack("<f", v2)[0]
+                elif f2 == 3 and w2 == 0:
+                    kind = v2
+            tokens.append(piece); scores.append(score); types.append(kind)
+    except (ExportError, UnicodeDecodeError, struct.error) as e:
+        raise ExportError(f"'{path}' is not a sentencepiece model: {e}") from None
+    if not tokens:
+        raise ExportError(f"'{path}' holds no sentencepiece pieces")
+    control = [i for i, k in enumerate(types) if k == 3]  # <s>, </s>
+    bos = next((i for i in control if tokens[i] == "<s>"), 1)
+    eos = next((i for i in control if tokens[i] == "</s>"), 2)
+    write_tokenizer(out, _llama2c_pieces(tokens, bos, eos), scores)
+    return "sentencepiece", len(tokens)
+
+
+def cmd_tokenizer(args):
+    src = args.src
+    if not os.path.exists(src):
+        raise ExportError(f"cannot open '{src}': no such file or directory")
+    if os.path.isdir(src):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if os.path.exists(os.path.join(src, name)):
+                src = os.path.join(src, name)
+                break
+        else:
+            raise ExportError(f"'{args.src}' has neither tokenizer.model nor tokenizer.json")
+    with open(src, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        kind, n = tokenizer_from_gguf(src, args.output)
+    elif src.endswith(".json"):
+        kind, n = tokenizer_from_hf_json(src, args.output)
+    else:
+        kind, n = tokenizer_from_sentencepiece(src, args.output)
+    log(f"{args.output}: {kind} tokenizer, {n} pieces, from {src}")
+
+
+# =============================================================================================
+# 8. The centroids command
 # =============================================================================================
 
 def calibration_sequences_from_text(path, tokenizer, cfg, n_seqs, length, ids=False):
@@ -1187,7 +1705,7 @@ def cmd_centroids(args):
 
 
 # =============================================================================================
-# 8. Command line
+# 9. Command line
 # =============================================================================================
 
 class _Parser(argparse.ArgumentParser):
@@ -1234,6 +1752,29 @@ def build_parser():
                    "default: next to the checkpoint")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
     c.set_defaults(func=cmd_centroids)
+
+    m = sub.add_parser(
+        "model", help="convert a checkpoint to the CQKV format (float32)",
+        description="Convert a GGUF file (LLaMA architecture), a Hugging Face directory "
+        "(config.json + safetensors or pytorch_model.bin), a Meta directory (params.json + "
+        "consolidated.*.pth) or a llama2.c file to a float32 CQKV checkpoint; q/k rows are "
+        "reordered into the interleaved RoPE layout where needed.")
+    m.add_argument("src", help="GGUF file, llama2.c file, or Hugging Face / Meta directory")
+    m.add_argument("-o", "--output", required=True, help="the CQKV checkpoint to write")
+    m.add_argument("--source", choices=["gguf", "hf", "meta", "llama2c"], help="default: detected")
+    m.add_argument("--seq-len", type=int, help="context length to record (default: the source's)")
+    m.add_argument("--tokenizer-kind", type=int, choices=[0, 1], help="override: 0 sentencepiece-style, 1 byte-level BPE")
+    m.add_argument("--chat-template", type=int, choices=[0, 1], help="override: 0 Llama-2 [INST], 1 ChatML")
+    m.set_defaults(func=cmd_model)
+
+    t = sub.add_parser(
+        "tokenizer", help="write a tokenizer file for run.c (-z)",
+        description="Write llama2.c's tokenizer.bin format (plus the byte-level BPE tables for "
+        "GPT-2-style vocabularies) from a sentencepiece .model, a Hugging Face tokenizer.json "
+        "(or a directory holding either) or the metadata of a GGUF file.")
+    t.add_argument("src", help="tokenizer.model, tokenizer.json, a directory, or a GGUF file")
+    t.add_argument("-o", "--output", required=True, help="the tokenizer file to write")
+    t.set_defaults(func=cmd_tokenizer)
     return p
 
 
