@@ -53,10 +53,10 @@ def make_eval_text(binary, model, tok, path, tokens_wanted):
     return n
 
 
-def learn_centroids(model, tok, outdir, uniform, calib_tokens):
+def learn_centroids(model, tok, outdir, uniform, calib_tokens, labels):
     os.makedirs(outdir, exist_ok=True)
     cmd = [sys.executable, os.path.join(ROOT, "export.py"), "centroids", model, "-z", tok,
-           "--self", str(calib_tokens), "--seed", "7", "--types", ",".join(CQ_FILES), "-o", outdir, "-q"]
+           "--self", str(calib_tokens), "--seed", "7", "--types", ",".join(labels), "-o", outdir, "-q"]
     if uniform:
         cmd.append("--uniform")
     t0 = time.time()
@@ -72,7 +72,7 @@ def measure(binary, model, tok, eval_text, kv, window, centroids):
 
 
 def quality_table(binary, model, tok, out, eval_tokens=8192, calib_tokens=8192, windows=(0, 32), log=print,
-                  reuse=False):
+                  reuse=False, weightings=("fisher", "uniform"), types=TYPES):
     """Returns {(label, weighting, window): ppl-line dict}; weighting is None for non-CQ types."""
     os.makedirs(out, exist_ok=True)
     eval_text = os.path.join(out, "eval.txt")
@@ -80,17 +80,19 @@ def quality_table(binary, model, tok, out, eval_tokens=8192, calib_tokens=8192, 
     log("evaluation text: %d tokens in %s" % (n, eval_text))
     stem = os.path.splitext(os.path.basename(model))[0]
     cent = {}
-    for weighting in ("fisher", "uniform"):
+    cq_labels = [t[0] for t in types if t[2]]
+    for weighting in weightings:
         d = os.path.join(out, weighting)
         if not (reuse and os.path.isdir(d)):
-            log("learning %s centroids (%s) ... %.0f s" % (weighting, ",".join(CQ_FILES),
-                                                       learn_centroids(model, tok, d, weighting == "uniform", calib_tokens)))
-        for label, cb in CQ_FILES.items():
+            log("learning %s centroids (%s) ... %.0f s" % (weighting, ",".join(cq_labels), learn_centroids(
+                model, tok, d, weighting == "uniform", calib_tokens, cq_labels)))
+        for label in cq_labels:
+            cb = CQ_FILES[label]
             suffix = ".uniform.cent" if weighting == "uniform" else ".cent"
             cent[(label, weighting)] = os.path.join(d, "%s.%s%s" % (stem, cb, suffix))
     results = {}
-    for label, kv, is_cq in TYPES:
-        for weighting in (("fisher", "uniform") if is_cq else (None,)):
+    for label, kv, is_cq in types:
+        for weighting in (weightings if is_cq else (None,)):
             for w in windows:
                 r = measure(binary, model, tok, eval_text, kv, w, cent.get((label, weighting)))
                 results[(label, weighting, w)] = r
