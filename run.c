@@ -18,6 +18,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -1344,11 +1345,9 @@ static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, c
     kv->att = xmalloc((size_t)H * c->seq_len * sizeof(float));
     if (ktype.kind == KV_CQ && ktype.c % 2 == 0)
         kv->lut = xmalloc((size_t)H * hs * kv->k.n_centroids * sizeof(float));
-    kv->acc_floats = (size_t)H * hs;
-    if (vtype.kind == KV_CQ && kv->v.n_centroids <= c->seq_len) {  // room for value histograms
-        size_t hist = (size_t)H * (hs / vtype.c) * kv->v.n_centroids;
-        if (hist > kv->acc_floats) kv->acc_floats = hist;
-    }
+    kv->acc_floats = 2 * (size_t)H + (size_t)H * hs;  // per thread: maxima, sums, value rows ...
+    if (vtype.kind == KV_CQ && kv->v.n_centroids <= c->seq_len)  // ... and value histograms
+        kv->acc_floats += (size_t)kv->v.n_groups * kv->v.n_centroids * (H / c->n_kv_heads);
     kv->acc = xmalloc(kv->n_threads * kv->acc_floats * sizeof(float));
     kv->kbuf = xmalloc((size_t)kv->n_threads * kv_dim_of(c) * sizeof(float));
 }
@@ -1461,21 +1460,20 @@ CQ_INLINE void cq_decode_scores_c(KVCache *kv, int layer, const float *q, int t0
     int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
     float scale = 1.0f / sqrtf((float)hs);
     int codes[s->n_groups];
-    // kv head by kv head: its codebooks (gh * K * c floats) stay in L2 while the codes stream by
-    for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
-        const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
-        const float *qk = q + (size_t)kvh * R * hs;
-        for (int t = t0; t < t1; t++) {
-            cq_read_codes(s, store_row(s, layer, t), codes);
-            float cos2[MAX_HEAD_SIZE], sin2[MAX_HEAD_SIZE], key[MAX_HEAD_SIZE];
-            rope_cos2_sin2(kv->rope, t, cos2, sin2);
-            for (int gl = 0; gl < gh; gl++) {  // the head's key: centroids rotated to position t
+    for (int t = t0; t < t1; t++) {
+        cq_read_codes(s, store_row(s, layer, t), codes);
+        float cos2[MAX_HEAD_SIZE], sin2[MAX_HEAD_SIZE];
+        rope_cos2_sin2(kv->rope, t, cos2, sin2);
+        for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
+            const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
+            float key[MAX_HEAD_SIZE];  // the head's key: centroids rotated to position t
+            for (int gl = 0; gl < gh; gl++) {
                 const float *cen = cb + ((size_t)gl * K + codes[kvh * gh + gl]) * c;
                 const float *cg = cos2 + gl * c, *sg = sin2 + gl * c;
                 for (int i = 0; i < c; i++) key[gl * c + i] = cen[i] * cg[i] + cen[i ^ 1] * sg[i];
             }
             for (int r = 0; r < R; r++) {
-                const float *qh = qk + (size_t)r * hs;
+                const float *qh = q + (size_t)(kvh * R + r) * hs;
                 float partial[MAX_HEAD_SIZE];  // c independent sums, read in the c-float chunks they were written in
                 for (int i = 0; i < c; i++) partial[i] = 0.0f;
                 for (int gl = 0; gl < gh; gl++)
@@ -1536,18 +1534,16 @@ static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, flo
     }
 }
 
-// out (H, hs) from the value histograms: out_h[group g] = sum_j hist[g][j][r] * C_g[j].
-static void cq_value_output(const KVCache *kv, int layer, int g, const float *hist, float *out) {
+// Adds group g's share to out (H, hs): out_h[group g] += sum_j bins[j][r] * C_g[j].  bins: (K, R)
+static void cq_value_output(const KVCache *kv, int layer, int g, const float *bins, float *out) {
     const KVStore *s = &kv->v;
     int K = s->n_centroids, c = s->type.c, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
     int kvh = g / gh, gl = g % gh;
     const float *cb = s->codebook + ((size_t)layer * s->n_groups + g) * K * c;
-    const float *hg = hist + (size_t)g * K * R;
     for (int r = 0; r < R; r++) {
         float *o = out + (size_t)(kvh * R + r) * hs + gl * c;
-        for (int i = 0; i < c; i++) o[i] = 0.0f;
         for (int j = 0; j < K; j++) {
-            float w = hg[j * R + r];
+            float w = bins[j * R + r];
             for (int i = 0; i < c; i++) o[i] += w * cb[j * c + i];
         }
     }
@@ -1568,97 +1564,135 @@ static void row_value_sum(const KVCache *kv, int layer, int pos, int t0, int t1,
 }
 
 /* Attention for one layer: q (H, hs) already rotated to `pos`; out (H, hs).
-   Positions are split among threads in contiguous ranges; each thread scores its range, the
-   softmax runs per head, then each thread sums its range's values into its own accumulator
-   and the accumulators are added up. */
+
+   One pass over the positions, in chunks of ATTN_CHUNK, with an online softmax (as flash
+   attention does): per head a running maximum m and sum s of exp(score - m); a chunk's scores
+   become exp(score - m) at once and are added into the value sums, which are rescaled by
+   exp(m_old - m_new) whenever the maximum grows.  Only one chunk of scores is live at a time,
+   so scores, codes and codebooks stay in cache: with all 16K positions' scores written before
+   the softmax, CQ's codebooks fell out of L2 and its key scoring got 4x slower from 8K to 16K.
+   Threads take contiguous ranges of positions, each with its own (m, s, sums); the ranges are
+   merged at the end.  The value sums are plain rows (H, hs) and, for CQ values read through
+   codes, the histograms of cq_value_histogram, turned into vectors once, after the merge. */
+#define ATTN_CHUNK 256
+
+// Multiplies head h's histogram bins by f.  hist: (G, K, R)
+static void scale_head_histogram(const KVStore *vs, float *hist, int h, int R, float f) {
+    int K = vs->n_centroids, gh = vs->head_size / vs->type.c, kvh = h / R, r = h % R;
+    for (int g = kvh * gh; g < (kvh + 1) * gh; g++)
+        for (int j = 0; j < K; j++) hist[((size_t)g * K + j) * R + r] *= f;
+}
+
 static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *out) {
     const KVStore *ks = &kv->k, *vs = &kv->v;
-    int H = kv->n_heads, hs = ks->head_size, n = pos + 1, S = ks->seq_len;
+    int H = kv->n_heads, hs = ks->head_size, n = pos + 1, S = ks->seq_len, R = H / vs->n_kv_heads;
     // positions below n_codes_k (n_codes_v) are read through codes; the rest from the window
     int n_codes_k = ks->window ? (n - ks->window > 0 ? n - ks->window : 0) : n;
     int n_codes_v = vs->window ? (n - vs->window > 0 ? n - vs->window : 0) : n;
-    int key_lut = ks->type.kind == KV_CQ && kv->lut &&
-                  (kv->key_path == CQ_KEYS_LUT || (kv->key_path == CQ_KEYS_AUTO && n_codes_k >= ks->n_centroids));
-    int value_hist = vs->type.kind == KV_CQ && n_codes_v >= vs->n_centroids && kv->v.n_centroids <= S;
+    int cq_keys = ks->type.kind == KV_CQ && ks->type.c >= 2;  // c = 1 splits RoPE pairs: row path
+    int key_lut = cq_keys && kv->lut && kv->key_path == CQ_KEYS_LUT;
+    int value_hist = vs->type.kind == KV_CQ && n_codes_v >= vs->n_centroids && vs->n_centroids <= S;
+    size_t hist_floats = value_hist ? (size_t)vs->n_groups * vs->n_centroids * R : 0;
     int parallel = kv->n_threads > 1 && (long)n * H * hs >= PARALLEL_MIN_MACS / 4;
-    size_t hist_floats = value_hist ? (size_t)H * (hs / vs->type.c) * vs->n_centroids : 0;
-    size_t acc_floats = value_hist ? hist_floats : (size_t)H * hs;
+
 #ifdef _OPENMP
 #pragma omp parallel num_threads(parallel ? kv->n_threads : 1)
 #else
     (void)parallel;
 #endif
     {
-        int tid = 0, nth = 1;
+        int tid = thread_id(), nth = 1;
 #ifdef _OPENMP
-        tid = omp_get_thread_num();
         nth = omp_get_num_threads();
 #endif
         float *buf = kv->kbuf + (size_t)tid * ks->kv_dim;
+        // this thread's running maxima (H), sums (H), value rows (H, hs) and histograms
+        float *mx = kv->acc + (size_t)tid * kv->acc_floats, *sum = mx + H, *rows = sum + H, *hist = rows + (size_t)H * hs;
+        for (int h = 0; h < H; h++) { mx[h] = -FLT_MAX; sum[h] = 0.0f; }
+        memset(rows, 0, (size_t)H * hs * sizeof(float));
+        memset(hist, 0, hist_floats * sizeof(float));
+        if (key_lut) {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int h = 0; h < H; h++) cq_build_key_lut(kv, layer, q, h);
+        }
         int t0 = (int)((long)n * tid / nth), t1 = (int)((long)n * (tid + 1) / nth);
-        // 1. scores
-        if (ks->type.kind == KV_CQ && ks->type.c >= 2) {  // c = 1 splits RoPE pairs: row path below
-            int b = t1 < n_codes_k ? t1 : n_codes_k;
-            if (key_lut) {
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-                for (int h = 0; h < H; h++) cq_build_key_lut(kv, layer, q, h);
-                if (t0 < b) cq_key_scores_lut(kv, layer, t0, b);
-            } else if (t0 < b) {
-                cq_key_scores_decode(kv, layer, q, t0, b);
+        for (int a = t0; a < t1; a += ATTN_CHUNK) {
+            int b = a + ATTN_CHUNK < t1 ? a + ATTN_CHUNK : t1;
+            // 1. scores att[h][a..b)
+            int coded = cq_keys ? (b < n_codes_k ? b : n_codes_k) : a;  // [a, coded) through codes
+            if (coded > a) {
+                if (key_lut) cq_key_scores_lut(kv, layer, a, coded);
+                else cq_key_scores_decode(kv, layer, q, a, coded);
             }
-            if (t1 > n_codes_k) row_key_scores(kv, layer, pos, q, t0 > n_codes_k ? t0 : n_codes_k, t1, buf);
-        } else {
-            row_key_scores(kv, layer, pos, q, t0, t1, buf);
+            if (b > coded) row_key_scores(kv, layer, pos, q, coded > a ? coded : a, b, buf);
+            // 2. online softmax: att becomes exp(score - running max)
+            for (int h = 0; h < H; h++) {
+                float *row = kv->att + (size_t)h * S, m = row[a];
+                for (int t = a + 1; t < b; t++) m = fmaxf(m, row[t]);
+                if (m > mx[h]) {
+                    if (sum[h] > 0.0f) {
+                        float f = expf(mx[h] - m);
+                        sum[h] *= f;
+                        for (int i = 0; i < hs; i++) rows[(size_t)h * hs + i] *= f;
+                        if (value_hist) scale_head_histogram(vs, hist, h, R, f);
+                    }
+                    mx[h] = m;
+                }
+                float s = 0.0f;
+                for (int t = a; t < b; t++) {
+                    row[t] = expf(row[t] - mx[h]);
+                    s += row[t];
+                }
+                sum[h] += s;
+            }
+            // 3. weighted values
+            int hist_end = value_hist ? (b < n_codes_v ? b : n_codes_v) : a;
+            if (hist_end > a) cq_value_histogram(kv, layer, a, hist_end, hist);
+            if (b > hist_end) row_value_sum(kv, layer, pos, hist_end > a ? hist_end : a, b, rows, buf);
         }
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp for schedule(static)
 #endif
-        for (int h = 0; h < H; h++) softmax(kv->att + (size_t)h * S, n);
-        // 2. weighted sum of values into this thread's accumulator
-        float *acc = kv->acc + (size_t)tid * kv->acc_floats;
-        memset(acc, 0, acc_floats * sizeof(float));
-        float *win_out = out;  // window tokens of the histogram path are summed straight into out
-        if (value_hist) {
-            int b = t1 < n_codes_v ? t1 : n_codes_v;
-            if (t0 < b) cq_value_histogram(kv, layer, t0, b, acc);
-        } else {
-            row_value_sum(kv, layer, pos, t0, t1 < n_codes_v ? t1 : n_codes_v, acc, buf);
+        for (int h = 0; h < H; h++) {  // merge the threads: weight of thread th = e^(m_th - m) / total
+            float m = -FLT_MAX, total = 0.0f;
+            for (int th = 0; th < nth; th++) m = fmaxf(m, kv->acc[th * kv->acc_floats + h]);
+            for (int th = 0; th < nth; th++) {
+                const float *a = kv->acc + th * kv->acc_floats;
+                total += a[H + h] * expf(a[h] - m);
+            }
+            float *o = out + (size_t)h * hs;
+            for (int i = 0; i < hs; i++) o[i] = 0.0f;
+            for (int th = 0; th < nth; th++) {
+                float *a = kv->acc + th * kv->acc_floats;
+                float w = a[H + h] > 0.0f ? expf(a[h] - m) / total : 0.0f;
+                const float *r = a + 2 * H + (size_t)h * hs;
+                for (int i = 0; i < hs; i++) o[i] += w * r[i];
+                a[H + h] = w;  // kept for the histograms below
+            }
         }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-        // 3. add up the accumulators
         if (value_hist) {
-            size_t block = (size_t)vs->n_centroids * (H / vs->n_kv_heads);  // one group's bins
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
             for (int g = 0; g < vs->n_groups; g++) {
-                float *hist = kv->acc + (size_t)g * block;
-                for (int th = 1; th < nth; th++) {
-                    const float *other = kv->acc + th * kv->acc_floats + (size_t)g * block;
-                    for (size_t j = 0; j < block; j++) hist[j] += other[j];
+                int K = vs->n_centroids, c = vs->type.c, gh = hs / c, kvh = g / gh;
+                size_t block = (size_t)K * R;  // group g's bins in each thread's histograms
+                float *total = kv->acc + 2 * H + (size_t)H * hs + (size_t)g * block;  // thread 0's, reused
+                for (size_t jr = 0; jr < block; jr++) {
+                    int h = kvh * R + (int)(jr % R);
+                    float v = 0.0f;
+                    for (int th = 0; th < nth; th++) {
+                        const float *a = kv->acc + th * kv->acc_floats;
+                        v += a[H + h] * a[2 * H + (size_t)H * hs + (size_t)g * block + jr];
+                    }
+                    total[jr] = v;
                 }
-                cq_value_output(kv, layer, g, kv->acc, out);
-            }
-        } else {
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (int i = 0; i < H * hs; i++) {
-                float sum = 0.0f;
-                for (int th = 0; th < nth; th++) sum += kv->acc[th * kv->acc_floats + i];
-                out[i] = sum;
+                cq_value_output(kv, layer, g, total, out);
             }
         }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-        // 4. tokens inside the full-precision window, when values are read through codes
-        if (tid == 0 && n_codes_v < n) row_value_sum(kv, layer, pos, n_codes_v, n, win_out, buf);
     }
 }
 
