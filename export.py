@@ -1055,7 +1055,7 @@ def _open_gguf(path):
                           "into .venv; run export.py with .venv/bin/python)") from None
     try:
         return gguf.GGUFReader(path)
-    except (ValueError, OSError, struct.error) as e:
+    except (ValueError, OSError, struct.error, IndexError) as e:  # IndexError: truncated
         raise ExportError(f"'{path}' is not a readable GGUF file: {e}") from None
 
 
@@ -1177,7 +1177,7 @@ def convert_hf(directory, seq_len=None):
                  seq_len=seq_len or hc.get("max_position_embeddings", 2048),
                  head_size=hc.get("head_dim") or D // H,
                  rope_theta=float(hc.get("rope_theta", 10000.0)),
-                 norm_eps=float(hc.get("rms_norm_eps", 1e-5)),
+                 norm_eps=float(hc.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default
                  bos_id=hc.get("bos_token_id", 1) if hc.get("bos_token_id") is not None else 1,
                  eos_id=(eos[0] if isinstance(eos, list) else eos) if eos is not None else 2,
                  shared_classifier=int(bool(hc.get("tie_word_embeddings", False)) or "lm_head.weight" not in tensors),
@@ -1216,6 +1216,8 @@ def convert_meta(directory, seq_len=None):
         if len(xs) == 1 or xs[0].ndim == 1:
             return xs[0]
         axis = 1 if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")) else 0
+        if name == "tok_embeddings.weight" and xs[0].shape[1] == pj["dim"]:
+            axis = 0  # Llama 3 splits the vocabulary (VocabParallelEmbedding), Llama 2 the dim
         return np.concatenate(xs, axis=axis)
 
     H, D = pj["n_heads"], pj["dim"]
@@ -1386,6 +1388,23 @@ def tokenizer_from_gguf(path, out):
     raise ExportError(f"'{path}': tokenizer model '{model}' is not supported (llama, gpt2 are)")
 
 
+def _byte_level_pretokenizer(pre, path):
+    """run.c's pre-tokenizer number for a tokenizer.json pre_tokenizer, or an error: only GPT-2's
+    ByteLevel (its own regex, no prefix space), optionally after Digits(individual_digits), is
+    implemented, and anything else would silently encode differently."""
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [st.get("type") for st in steps]
+    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else None
+    ok = byte_level is not None and byte_level.get("use_regex", True) and not byte_level.get("add_prefix_space", False)
+    if kinds == ["ByteLevel"] and ok:
+        return 0
+    if kinds == ["Digits", "ByteLevel"] and ok and steps[0].get("individual_digits"):
+        return 1
+    raise ExportError(f"'{path}': pre-tokenizer {json.dumps(pre)} is not implemented in run.c "
+                      "(ByteLevel with its own regex and no prefix space, optionally after "
+                      "Digits(individual_digits=true), is)")
+
+
 def tokenizer_from_hf_json(path, out):
     try:
         with open(path, encoding="utf-8") as f:
@@ -1404,11 +1423,12 @@ def tokenizer_from_hf_json(path, out):
         tokens[i] = t
     index = {t: i for i, t in enumerate(tokens)}
     merges = _merge_ids(m.get("merges", []), index, path)
-    pre = json.dumps(tj.get("pre_tokenizer"))
-    if "ByteLevel" in pre:
-        special = sorted(a["id"] for a in tj.get("added_tokens", []) if a.get("special"))
+    pre = tj.get("pre_tokenizer") or {}
+    if "ByteLevel" in json.dumps(pre):
+        # added tokens, special or not, are matched verbatim before pre-tokenization, as HF does
+        special = sorted(a["id"] for a in tj.get("added_tokens", []))
         write_byte_level_tokenizer(out, _byte_level_pieces(tokens, set(special)), merges, special,
-                                   1 if '"Digits"' in pre else 0)
+                                   _byte_level_pretokenizer(pre, path))
         return "byte-level BPE", n
     # sentencepiece-style BPE (Llama 2's tokenizer.json): rank order becomes the score
     scores = [0.0] * n
@@ -1439,6 +1459,8 @@ def _protobuf_fields(buf):
             value, pos = buf[pos:pos + 4], pos + 4
         else:
             raise ExportError(f"unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ExportError("truncated protobuf")
         yield field, wire, value
 
 
