@@ -1515,22 +1515,30 @@ static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int 
    whose code in group g is j) * C_g[j].  Each token adds its weight to one bin per group and
    head; one (K x c) product per group at the end (cq_value_output).
    hist: (KVH, hs/c, K, R), the R query heads of a kv head side by side as in the key LUT. */
-static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, float *hist) {
+CQ_INLINE void cq_value_histogram_r(const KVCache *kv, int layer, int t0, int t1, float *hist, const int R) {
     const KVStore *s = &kv->v;
-    int K = s->n_centroids, gh = s->head_size / s->type.c, R = kv->n_heads / s->n_kv_heads, S = s->seq_len;
-    enum { BLOCK = 64 };  // tokens per pass: one group's bins stay in L1 while its codes stream by
-    int codes[BLOCK][s->n_groups];
-    for (int b0 = t0; b0 < t1; b0 += BLOCK) {
-        int nb = t1 - b0 < BLOCK ? t1 - b0 : BLOCK;
-        for (int i = 0; i < nb; i++) cq_read_codes(s, store_row(s, layer, b0 + i), codes[i]);
-        for (int g = 0; g < s->n_groups; g++) {  // g = kvh * gh + gl
-            float *bins = hist + (size_t)g * K * R;
-            const float *p = kv->att + (size_t)(g / gh) * R * S + b0;  // weights of head kvh*R, row by row
-            for (int i = 0; i < nb; i++) {
-                float *bin = bins + (size_t)codes[i][g] * R;
-                for (int r = 0; r < R; r++) bin[r] += p[(size_t)r * S + i];
+    int K = s->n_centroids, gh = s->head_size / s->type.c, S = s->seq_len;
+    int codes[s->n_groups];
+    for (int t = t0; t < t1; t++) {
+        cq_read_codes(s, store_row(s, layer, t), codes);
+        for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
+            float p[R];  // the weights of the R query heads that read this kv head
+            for (int r = 0; r < R; r++) p[r] = kv->att[(size_t)(kvh * R + r) * S + t];
+            for (int g = kvh * gh; g < (kvh + 1) * gh; g++) {
+                float *bin = hist + ((size_t)g * K + codes[g]) * R;
+                for (int r = 0; r < R; r++) bin[r] += p[r];
             }
         }
+    }
+}
+
+static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, float *hist) {
+    switch (kv->n_heads / kv->v.n_kv_heads) {  // a constant R keeps the R weights in registers
+    case 1: cq_value_histogram_r(kv, layer, t0, t1, hist, 1); break;
+    case 2: cq_value_histogram_r(kv, layer, t0, t1, hist, 2); break;
+    case 3: cq_value_histogram_r(kv, layer, t0, t1, hist, 3); break;
+    case 4: cq_value_histogram_r(kv, layer, t0, t1, hist, 4); break;
+    default: cq_value_histogram_r(kv, layer, t0, t1, hist, kv->n_heads / kv->v.n_kv_heads);
     }
 }
 

@@ -204,7 +204,7 @@ def real_test(args):
     ppl_run, ppl_hf = math.exp(nll_run), math.exp(nll_hf)
     ppl_rel = abs(ppl_run - ppl_hf) / ppl_hf
     print("2. %s: one window of %d tokens ([bos] + %d ids), ./run -k fp32 vs LlamaForCausalLM "
-          "(attention %s, %s, %s)\n" % (os.path.basename(args.model), L, L - 1, model.config._attn_implementation,
+          "(attention %s, %s, %s)\n" % (os.path.basename(args.model), L, L - 1, getattr(model.config, "_attn_implementation", "?"),
                                         str(next(model.parameters()).dtype).replace("torch.", ""), args.device))
     print("| position | max abs diff | max abs logit (HF) | rel. diff | top-1 equal |")
     print("|---:|---:|---:|---:|---|")
