@@ -1142,13 +1142,17 @@ def _torch_load(path):
         return torch.load(path, map_location="cpu")
 
 
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read '{path}': {e}") from None
+
+
 def convert_hf(directory, seq_len=None):
     cfg_path = os.path.join(directory, "config.json")
-    try:
-        with open(cfg_path) as f:
-            hc = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"cannot read '{cfg_path}': {e}") from None
+    hc = _read_json(cfg_path)
     tensors = {}
     files = sorted(os.listdir(directory))
     for name in files:
@@ -1200,12 +1204,7 @@ def convert_hf(directory, seq_len=None):
 
 
 def convert_meta(directory, seq_len=None):
-    params_path = os.path.join(directory, "params.json")
-    try:
-        with open(params_path) as f:
-            pj = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"cannot read '{params_path}': {e}") from None
+    pj = _read_json(os.path.join(directory, "params.json"))
     shards = sorted(n for n in os.listdir(directory) if n.startswith("consolidated.") and n.endswith(".pth"))
     if not shards:
         raise ExportError(f"'{directory}' has no consolidated.*.pth")
@@ -1406,11 +1405,7 @@ def _byte_level_pretokenizer(pre, path):
 
 
 def tokenizer_from_hf_json(path, out):
-    try:
-        with open(path, encoding="utf-8") as f:
-            tj = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"cannot read '{path}': {e}") from None
+    tj = _read_json(path)
     m = tj.get("model") or {}
     if m.get("type") != "BPE":
         raise ExportError(f"'{path}': model type {m.get('type')} (only BPE is supported)")
