@@ -13,7 +13,7 @@ Face directory, a Meta directory or a llama2.c file to a float32 CQKV checkpoint
 tokenizer: writes run.c's tokenizer file from a sentencepiece .model, a tokenizer.json or the
 metadata of a GGUF file; byte-level BPE vocabularies get the merge and Unicode tables run.c needs.
 
-centroids: learns CQ codebooks, one "CQCB" file (SPEC.md) per CQ type, from calibration
+centroids: learns CQ codebooks, one "CQCB" file (README.md) per CQ type, from calibration
 activations: the PRE-RoPE keys and the values of every layer, in the checkpoint's interleaved
 channel order, grouped into contiguous groups of c channels.
   --calib TEXTFILE  the text is tokenized once (llama2.c tokenizer.bin, BOS-free stream with
@@ -127,7 +127,7 @@ def file_size(path, what):
 # 2. Checkpoint I/O
 #
 # Three layouts are read (all float32, little-endian):
-#   - "CQKV" version 1 (SPEC.md): 256-byte header, tensors in the order of TENSOR_ORDER;
+#   - "CQKV" version 1 (README.md): 256-byte header, tensors in the order of TENSOR_ORDER;
 #   - llama2.c legacy ("v0"): 7 int32 header, same order, plus two obsolete RoPE tables after
 #     final_norm; a negative vocab_size means a separate classifier at the end;
 #   - llama2.c "version 1" (magic "ak42"): 256-byte header, norms first, then the matrices.
@@ -294,7 +294,7 @@ def _check_legacy_dims(cfg, path):
 
 
 def write_checkpoint(path, cfg, weights, fmt="cqkv"):
-    """Writes a checkpoint in the CQKV (SPEC.md) or llama2.c legacy layout.
+    """Writes a checkpoint in the CQKV (README.md) or llama2.c legacy layout.
 
     weights: dict with the names of TENSOR_ORDER and the shapes of tensor_shapes(cfg);
     "classifier" is written only when cfg.shared_classifier == 0.
@@ -338,7 +338,7 @@ def write_checkpoint(path, cfg, weights, fmt="cqkv"):
 
 
 def model_fingerprint(wk):
-    """SPEC.md fingerprint: sum mod 2^64 of the layer-0 wk tensor read as uint32 words."""
+    """README.md fingerprint: sum mod 2^64 of the layer-0 wk tensor read as uint32 words."""
     words = np.ascontiguousarray(wk[0], dtype="<f4").view("<u4")
     return int(words.astype(np.uint64).sum(dtype=np.uint64))  # uint64 sums wrap mod 2^64
 
@@ -924,7 +924,7 @@ def weighted_kmeans(X, w, k, iters=100, seed=0):
 
 
 # =============================================================================================
-# 6. Centroid files ("CQCB" version 1, SPEC.md)
+# 6. Centroid files ("CQCB" version 1, README.md)
 # =============================================================================================
 
 CENT_MAGIC = 0x42435143  # bytes "CQCB"
@@ -1738,7 +1738,7 @@ def build_parser():
 
     c = sub.add_parser(
         "centroids", help="learn CQ centroid files from calibration activations",
-        description="Learn CQ codebooks (SPEC.md 'CQCB' files) for the given CQ types from "
+        description="Learn CQ codebooks (README.md 'CQCB' files) for the given CQ types from "
         "the pre-RoPE keys and values of every layer on calibration tokens, with Fisher "
         "(squared-gradient) weights unless --uniform.")
     c.add_argument("checkpoint", help="model checkpoint (CQKV or llama2.c format)")

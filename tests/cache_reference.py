@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Independent numpy reference of run.c's quantized KV caches (tests/test_cache.py).
 
-Written from SPEC.md, ../shared/docs/CQ.md and the cache semantics documented in run.c's
+Written from README.md, ../shared/docs/CQ.md and the cache semantics documented in run.c's
 section "5. The KV cache"; it shares no code with run.c.  The model around the cache is the
 float64 maths of reference.py, token by token; every quantizer works in float32 the way the
 C code does, and every token, the current one included, is read back THROUGH the cache.
@@ -109,7 +109,7 @@ def spec_bytes_per_token(spec, cfg):
 
 
 # ----------------------------------------------------------------------------
-# centroid files ("CQCB" version 1, SPEC.md)
+# centroid files ("CQCB" version 1, README.md)
 
 def fingerprint(w):
     """Sum mod 2^64 of the layer-0 wk tensor read as little-endian uint32 words."""

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Independent numpy reference for the C inference program (run.c).
 
-Everything here is written from the format descriptions in SPEC.md and
+Everything here is written from the format descriptions in README.md and
 ../shared/docs/llama2c-compat.md; it shares no code with run.c.
 
 Contents
@@ -329,7 +329,7 @@ def log_softmax(logits):
 
 
 def ppl_windows(stream, L, bos):
-    """The windows [bos] + chunk of SPEC.md for a token stream and window length L."""
+    """The windows [bos] + chunk of README.md for a token stream and window length L."""
     if L < 2:
         raise ValueError("window length must be >= 2")
     stream = list(stream)
@@ -337,7 +337,7 @@ def ppl_windows(stream, L, bos):
 
 
 def perplexity(cfg, w, stream, L=None):
-    """Returns (nll_mean, ppl, n_tokens, logits_rows) following SPEC.md's ppl windows.
+    """Returns (nll_mean, ppl, n_tokens, logits_rows) following README.md's ppl windows.
 
     logits_rows: float64 array with one row per forward step, windows concatenated."""
     if L is None:
