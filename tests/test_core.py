@@ -241,13 +241,18 @@ def test_encode_file_random_tokenizer(run, tmp, rand_tok_model):
     assert encode_ids(run, model, tokp, file=tmp / "t.txt") == tok.encode(text)
 
 
+
+def wikitext_prefix(n_bytes):
+    """The first n_bytes of the WikiText-2 test text, cut back to whole UTF-8 characters."""
+    text = (DATA / "wikitext2-test.raw.txt").read_bytes()[:n_bytes]
+    return text[:len(text.decode("utf-8", errors="ignore").encode())]
+
 @needs_tok512
 @needs_wikitext
 def test_encode_file_wikitext_tok512(run, tmp, tok512_model):
     """A long text (~12k tokens): the merge order over many pairs, many non-ASCII chars."""
     model, tokp, tok = tok512_model
-    text = (DATA / "wikitext2-test.raw.txt").read_bytes()[:20000]
-    text = text[:len(text.decode("utf-8", errors="ignore").encode())]
+    text = wikitext_prefix(20000)
     (tmp / "t.txt").write_bytes(text)
     got = encode_ids(run, model, tokp, file=tmp / "t.txt")
     ref = tok.encode(text)
@@ -394,8 +399,7 @@ def test_stories_ppl_generated_text(run, tmp, stories, length):
 @needs_wikitext
 def test_stories_ppl_wikitext(run, tmp, stories):
     cfg, w, tok = stories
-    text = (DATA / "wikitext2-test.raw.txt").read_bytes()[:3000]
-    text = text[:len(text.decode("utf-8", errors="ignore").encode())]
+    text = wikitext_prefix(3000)
     (tmp / "t.txt").write_bytes(text)
     r = run(STORIES, "-m", "ppl", "-f", tmp / "t.txt", "-z", TOK512, "-l", 256, check=True)
     kv = parse_kv(r.stdout.decode().strip())
