@@ -1329,8 +1329,8 @@ static const float *store_get(const KVStore *s, const RopeTable *rope, int layer
 
 /* ---- the cache */
 
-static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, const Model *m,
-                          const RopeTable *rope, const char *checkpoint, const char *centroids) {
+static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, CQKeyPath key_path,
+                          const Model *m, const RopeTable *rope, const char *checkpoint, const char *centroids) {
     const Config *c = &m->cfg;
     memset(kv, 0, sizeof *kv);
     if (centroids && ktype.kind == KV_CQ && vtype.kind == KV_CQ && (ktype.c != vtype.c || ktype.b != vtype.b))
@@ -1343,7 +1343,8 @@ static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, c
     kv->n_threads = max_threads();
     int H = c->n_heads, hs = c->head_size;
     kv->att = xmalloc((size_t)H * c->seq_len * sizeof(float));
-    if (ktype.kind == KV_CQ && ktype.c % 2 == 0)
+    kv->key_path = key_path;
+    if (key_path == CQ_KEYS_LUT && ktype.kind == KV_CQ && ktype.c % 2 == 0)  // only the lut path needs it
         kv->lut = xmalloc((size_t)H * hs * kv->k.n_centroids * sizeof(float));
     kv->acc_floats = 2 * (size_t)H + (size_t)H * hs;  // per thread: maxima, sums, value rows ...
     if (vtype.kind == KV_CQ && kv->v.n_centroids <= c->seq_len)  // ... and value histograms
@@ -1800,8 +1801,7 @@ typedef struct {           // a model ready to run: weights, RoPE table, one cac
 } Runtime;
 
 static void new_cache(const Runtime *rt, const Options *o, KVCache *kv, KVType k, KVType v) {
-    kv_cache_init(kv, k, v, o->window, &rt->model, &rt->rope, o->checkpoint, o->centroids);
-    kv->key_path = o->cq_key_path;
+    kv_cache_init(kv, k, v, o->window, o->cq_key_path, &rt->model, &rt->rope, o->checkpoint, o->centroids);
 }
 
 static FILE *open_logits(const Options *o) {
