@@ -845,11 +845,14 @@ static int thread_id(void) {
    turns a rotation into the element-wise x * cos2 + swap_pairs(x) * sin2. */
 #define ROPE_FINE 32
 
+static int padded_head_size(int hs) { return (hs + 7) / 8 * 8; }  // whole 8-float vectors (section 5)
+
 typedef struct {
     float *cos_sin;               // (seq_len, hs): (cos, sin) per pair, exact
-    float *coarse_cos2, *coarse_sin2;  // (seq_len / ROPE_FINE + 1, hs): positions 0, 32, 64, ...
-    float *fine_cos2, *fine_sin2;      // (ROPE_FINE, hs): positions 0 .. 31
+    float *coarse_cos2, *coarse_sin2;  // (seq_len / ROPE_FINE + 1, width): positions 0, 32, 64, ...
+    float *fine_cos2, *fine_sin2;      // (ROPE_FINE, width): positions 0 .. 31
     int half;                     // hs / 2
+    int width;                    // hs rounded up to 8; the CQ tables' lanes past hs are zero
 } RopeTable;
 
 static void rope_angle(const Config *c, int t, int i, float *cs, float *sn) {
@@ -861,12 +864,14 @@ static void rope_angle(const Config *c, int t, int i, float *cs, float *sn) {
 
 static void rope_init(RopeTable *r, const Config *c) {
     int hs = c->head_size, n_coarse = c->seq_len / ROPE_FINE + 1;
+    int w = padded_head_size(hs);
     r->half = hs / 2;
+    r->width = w;  // (xmalloc zeroes, so the padding lanes are 0)
     r->cos_sin = xmalloc((size_t)c->seq_len * hs * sizeof(float));
-    r->coarse_cos2 = xmalloc((size_t)n_coarse * hs * sizeof(float));
-    r->coarse_sin2 = xmalloc((size_t)n_coarse * hs * sizeof(float));
-    r->fine_cos2 = xmalloc((size_t)ROPE_FINE * hs * sizeof(float));
-    r->fine_sin2 = xmalloc((size_t)ROPE_FINE * hs * sizeof(float));
+    r->coarse_cos2 = xmalloc((size_t)n_coarse * w * sizeof(float));
+    r->coarse_sin2 = xmalloc((size_t)n_coarse * w * sizeof(float));
+    r->fine_cos2 = xmalloc((size_t)ROPE_FINE * w * sizeof(float));
+    r->fine_sin2 = xmalloc((size_t)ROPE_FINE * w * sizeof(float));
     for (int t = 0; t < c->seq_len; t++)
         for (int i = 0; i < r->half; i++)
             rope_angle(c, t, i, &r->cos_sin[(size_t)t * hs + 2 * i], &r->cos_sin[(size_t)t * hs + 2 * i + 1]);
@@ -874,12 +879,12 @@ static void rope_init(RopeTable *r, const Config *c) {
         float cs, sn;
         for (int a = 0; a < n_coarse; a++) {
             rope_angle(c, a * ROPE_FINE, i, &cs, &sn);
-            float *c2 = r->coarse_cos2 + (size_t)a * hs + 2 * i, *s2 = r->coarse_sin2 + (size_t)a * hs + 2 * i;
+            float *c2 = r->coarse_cos2 + (size_t)a * w + 2 * i, *s2 = r->coarse_sin2 + (size_t)a * w + 2 * i;
             c2[0] = c2[1] = cs; s2[0] = -sn; s2[1] = sn;
         }
         for (int b = 0; b < ROPE_FINE; b++) {
             rope_angle(c, b, i, &cs, &sn);
-            float *c2 = r->fine_cos2 + (size_t)b * hs + 2 * i, *s2 = r->fine_sin2 + (size_t)b * hs + 2 * i;
+            float *c2 = r->fine_cos2 + (size_t)b * w + 2 * i, *s2 = r->fine_sin2 + (size_t)b * w + 2 * i;
             c2[0] = c2[1] = cs; s2[0] = -sn; s2[1] = sn;
         }
     }
@@ -889,12 +894,12 @@ static void rope_free(RopeTable *r) {
     free(r->cos_sin); free(r->coarse_cos2); free(r->coarse_sin2); free(r->fine_cos2); free(r->fine_sin2);
 }
 
-// cos2, sin2 (hs) of position t from the coarse and fine tables (see above).
-static inline void rope_cos2_sin2(const RopeTable *r, int t, float *cos2, float *sin2) {
-    int hs = 2 * r->half;
-    const float *cc = r->coarse_cos2 + (size_t)(t / ROPE_FINE) * hs, *sc = r->coarse_sin2 + (size_t)(t / ROPE_FINE) * hs;
-    const float *cf = r->fine_cos2 + (size_t)(t % ROPE_FINE) * hs, *sf = r->fine_sin2 + (size_t)(t % ROPE_FINE) * hs;
-    for (int i = 0; i < hs; i++) {
+// cos2, sin2 (width = rope->width, zeros past hs) of position t from the coarse and fine tables.
+static inline __attribute__((always_inline)) void rope_cos2_sin2(const RopeTable *r, int t, const int width,
+                                                                 float *cos2, float *sin2) {
+    const float *cc = r->coarse_cos2 + (size_t)(t / ROPE_FINE) * width, *sc = r->coarse_sin2 + (size_t)(t / ROPE_FINE) * width;
+    const float *cf = r->fine_cos2 + (size_t)(t % ROPE_FINE) * width, *sf = r->fine_sin2 + (size_t)(t % ROPE_FINE) * width;
+    for (int i = 0; i < width; i++) {
         cos2[i] = cc[i] * cf[i] - sc[i] * sf[i];
         sin2[i] = sc[i] * cf[i] + cc[i] * sf[i];
     }
@@ -964,7 +969,6 @@ typedef struct {
     int n_groups;          // G = kv_dim / c
     int n_centroids;       // K = 2^b
     float *codebook;       // (L, G, K, c); keys before RoPE
-    float *codebook_t;     // (L, G, c, K): the same, transposed, for encoding
     float *centroid_sqnorm;// (L, G, K): ||C||^2, for the nearest-centroid search
     float *dist;           // (threads, K) scratch of the encoder
     // -w: the newest tokens in full precision
@@ -974,14 +978,26 @@ typedef struct {
 
 typedef enum { CQ_KEYS_AUTO, CQ_KEYS_LUT, CQ_KEYS_DECODE } CQKeyPath;
 
+/* The scores of one chunk of positions live in a small per-thread matrix, att (H, ATTN_CHUNK):
+   position t in column t % ATTN_CHUNK.  kv_attend never lets a chunk straddle a multiple of
+   ATTN_CHUNK, so a chunk's columns are contiguous.  (A (H, seq_len) matrix put the H rows of one
+   position 64 KB apart at 16K, all in one L1 set: the histogram pass then missed L1 9 times a token.) */
+#define ATTN_CHUNK 256
+
+static inline float *att_at(float *att, int h, int t) { return att + (size_t)h * ATTN_CHUNK + t % ATTN_CHUNK; }
+
+// Lanes per bin of the CQ value histograms: R query heads rounded up to 4 (cq_value_histogram).
+static int hist_lanes(int R) { return (R + 3) / 4 * 4; }
+
 typedef struct {
     KVStore k, v;
     const RopeTable *rope;
     int n_heads;
     CQKeyPath key_path;
     int n_threads;
-    float *att;            // (H, seq_len) attention weights
+    float *att;            // per thread: (H, ATTN_CHUNK) the current chunk's scores (att_at)
     float *lut;            // CQ keys: (H, hs/c, K, c) products of the query with every centroid
+    float *qpad;           // CQ keys, decode path: (H, hs rounded up to 8) the query, scaled, zero-padded
     float *acc;            // per thread: partial outputs (H*hs) or CQ value histograms
     size_t acc_floats;     // floats per thread in acc
     float *kbuf;           // per thread: one decoded row (kv_dim)
@@ -1091,16 +1107,18 @@ static float block_value(const uint8_t *src, int i, int bits) {  // one value of
 
 /* ---- CQ: nearest centroid.  ||x - C_j||^2 = ||C_j||^2 - 2 x.C_j + ||x||^2, and the last term
    is the same for every j, so the code is argmin_j (||C_j||^2 - 2 x.C_j); first index on ties.
-   The codebook is read transposed, (c, K), so that the loop over the K centroids is contiguous
-   and vectorizes: this made encoding about 4x faster than one short dot product per centroid. */
+   With c a compile-time constant the loop over the K centroids vectorizes even though the
+   codebook is stored centroid by centroid, (K, c).  A transposed copy, (c, K), encoded about
+   1.3x faster, but it is a second copy to bring into the caches for every layer and token:
+   at 1K positions that cost more than the encoding itself. */
 
-static inline __attribute__((always_inline)) int cq_encode_group_c(const float *x, const float *cb_t, const float *sqnorm,
+static inline __attribute__((always_inline)) int cq_encode_group_c(const float *x, const float *cb, const float *sqnorm,
                                                                 int K, const int c, float *dist) {
     float m[c];
     for (int i = 0; i < c; i++) m[i] = -2.0f * x[i];
     for (int j = 0; j < K; j++) {
         float d = sqnorm[j];
-        for (int i = 0; i < c; i++) d += m[i] * cb_t[(size_t)i * K + j];
+        for (int i = 0; i < c; i++) d += m[i] * cb[(size_t)j * c + i];
         dist[j] = d;
     }
     float min = dist[0];  // two passes, both vectorize: the minimum, then its first index
@@ -1110,12 +1128,12 @@ static inline __attribute__((always_inline)) int cq_encode_group_c(const float *
     return 0;  // only when x holds NaNs
 }
 
-static int cq_encode_group(const float *x, const float *cb_t, const float *sqnorm, int K, int c, float *dist) {
+static int cq_encode_group(const float *x, const float *cb, const float *sqnorm, int K, int c, float *dist) {
     switch (c) {  // a constant c lets the compiler keep the c partial products in registers
-    case 2: return cq_encode_group_c(x, cb_t, sqnorm, K, 2, dist);
-    case 4: return cq_encode_group_c(x, cb_t, sqnorm, K, 4, dist);
-    case 8: return cq_encode_group_c(x, cb_t, sqnorm, K, 8, dist);
-    default: return cq_encode_group_c(x, cb_t, sqnorm, K, c, dist);
+    case 2: return cq_encode_group_c(x, cb, sqnorm, K, 2, dist);
+    case 4: return cq_encode_group_c(x, cb, sqnorm, K, 4, dist);
+    case 8: return cq_encode_group_c(x, cb, sqnorm, K, 8, dist);
+    default: return cq_encode_group_c(x, cb, sqnorm, K, c, dist);
     }
 }
 
@@ -1184,10 +1202,7 @@ static void load_centroids(KVStore *s, const char *path, const char *checkpoint,
         for (int j = 0; j < K; j++) {
             const float *cj = s->codebook + (lg * K + j) * t->c;
             float n2 = 0.0f;
-            for (int i = 0; i < t->c; i++) {
-                n2 += cj[i] * cj[i];
-                s->codebook_t[(lg * t->c + i) * K + j] = cj[i];
-            }
+            for (int i = 0; i < t->c; i++) n2 += cj[i] * cj[i];
             s->centroid_sqnorm[lg * K + j] = n2;
         }
 }
@@ -1217,7 +1232,6 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
         s->n_centroids = 1 << type.b;
         s->row_bytes = (size_t)s->n_groups * (type.b <= 8 ? 1 : 2);
         s->codebook = xmalloc(L * s->n_groups * s->n_centroids * type.c * sizeof(float));
-        s->codebook_t = xmalloc(L * s->n_groups * s->n_centroids * type.c * sizeof(float));
         s->centroid_sqnorm = xmalloc(L * s->n_groups * s->n_centroids * sizeof(float));
         s->dist = xmalloc((size_t)max_threads() * s->n_centroids * sizeof(float));
         {
@@ -1245,7 +1259,7 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
 
 static void kv_store_free(KVStore *s) {
     free(s->rows); free(s->kivi_blocks); free(s->kivi_recent);
-    free(s->codebook); free(s->codebook_t); free(s->centroid_sqnorm); free(s->dist); free(s->window_rows);
+    free(s->codebook); free(s->centroid_sqnorm); free(s->dist); free(s->window_rows);
 }
 
 static uint8_t *store_row(const KVStore *s, int layer, int t) {
@@ -1270,7 +1284,7 @@ static void store_put(KVStore *s, int layer, int pos, const float *x) {
         for (int g = 0; g < s->n_groups; g++) {
             size_t lg = (size_t)layer * s->n_groups + g;
             float *dist = s->dist + (size_t)thread_id() * K;
-            int code = cq_encode_group(x + g * c, s->codebook_t + lg * c * K, s->centroid_sqnorm + lg * K, K, c, dist);
+            int code = cq_encode_group(x + g * c, s->codebook + lg * K * c, s->centroid_sqnorm + lg * K, K, c, dist);
             if (s->type.b <= 8) row[g] = (uint8_t)code;
             else ((uint16_t *)row)[g] = (uint16_t)code;
         }
@@ -1342,13 +1356,14 @@ static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, C
     kv->n_heads = c->n_heads;
     kv->n_threads = max_threads();
     int H = c->n_heads, hs = c->head_size;
-    kv->att = xmalloc((size_t)H * c->seq_len * sizeof(float));
+    kv->att = xmalloc((size_t)kv->n_threads * H * ATTN_CHUNK * sizeof(float));
     kv->key_path = key_path;
     if (key_path == CQ_KEYS_LUT && ktype.kind == KV_CQ && ktype.c % 2 == 0)  // only the lut path needs it
         kv->lut = xmalloc((size_t)H * hs * kv->k.n_centroids * sizeof(float));
+    if (ktype.kind == KV_CQ) kv->qpad = xmalloc((size_t)H * padded_head_size(hs) * sizeof(float));
     kv->acc_floats = 2 * (size_t)H + (size_t)H * hs;  // per thread: maxima, sums, value rows ...
     if (vtype.kind == KV_CQ && kv->v.n_centroids <= c->seq_len)  // ... and value histograms
-        kv->acc_floats += (size_t)kv->v.n_groups * kv->v.n_centroids * (H / c->n_kv_heads);
+        kv->acc_floats += (size_t)kv->v.n_groups * kv->v.n_centroids * hist_lanes(H / c->n_kv_heads);
     kv->acc = xmalloc(kv->n_threads * kv->acc_floats * sizeof(float));
     kv->kbuf = xmalloc((size_t)kv->n_threads * kv_dim_of(c) * sizeof(float));
 }
@@ -1356,7 +1371,7 @@ static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, C
 static void kv_cache_free(KVCache *kv) {
     kv_store_free(&kv->k);
     kv_store_free(&kv->v);
-    free(kv->att); free(kv->lut); free(kv->acc); free(kv->kbuf);
+    free(kv->att); free(kv->lut); free(kv->qpad); free(kv->acc); free(kv->kbuf);
 }
 
 // k: (kv_dim) before RoPE, v: (kv_dim).  kbuf is scratch for the rotated key.
@@ -1414,16 +1429,16 @@ static void cq_build_key_lut(KVCache *kv, int layer, const float *q, int h) {
     }
 }
 
-/* Scores att[h][t] for t in [t0, t1), fused path.  Per token: its codes and its position's
+/* Scores of t in [t0, t1), LUT path.  Per token: its codes and its position's
    (cos, sin) row (shared by all heads); per kv head and group, the LUT block of the code. */
-CQ_INLINE void cq_lut_scores_c(KVCache *kv, int layer, int t0, int t1, const int c) {
+CQ_INLINE void cq_lut_scores_c(KVCache *kv, int layer, int t0, int t1, float *att, const int c) {
     const KVStore *s = &kv->k;
     int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
     int codes[s->n_groups];
     for (int t = t0; t < t1; t++) {
         cq_read_codes(s, store_row(s, layer, t), codes);
         float cos2[MAX_HEAD_SIZE], sin2[MAX_HEAD_SIZE], cs[MAX_HEAD_SIZE];  // cs: (cos, sin) per pair
-        rope_cos2_sin2(kv->rope, t, cos2, sin2);
+        rope_cos2_sin2(kv->rope, t, kv->rope->width, cos2, sin2);
         for (int i = 0; i < hs; i++) cs[i] = i & 1 ? sin2[i] : cos2[i];
         for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
             const int *hc = codes + kvh * gh;
@@ -1437,67 +1452,112 @@ CQ_INLINE void cq_lut_scores_c(KVCache *kv, int layer, int t0, int t1, const int
                 }
                 float score = 0.0f;
                 for (int i = 0; i < c; i++) score += partial[i];
-                kv->att[(size_t)(kvh * R + r) * s->seq_len + t] = score;
+                *att_at(att, kvh * R + r, t) = score;
             }
         }
     }
 }
 
-static void cq_key_scores_lut(KVCache *kv, int layer, int t0, int t1) {
+static void cq_key_scores_lut(KVCache *kv, int layer, int t0, int t1, float *att) {
     switch (kv->k.type.c) {
-    case 2: cq_lut_scores_c(kv, layer, t0, t1, 2); break;
-    case 4: cq_lut_scores_c(kv, layer, t0, t1, 4); break;
-    case 8: cq_lut_scores_c(kv, layer, t0, t1, 8); break;
-    default: cq_lut_scores_c(kv, layer, t0, t1, kv->k.type.c);
+    case 2: cq_lut_scores_c(kv, layer, t0, t1, att, 2); break;
+    case 4: cq_lut_scores_c(kv, layer, t0, t1, att, 4); break;
+    case 8: cq_lut_scores_c(kv, layer, t0, t1, att, 8); break;
+    default: cq_lut_scores_c(kv, layer, t0, t1, att, kv->k.type.c);
     }
 }
 
-/* Scores for t in [t0, t1): CQ decode path.  Per token and kv head: gather the centroids of its
-   codes (hs floats), rotate them to the token's position, then one dot product per query head
-   of the group.  No per-query table to build, and the rotation is shared by the R query heads
-   of a GQA group. */
-CQ_INLINE void cq_decode_scores_c(KVCache *kv, int layer, const float *q, int t0, int t1, const int c) {
+/* ---- 8-float vectors for the decode path.  GCC's and clang's vector extension: + and * work
+   lane by lane and an f32x8 lives in one AVX register (two NEON registers on arm64).  Plain loops
+   left the compiler one horizontal sum per token and query head, which cost more than the
+   multiplications themselves; with vectors, 8 tokens share one transposed sum (lane_sums8). */
+typedef float f32x8 __attribute__((vector_size(32)));
+
+static inline f32x8 load8(const float *p) { f32x8 v; memcpy(&v, p, sizeof v); return v; }
+static inline f32x8 swap_pairs(f32x8 x) { return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6); }
+
+// (sum of v[0]'s lanes, ..., sum of v[7]'s lanes).  Each round adds the two halves of every
+// vector and packs two vectors into one: 8 -> 4 -> 2 -> 1 vectors, 7 additions in all.
+static inline f32x8 lane_sums8(const f32x8 v[8]) {
+    f32x8 a[4], b[2];
+    for (int k = 0; k < 4; k++)  // a[k]: v[2k]'s half sums in lanes 0-3, v[2k+1]'s in lanes 4-7
+        a[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+               __builtin_shufflevector(v[2 * k], v[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int k = 0; k < 2; k++)  // b[k] lanes hold v[4k], v[4k], v[4k+2], v[4k+2], v[4k+1], v[4k+1], v[4k+3], v[4k+3]
+        b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(a[2 * k], a[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    f32x8 s = __builtin_shufflevector(b[0], b[1], 0, 8, 2, 10, 4, 12, 6, 14) +  // lanes: v0 v4 v2 v6 v1 v5 v3 v7
+              __builtin_shufflevector(b[0], b[1], 1, 9, 3, 11, 5, 13, 7, 15);
+    return __builtin_shufflevector(s, s, 0, 4, 2, 6, 1, 5, 3, 7);
+}
+
+/* Scores for t in [t0, t1): CQ decode path.  In blocks of CQ_BLOCK tokens, per kv head: gather
+   each token's centroids (the key before RoPE), rotate it to its position, then for each of the
+   R query heads of the group one dot product per token, summed lane-wise for the whole block.
+   Nothing is built per query, and the rotation is shared by the R query heads.
+   hsv is the head size rounded up to 8 lanes: kv->qpad holds the query heads, scaled by
+   1/sqrt(hs), with zeros in the padding, so padded lanes add nothing. */
+#define CQ_BLOCK 8
+
+CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c) {
     const KVStore *s = &kv->k;
-    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
-    float scale = 1.0f / sqrtf((float)hs);
-    int codes[s->n_groups];
-    for (int t = t0; t < t1; t++) {
-        cq_read_codes(s, store_row(s, layer, t), codes);
-        float cos2[MAX_HEAD_SIZE], sin2[MAX_HEAD_SIZE];
-        rope_cos2_sin2(kv->rope, t, cos2, sin2);
+    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, nv = hsv / 8;
+    for (int tb = t0; tb < t1; tb += CQ_BLOCK) {
+        int nb = t1 - tb < CQ_BLOCK ? t1 - tb : CQ_BLOCK;
+        float cos2[CQ_BLOCK][hsv], sin2[CQ_BLOCK][hsv];  // the rotation of each position of the block
+        for (int j = 0; j < nb; j++) rope_cos2_sin2(kv->rope, tb + j, hsv, cos2[j], sin2[j]);
         for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
             const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
-            float key[MAX_HEAD_SIZE];  // the head's key: centroids rotated to position t
-            for (int gl = 0; gl < gh; gl++) {
-                const float *cen = cb + ((size_t)gl * K + codes[kvh * gh + gl]) * c;
-                const float *cg = cos2 + gl * c, *sg = sin2 + gl * c;
-                for (int i = 0; i < c; i++) key[gl * c + i] = cen[i] * cg[i] + cen[i ^ 1] * sg[i];
+            f32x8 keys[CQ_BLOCK][nv];  // the block's keys of this kv head, rotated
+            for (int j = 0; j < nb; j++) {
+                const uint8_t *row = store_row(s, layer, tb + j);
+                int codes[gh];
+                for (int gl = 0; gl < gh; gl++)
+                    codes[gl] = s->type.b <= 8 ? row[kvh * gh + gl] : ((const uint16_t *)row)[kvh * gh + gl];
+                float key[hsv];  // small groups are gathered here first; groups of whole vectors are read in place
+                if (c % 8) {
+                    for (int gl = 0; gl < gh; gl++) memcpy(key + gl * c, cb + ((size_t)gl * K + codes[gl]) * c, c * sizeof(float));
+                    for (int i = hs; i < hsv; i++) key[i] = 0.0f;
+                }
+                for (int m = 0; m < nv; m++) {
+                    int gl = 8 * m / c;
+                    f32x8 x = c % 8 ? load8(key + 8 * m) : load8(cb + ((size_t)gl * K + codes[gl]) * c + 8 * m % c);
+                    keys[j][m] = x * load8(cos2[j] + 8 * m) + swap_pairs(x) * load8(sin2[j] + 8 * m);
+                }
             }
             for (int r = 0; r < R; r++) {
-                const float *qh = q + (size_t)(kvh * R + r) * hs;
-                float partial[MAX_HEAD_SIZE];  // c independent sums, read in the c-float chunks they were written in
-                for (int i = 0; i < c; i++) partial[i] = 0.0f;
-                for (int gl = 0; gl < gh; gl++)
-                    for (int i = 0; i < c; i++) partial[i] += qh[gl * c + i] * key[gl * c + i];
-                float score = 0.0f;
-                for (int i = 0; i < c; i++) score += partial[i];
-                kv->att[(size_t)(kvh * R + r) * s->seq_len + t] = score * scale;
+                int h = kvh * R + r;
+                const float *qh = kv->qpad + (size_t)h * hsv;
+                f32x8 dots[CQ_BLOCK];  // lane-wise products; dots[j]'s lanes sum to token j's score
+                for (int j = 0; j < CQ_BLOCK; j++) {
+                    dots[j] = (f32x8){0};
+                    if (j < nb)
+                        for (int m = 0; m < nv; m++) dots[j] += load8(qh + 8 * m) * keys[j][m];
+                }
+                f32x8 scores = lane_sums8(dots);
+                float *dst = att_at(att, h, tb);
+                if (nb == CQ_BLOCK) memcpy(dst, &scores, sizeof scores);  // a constant size: one store
+                else memcpy(dst, &scores, nb * sizeof(float));
             }
         }
     }
 }
 
-static void cq_key_scores_decode(KVCache *kv, int layer, const float *q, int t0, int t1) {
-    switch (kv->k.type.c) {
-    case 2: cq_decode_scores_c(kv, layer, q, t0, t1, 2); break;
-    case 4: cq_decode_scores_c(kv, layer, q, t0, t1, 4); break;
-    case 8: cq_decode_scores_c(kv, layer, q, t0, t1, 8); break;
-    default: cq_decode_scores_c(kv, layer, q, t0, t1, kv->k.type.c);
-    }
+static void cq_key_scores_decode(KVCache *kv, int layer, int t0, int t1, float *att) {
+    int c = kv->k.type.c, hsv = padded_head_size(kv->k.head_size);
+    // Constant shapes let the compiler unroll the loops over a head and a group: about 2x faster
+    // than the general case below on SmolLM2's shape.  Head sizes 64 and 128 cover most models.
+    if (hsv == 64 && c == 8) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 8);
+    else if (hsv == 64 && c == 4) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 4);
+    else if (hsv == 64 && c == 2) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 2);
+    else if (hsv == 128 && c == 8) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 8);
+    else if (hsv == 128 && c == 4) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 4);
+    else if (hsv == 128 && c == 2) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 2);
+    else cq_decode_scores_shape(kv, layer, t0, t1, att, hsv, c);
 }
 
 // Scores for t in [t0, t1) from whole key rows (every other type, CQ's decode path, the window).
-static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int t0, int t1, float *buf) {
+static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int t0, int t1, float *att, float *buf) {
     const KVStore *s = &kv->k;
     int hs = s->head_size, group = kv->n_heads / s->n_kv_heads;
     float scale = 1.0f / sqrtf((float)hs);
@@ -1507,7 +1567,7 @@ static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int 
             const float *kt = row + (size_t)(h / group) * hs, *qh = q + (size_t)h * hs;
             float score = 0.0f;
             for (int i = 0; i < hs; i++) score += qh[i] * kt[i];
-            kv->att[(size_t)h * s->seq_len + t] = score * scale;
+            *att_at(att, h, t) = score * scale;
         }
     }
 }
@@ -1515,58 +1575,66 @@ static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int 
 /* CQ values without decoding: out_h = sum_t p_t v_t = sum_g sum_j (sum of p_t over the tokens
    whose code in group g is j) * C_g[j].  Each token adds its weight to one bin per group and
    head; one (K x c) product per group at the end (cq_value_output).
-   hist: (KVH, hs/c, K, R), the R query heads of a kv head side by side as in the key LUT. */
-CQ_INLINE void cq_value_histogram_r(const KVCache *kv, int layer, int t0, int t1, float *hist, const int R) {
+   hist: (G, K, Rp), Rp = R rounded up to 4 (hist_lanes): the R query heads of a kv head side by
+   side, so that a token adds one 4-float vector per group, zeros in the spare lanes.  Scalar
+   bins (R floats) took twice as long: three load-add-stores per group and token. */
+typedef float f32x4 __attribute__((vector_size(16)));
+
+CQ_INLINE void cq_value_histogram_codes(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist,
+                                        const int wide_codes) {
     const KVStore *s = &kv->v;
-    int K = s->n_centroids, gh = s->head_size / s->type.c, S = s->seq_len;
-    int codes[s->n_groups];
+    int K = s->n_centroids, gh = s->head_size / s->type.c, R = kv->n_heads / s->n_kv_heads, Rp = hist_lanes(R);
     for (int t = t0; t < t1; t++) {
-        cq_read_codes(s, store_row(s, layer, t), codes);
-        for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
-            float p[R];  // the weights of the R query heads that read this kv head
-            for (int r = 0; r < R; r++) p[r] = kv->att[(size_t)(kvh * R + r) * S + t];
-            for (int g = kvh * gh; g < (kvh + 1) * gh; g++) {
-                float *bin = hist + ((size_t)g * K + codes[g]) * R;
-                for (int r = 0; r < R; r++) bin[r] += p[r];
+        const uint8_t *row = store_row(s, layer, t);
+        for (int kvh = 0; kvh < s->n_kv_heads; kvh++)
+            for (int r0 = 0; r0 < R; r0 += 4) {
+                f32x4 p = {0};  // the weights of query heads r0 .. r0+3 of this kv head
+                for (int i = 0; i < 4 && r0 + i < R; i++) p[i] = *att_at(att, kvh * R + r0 + i, t);
+                for (int g = kvh * gh; g < (kvh + 1) * gh; g++) {
+                    int code = wide_codes ? ((const uint16_t *)row)[g] : row[g];
+                    float *bin = hist + ((size_t)g * K + code) * Rp + r0;
+                    f32x4 v;
+                    memcpy(&v, bin, sizeof v);
+                    v += p;
+                    memcpy(bin, &v, sizeof v);
+                }
             }
-        }
     }
 }
 
-static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, float *hist) {
-    switch (kv->n_heads / kv->v.n_kv_heads) {  // a constant R keeps the R weights in registers
-    case 1: cq_value_histogram_r(kv, layer, t0, t1, hist, 1); break;
-    case 2: cq_value_histogram_r(kv, layer, t0, t1, hist, 2); break;
-    case 3: cq_value_histogram_r(kv, layer, t0, t1, hist, 3); break;
-    case 4: cq_value_histogram_r(kv, layer, t0, t1, hist, 4); break;
-    default: cq_value_histogram_r(kv, layer, t0, t1, hist, kv->n_heads / kv->v.n_kv_heads);
-    }
+static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist) {
+    if (kv->v.type.b > 8) cq_value_histogram_codes(kv, layer, t0, t1, att, hist, 1);
+    else cq_value_histogram_codes(kv, layer, t0, t1, att, hist, 0);
 }
 
-// Adds group g's share to out (H, hs): out_h[group g] += sum_j bins[j][r] * C_g[j].  bins: (K, R)
-static void cq_value_output(const KVCache *kv, int layer, int g, const float *bins, float *out) {
+// Adds group g's share to out (H, hs): out_h[group g] += weight_h * sum_j bins[j][r] * C_g[j].
+// bins: (K, Rp) one thread's histogram of group g; weight: (H) that thread's share of each head.
+static void cq_value_output(const KVCache *kv, int layer, int g, const float *bins, const float *weight, float *out) {
     const KVStore *s = &kv->v;
     int K = s->n_centroids, c = s->type.c, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
+    int Rp = hist_lanes(R);
     int kvh = g / gh, gl = g % gh;
     const float *cb = s->codebook + ((size_t)layer * s->n_groups + g) * K * c;
     for (int r = 0; r < R; r++) {
-        float *o = out + (size_t)(kvh * R + r) * hs + gl * c;
+        float *o = out + (size_t)(kvh * R + r) * hs + gl * c, sum[c];  // a local sum: o might alias cb
+        for (int i = 0; i < c; i++) sum[i] = 0.0f;
         for (int j = 0; j < K; j++) {
-            float w = bins[j * R + r];
-            for (int i = 0; i < c; i++) o[i] += w * cb[j * c + i];
+            float w = bins[j * Rp + r];
+            for (int i = 0; i < c; i++) sum[i] += w * cb[j * c + i];
         }
+        for (int i = 0; i < c; i++) o[i] += weight[kvh * R + r] * sum[i];
     }
 }
 
 // out_h += sum over t in [t0, t1) of p_t v_t, from whole value rows.  out: (H, hs)
-static void row_value_sum(const KVCache *kv, int layer, int pos, int t0, int t1, float *out, float *buf) {
+static void row_value_sum(const KVCache *kv, int layer, int pos, int t0, int t1, float *att, float *out, float *buf) {
     const KVStore *s = &kv->v;
     int hs = s->head_size, group = kv->n_heads / s->n_kv_heads;
     for (int t = t0; t < t1; t++) {
         const float *row = store_get(s, kv->rope, layer, t, pos, buf);
         for (int h = 0; h < kv->n_heads; h++) {
             const float *vt = row + (size_t)(h / group) * hs;
-            float p = kv->att[(size_t)h * s->seq_len + t], *oh = out + (size_t)h * hs;
+            float p = *att_at(att, h, t), *oh = out + (size_t)h * hs;
             for (int i = 0; i < hs; i++) oh[i] += p * vt[i];
         }
     }
@@ -1583,18 +1651,17 @@ static void row_value_sum(const KVCache *kv, int layer, int pos, int t0, int t1,
    Threads take contiguous ranges of positions, each with its own (m, s, sums); the ranges are
    merged at the end.  The value sums are plain rows (H, hs) and, for CQ values read through
    codes, the histograms of cq_value_histogram, turned into vectors once, after the merge. */
-#define ATTN_CHUNK 256
 
 // Multiplies head h's histogram bins by f.  hist: (G, K, R)
 static void scale_head_histogram(const KVStore *vs, float *hist, int h, int R, float f) {
-    int K = vs->n_centroids, gh = vs->head_size / vs->type.c, kvh = h / R, r = h % R;
+    int K = vs->n_centroids, gh = vs->head_size / vs->type.c, kvh = h / R, r = h % R, Rp = hist_lanes(R);
     for (int g = kvh * gh; g < (kvh + 1) * gh; g++)
-        for (int j = 0; j < K; j++) hist[((size_t)g * K + j) * R + r] *= f;
+        for (int j = 0; j < K; j++) hist[((size_t)g * K + j) * Rp + r] *= f;
 }
 
 static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *out) {
     const KVStore *ks = &kv->k, *vs = &kv->v;
-    int H = kv->n_heads, hs = ks->head_size, n = pos + 1, S = ks->seq_len, R = H / vs->n_kv_heads;
+    int H = kv->n_heads, hs = ks->head_size, n = pos + 1, R = H / vs->n_kv_heads;
     // positions below n_codes_k (n_codes_v) are read through codes; the rest from the window
     int n_codes_k = ks->window ? (n - ks->window > 0 ? n - ks->window : 0) : n;
     int n_codes_v = vs->window ? (n - vs->window > 0 ? n - vs->window : 0) : n;
@@ -1604,9 +1671,15 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
        in the cache with the LUT, 96 ms decoding; the LUT (H x hs x 2^b floats, 590 KB a layer)
        is rebuilt per query and read at random, the codebook (196 KB) is read once per kv head. */
     int key_lut = cq_keys && kv->lut && kv->key_path == CQ_KEYS_LUT;
-    int value_hist = vs->type.kind == KV_CQ && n_codes_v >= vs->n_centroids && vs->n_centroids <= S;
-    size_t hist_floats = value_hist ? (size_t)vs->n_groups * vs->n_centroids * R : 0;
+    int value_hist = vs->type.kind == KV_CQ && n_codes_v >= vs->n_centroids && vs->n_centroids <= vs->seq_len;
+    size_t hist_floats = value_hist ? (size_t)vs->n_groups * vs->n_centroids * hist_lanes(R) : 0;
     int parallel = kv->n_threads > 1 && (long)n * H * hs >= PARALLEL_MIN_MACS / 4;
+    if (cq_keys && !key_lut) {
+        int hsv = padded_head_size(hs);
+        float scale = 1.0f / sqrtf((float)hs);
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < hsv; i++) kv->qpad[(size_t)h * hsv + i] = i < hs ? scale * q[(size_t)h * hs + i] : 0.0f;
+    }
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(parallel ? kv->n_threads : 1)
@@ -1630,20 +1703,31 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
 #endif
             for (int h = 0; h < H; h++) cq_build_key_lut(kv, layer, q, h);
         }
+        if (cq_keys && !key_lut) {
+            /* The decode path reads the layer's codebook at random, and the weights that stream
+               through the caches between two tokens have evicted it.  At 1K positions a line is
+               read only a few times, so these misses dominated; read in order, the hardware
+               streams it in (SmolLM2 shape, cq1, 1K: keys 5.4 -> xx ms per token). */
+            const char *cb = (const char *)(ks->codebook + (size_t)layer * ks->n_groups * ks->n_centroids * ks->type.c);
+            size_t bytes = (size_t)ks->n_groups * ks->n_centroids * ks->type.c * sizeof(float);
+            for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(cb + i);
+        }
         int t0 = (int)((long)n * tid / nth), t1 = (int)((long)n * (tid + 1) / nth);
-        for (int a = t0; a < t1; a += ATTN_CHUNK) {
-            int b = a + ATTN_CHUNK < t1 ? a + ATTN_CHUNK : t1;
-            // 1. scores att[h][a..b)
+        float *att = kv->att + (size_t)tid * H * ATTN_CHUNK;
+        for (int a = t0, b; a < t1; a = b) {
+            b = (a / ATTN_CHUNK + 1) * ATTN_CHUNK;  // chunks end at multiples of ATTN_CHUNK (see att_at)
+            if (b > t1) b = t1;
+            // 1. scores of positions a..b-1
             int coded = cq_keys ? (b < n_codes_k ? b : n_codes_k) : a;  // [a, coded) through codes
             if (coded > a) {
-                if (key_lut) cq_key_scores_lut(kv, layer, a, coded);
-                else cq_key_scores_decode(kv, layer, q, a, coded);
+                if (key_lut) cq_key_scores_lut(kv, layer, a, coded, att);
+                else cq_key_scores_decode(kv, layer, a, coded, att);
             }
-            if (b > coded) row_key_scores(kv, layer, pos, q, coded > a ? coded : a, b, buf);
+            if (b > coded) row_key_scores(kv, layer, pos, q, coded > a ? coded : a, b, att, buf);
             // 2. online softmax: att becomes exp(score - running max)
             for (int h = 0; h < H; h++) {
-                float *row = kv->att + (size_t)h * S, m = row[a];
-                for (int t = a + 1; t < b; t++) m = fmaxf(m, row[t]);
+                float *row = att_at(att, h, a), m = row[0];
+                for (int i = 1; i < b - a; i++) m = fmaxf(m, row[i]);
                 if (m > mx[h]) {
                     if (sum[h] > 0.0f) {
                         float f = expf(mx[h] - m);
@@ -1653,17 +1737,17 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
                     }
                     mx[h] = m;
                 }
-                float s = 0.0f;
-                for (int t = a; t < b; t++) {
-                    row[t] = expf(row[t] - mx[h]);
-                    s += row[t];
+                float s = 0.0f, mh = mx[h];  // a local: row[] might alias mx[] for all the compiler knows
+                for (int i = 0; i < b - a; i++) {
+                    row[i] = expf(row[i] - mh);
+                    s += row[i];
                 }
                 sum[h] += s;
             }
             // 3. weighted values
             int hist_end = value_hist ? (b < n_codes_v ? b : n_codes_v) : a;
-            if (hist_end > a) cq_value_histogram(kv, layer, a, hist_end, hist);
-            if (b > hist_end) row_value_sum(kv, layer, pos, hist_end > a ? hist_end : a, b, rows, buf);
+            if (hist_end > a) cq_value_histogram(kv, layer, a, hist_end, att, hist);
+            if (b > hist_end) row_value_sum(kv, layer, pos, hist_end > a ? hist_end : a, b, att, rows, buf);
         }
 #ifdef _OPENMP
 #pragma omp barrier
@@ -1690,21 +1774,12 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (int g = 0; g < vs->n_groups; g++) {
-                int K = vs->n_centroids, c = vs->type.c, gh = hs / c, kvh = g / gh;
-                size_t block = (size_t)K * R;  // group g's bins in each thread's histograms
-                float *total = kv->acc + 2 * H + (size_t)H * hs + (size_t)g * block;  // thread 0's, reused
-                for (size_t jr = 0; jr < block; jr++) {
-                    int h = kvh * R + (int)(jr % R);
-                    float v = 0.0f;
-                    for (int th = 0; th < nth; th++) {
-                        const float *a = kv->acc + th * kv->acc_floats;
-                        v += a[H + h] * a[2 * H + (size_t)H * hs + (size_t)g * block + jr];
-                    }
-                    total[jr] = v;
+            for (int g = 0; g < vs->n_groups; g++)
+                for (int th = 0; th < nth; th++) {  // every thread's histograms, with its weights
+                    const float *a = kv->acc + th * kv->acc_floats;
+                    const float *bins = a + 2 * H + (size_t)H * hs + (size_t)g * vs->n_centroids * hist_lanes(R);
+                    cq_value_output(kv, layer, g, bins, a + H, out);
                 }
-                cq_value_output(kv, layer, g, total, out);
-            }
         }
     }
 }

@@ -289,6 +289,35 @@ def test_parallel_attention(run, tmp, monkeypatch, spec, window, keys):
             what="wide -k %s -w %d (3 threads)" % (spec, window))
 
 
+DECODE_SHAPES = [
+    # head_size, keys: the decode path's kernels are compiled for head sizes 64 and 128 with
+    # c = 2, 4, 8; any other shape takes the general kernel, padded to whole 8-float vectors
+    # when head_size is not a multiple of 8 (12, 20)
+    (64, "cq8c4b"), (64, "cq4c4b"), (64, "cq2c5b"), (128, "cq8c3b"), (128, "cq2c3b"),
+    (40, "cq8c4b"), (12, "cq4c4b"), (12, "cq2c4b"), (20, "cq4c3b"), (64, "cq16c3b"),
+]
+
+
+@pytest.mark.parametrize("head_size,spec", DECODE_SHAPES, ids=["hs%d-%s" % s for s in DECODE_SHAPES])
+def test_decode_path_shapes(run, tmp, head_size, spec):
+    """--cq-keys decode on every kernel shape, GQA with 3 query heads per kv head (the value
+    histograms' spare fourth lane), 40 positions (5 blocks of 8) and 37 (a partial block)."""
+    key = "shape%d" % head_size
+    if key not in _models:
+        cfg, w = R.random_model(300 + head_size, dim=24, hidden_dim=32, n_layers=2, n_heads=6,
+                                n_kv_heads=2, head_size=head_size, vocab_size=48, seq_len=40)
+        _models[key] = (cfg, w, CR.to64(w), CR.rope_table(cfg))
+    cfg, w, w64, rope = _models[key]
+    path = tmp / "model.bin"
+    R.write_checkpoint(path, cfg, w)
+    cbs, _ = install_codebooks(path, cfg, w, spec, 23)
+    for n in (40, 37):
+        ids = stream(cfg, n - 1, seed=n)
+        _, got = run_ppl(run, tmp, path, ids, spec, keys="decode", vocab=cfg["vocab_size"])
+        compare(got, cfg, w, w64, rope, ids, spec, 0, None, cbs, tol=TOL_CQ_PATHS,
+                what="head_size %d -k %s, %d positions" % (head_size, spec, n))
+
+
 # ------------------------------------------------------------------------------------------
 # 2. CQ key paths: fused look-up table and decode, both equal to the reference
 
