@@ -998,6 +998,7 @@ typedef struct {
     float *att;            // per thread: (H, ATTN_CHUNK) the current chunk's scores (att_at)
     float *lut;            // CQ keys: (H, hs/c, K, c) products of the query with every centroid
     float *qpad;           // CQ keys, decode path: (H, hs rounded up to 8) the query, scaled, zero-padded
+    float *qrot;           // per thread: qpad turned back by a coarse RoPE angle (cq_decode_scores_shape)
     float *acc;            // per thread: partial outputs (H*hs) or CQ value histograms
     size_t acc_floats;     // floats per thread in acc
     float *kbuf;           // per thread: one decoded row (kv_dim)
@@ -1360,7 +1361,10 @@ static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, C
     kv->key_path = key_path;
     if (key_path == CQ_KEYS_LUT && ktype.kind == KV_CQ && ktype.c % 2 == 0)  // only the lut path needs it
         kv->lut = xmalloc((size_t)H * hs * kv->k.n_centroids * sizeof(float));
-    if (ktype.kind == KV_CQ) kv->qpad = xmalloc((size_t)H * padded_head_size(hs) * sizeof(float));
+    if (ktype.kind == KV_CQ) {
+        kv->qpad = xmalloc((size_t)H * padded_head_size(hs) * sizeof(float));
+        kv->qrot = xmalloc((size_t)kv->n_threads * H * padded_head_size(hs) * sizeof(float));
+    }
     kv->acc_floats = 2 * (size_t)H + (size_t)H * hs;  // per thread: maxima, sums, value rows ...
     if (vtype.kind == KV_CQ && kv->v.n_centroids <= c->seq_len)  // ... and value histograms
         kv->acc_floats += (size_t)kv->v.n_groups * kv->v.n_centroids * hist_lanes(H / c->n_kv_heads);
@@ -1371,7 +1375,7 @@ static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, C
 static void kv_cache_free(KVCache *kv) {
     kv_store_free(&kv->k);
     kv_store_free(&kv->v);
-    free(kv->att); free(kv->lut); free(kv->qpad); free(kv->acc); free(kv->kbuf);
+    free(kv->att); free(kv->lut); free(kv->qpad); free(kv->qrot); free(kv->acc); free(kv->kbuf);
 }
 
 // k: (kv_dim) before RoPE, v: (kv_dim).  kbuf is scratch for the rotated key.
@@ -1492,23 +1496,40 @@ static inline f32x8 lane_sums8(const f32x8 v[8]) {
 }
 
 /* Scores for t in [t0, t1): CQ decode path.  In blocks of CQ_BLOCK tokens, per kv head: gather
-   each token's centroids (the key before RoPE), rotate it to its position, then for each of the
-   R query heads of the group one dot product per token, summed lane-wise for the whole block.
-   Nothing is built per query, and the rotation is shared by the R query heads.
+   each token's centroids (the key before RoPE), rotate it, then for each of the R query heads of
+   the group one dot product per token, summed lane-wise for the whole block.  Nothing is built
+   per query, and the rotation is shared by the R query heads.
+   The rotation is split as in rope_init, t = ROPE_FINE a + b:  q . R(t) k = (R(-ROPE_FINE a) q) . (R(b) k).
+   The queries are turned back by the coarse angle once per ROPE_FINE positions (qrot) and each
+   key is turned by its fine angle straight from the small fine table, so no (cos, sin) row is
+   computed per position (that was a fifth of the work).
    hsv is the head size rounded up to 8 lanes: kv->qpad holds the query heads, scaled by
    1/sqrt(hs), with zeros in the padding, so padded lanes add nothing. */
-#define CQ_BLOCK 8
+#define CQ_BLOCK 8  // divides ROPE_FINE, so an aligned block has one coarse angle
 
 CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c) {
     const KVStore *s = &kv->k;
+    const RopeTable *rope = kv->rope;
     int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, nv = hsv / 8;
-    for (int tb = t0; tb < t1; tb += CQ_BLOCK) {
-        int nb = t1 - tb < CQ_BLOCK ? t1 - tb : CQ_BLOCK;
-        float cos2[CQ_BLOCK][hsv], sin2[CQ_BLOCK][hsv];  // the rotation of each position of the block
-        for (int j = 0; j < nb; j++) rope_cos2_sin2(kv->rope, tb + j, hsv, cos2[j], sin2[j]);
+    float *qrot = kv->qrot + (size_t)thread_id() * kv->n_heads * hsv;  // (H, hsv)
+    int coarse = -1;
+    for (int tb = t0, te; tb < t1; tb = te) {
+        te = (tb / CQ_BLOCK + 1) * CQ_BLOCK;  // blocks end at multiples of CQ_BLOCK
+        if (te > t1) te = t1;
+        int nb = te - tb;
+        if (tb / ROPE_FINE != coarse) {  // turn the queries back by the block's coarse angle
+            coarse = tb / ROPE_FINE;
+            const float *cos2 = rope->coarse_cos2 + (size_t)coarse * hsv, *sin2 = rope->coarse_sin2 + (size_t)coarse * hsv;
+            for (int h = 0; h < kv->n_heads; h++)
+                for (int m = 0; m < nv; m++) {
+                    f32x8 x = load8(kv->qpad + (size_t)h * hsv + 8 * m);
+                    f32x8 y = x * load8(cos2 + 8 * m) - swap_pairs(x) * load8(sin2 + 8 * m);
+                    memcpy(qrot + (size_t)h * hsv + 8 * m, &y, sizeof y);
+                }
+        }
         for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
             const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
-            f32x8 keys[CQ_BLOCK][nv];  // the block's keys of this kv head, rotated
+            f32x8 keys[CQ_BLOCK][nv];  // the block's keys of this kv head, turned by their fine angles
             for (int j = 0; j < nb; j++) {
                 const uint8_t *row = store_row(s, layer, tb + j);
                 int codes[gh];
@@ -1519,16 +1540,18 @@ CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, fl
                     for (int gl = 0; gl < gh; gl++) memcpy(key + gl * c, cb + ((size_t)gl * K + codes[gl]) * c, c * sizeof(float));
                     for (int i = hs; i < hsv; i++) key[i] = 0.0f;
                 }
+                int fine = (tb + j) % ROPE_FINE;
+                const float *cos2 = rope->fine_cos2 + (size_t)fine * hsv, *sin2 = rope->fine_sin2 + (size_t)fine * hsv;
                 for (int m = 0; m < nv; m++) {
                     int gl = 8 * m / c;
                     f32x8 x = c % 8 ? load8(key + 8 * m) : load8(cb + ((size_t)gl * K + codes[gl]) * c + 8 * m % c);
-                    keys[j][m] = x * load8(cos2[j] + 8 * m) + swap_pairs(x) * load8(sin2[j] + 8 * m);
+                    keys[j][m] = x * load8(cos2 + 8 * m) + swap_pairs(x) * load8(sin2 + 8 * m);
                 }
             }
             for (int r = 0; r < R; r++) {
                 int h = kvh * R + r;
-                const float *qh = kv->qpad + (size_t)h * hsv;
-                f32x8 dots[CQ_BLOCK];  // lane-wise products; dots[j]'s lanes sum to token j's score
+                const float *qh = qrot + (size_t)h * hsv;
+                f32x8 dots[CQ_BLOCK];  // lane-wise products; dots[j]'s lanes sum to token tb+j's score
                 for (int j = 0; j < CQ_BLOCK; j++) {
                     dots[j] = (f32x8){0};
                     if (j < nb)
@@ -1580,31 +1603,39 @@ static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int 
    bins (R floats) took twice as long: three load-add-stores per group and token. */
 typedef float f32x4 __attribute__((vector_size(16)));
 
-CQ_INLINE void cq_value_histogram_codes(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist,
-                                        const int wide_codes) {
+CQ_INLINE void cq_value_histogram_shape(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist,
+                                        const int gh, const int Rp, const int wide_codes) {
     const KVStore *s = &kv->v;
-    int K = s->n_centroids, gh = s->head_size / s->type.c, R = kv->n_heads / s->n_kv_heads, Rp = hist_lanes(R);
-    for (int t = t0; t < t1; t++) {
-        const uint8_t *row = store_row(s, layer, t);
-        for (int kvh = 0; kvh < s->n_kv_heads; kvh++)
-            for (int r0 = 0; r0 < R; r0 += 4) {
+    int K = s->n_centroids, R = kv->n_heads / s->n_kv_heads;
+    for (int kvh = 0; kvh < s->n_kv_heads; kvh++)
+        for (int r0 = 0; r0 < R; r0 += 4) {
+            float *bins[gh];  // the histograms of the kv head's groups, lanes r0 .. r0+3
+            for (int gl = 0; gl < gh; gl++) bins[gl] = hist + (size_t)(kvh * gh + gl) * K * Rp + r0;
+            for (int t = t0; t < t1; t++) {
+                const uint8_t *row = store_row(s, layer, t);
                 f32x4 p = {0};  // the weights of query heads r0 .. r0+3 of this kv head
                 for (int i = 0; i < 4 && r0 + i < R; i++) p[i] = *att_at(att, kvh * R + r0 + i, t);
-                for (int g = kvh * gh; g < (kvh + 1) * gh; g++) {
-                    int code = wide_codes ? ((const uint16_t *)row)[g] : row[g];
-                    float *bin = hist + ((size_t)g * K + code) * Rp + r0;
+                for (int gl = 0; gl < gh; gl++) {
+                    int g = kvh * gh + gl, code = wide_codes ? ((const uint16_t *)row)[g] : row[g];
+                    float *bin = bins[gl] + (size_t)code * Rp;
                     f32x4 v;
                     memcpy(&v, bin, sizeof v);
                     v += p;
                     memcpy(bin, &v, sizeof v);
                 }
             }
-    }
+        }
 }
 
 static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist) {
-    if (kv->v.type.b > 8) cq_value_histogram_codes(kv, layer, t0, t1, att, hist, 1);
-    else cq_value_histogram_codes(kv, layer, t0, t1, att, hist, 0);
+    const KVStore *s = &kv->v;
+    int gh = s->head_size / s->type.c, Rp = hist_lanes(kv->n_heads / s->n_kv_heads), wide = s->type.b > 8;
+    // constant shapes unroll the loop over a head's groups (cq1, cq2, cq4 at head size 64)
+    if (Rp == 4 && gh == 8 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 8, 4, 0);
+    else if (Rp == 4 && gh == 16 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 16, 4, 0);
+    else if (Rp == 4 && gh == 32 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 32, 4, 0);
+    else if (wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, gh, Rp, 1);
+    else cq_value_histogram_shape(kv, layer, t0, t1, att, hist, gh, Rp, 0);
 }
 
 // Adds group g's share to out (H, hs): out_h[group g] += weight_h * sum_j bins[j][r] * C_g[j].
