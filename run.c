@@ -984,6 +984,12 @@ typedef enum { CQ_KEYS_AUTO, CQ_KEYS_LUT, CQ_KEYS_DECODE } CQKeyPath;
    position 64 KB apart at 16K, all in one L1 set: the histogram pass then missed L1 9 times a token.) */
 #define ATTN_CHUNK 256
 
+/* The running maximum of the online softmax moves only when a chunk's maximum exceeds it by more
+   than MAX_LAG: weights up to e^16 (times 16K positions, 1.5e11) are far from float overflow, the
+   result is the same up to rounding, and the rescaling of the sums (for CQ, K x hs/c histogram
+   bins per head) happens about once per head instead of every time the maximum creeps up. */
+#define MAX_LAG 16.0f
+
 static inline float *att_at(float *att, int h, int t) { return att + (size_t)h * ATTN_CHUNK + t % ATTN_CHUNK; }
 
 // Lanes per bin of the CQ value histograms: R query heads rounded up to 4 (cq_value_histogram).
@@ -1640,20 +1646,47 @@ static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, flo
 
 // Adds group g's share to out (H, hs): out_h[group g] += weight_h * sum_j bins[j][r] * C_g[j].
 // bins: (K, Rp) one thread's histogram of group g; weight: (H) that thread's share of each head.
-static void cq_value_output(const KVCache *kv, int layer, int g, const float *bins, const float *weight, float *out) {
+CQ_INLINE void cq_value_output_c(const KVCache *kv, int layer, int g, const float *bins, const float *weight,
+                                 float *out, const int c) {
     const KVStore *s = &kv->v;
-    int K = s->n_centroids, c = s->type.c, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
-    int Rp = hist_lanes(R);
+    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, Rp = hist_lanes(R);
     int kvh = g / gh, gl = g % gh;
     const float *cb = s->codebook + ((size_t)layer * s->n_groups + g) * K * c;
-    for (int r = 0; r < R; r++) {
-        float *o = out + (size_t)(kvh * R + r) * hs + gl * c, sum[c];  // a local sum: o might alias cb
-        for (int i = 0; i < c; i++) sum[i] = 0.0f;
-        for (int j = 0; j < K; j++) {
-            float w = bins[j * Rp + r];
-            for (int i = 0; i < c; i++) sum[i] += w * cb[j * c + i];
+    for (int r0 = 0; r0 < R; r0 += 4) {
+        float sum[4][c];  // four query heads
+        if (c % 8 == 0) {  // whole 8-float vectors per centroid: one multiply-add per vector and head
+            f32x8 acc[4][c / 8 + (c < 8)];  // (c < 8: never used, but the array must not be empty)
+            for (int r = 0; r < 4; r++)
+                for (int m = 0; m < c / 8; m++) acc[r][m] = (f32x8){0};
+            for (int j = 0; j < K; j++)
+                for (int m = 0; m < c / 8; m++) {
+                    f32x8 x = load8(cb + (size_t)j * c + 8 * m);
+                    for (int r = 0; r < 4; r++) acc[r][m] += bins[j * Rp + r0 + r] * x;
+                }
+            memcpy(sum, acc, sizeof sum);
+        } else {           // small groups: one 4-float multiply-add (the four heads) per channel
+            float acc[c][4];
+            for (int i = 0; i < c; i++)
+                for (int r = 0; r < 4; r++) acc[i][r] = 0.0f;
+            for (int j = 0; j < K; j++)
+                for (int i = 0; i < c; i++)
+                    for (int r = 0; r < 4; r++) acc[i][r] += cb[j * c + i] * bins[j * Rp + r0 + r];
+            for (int i = 0; i < c; i++)
+                for (int r = 0; r < 4; r++) sum[r][i] = acc[i][r];
         }
-        for (int i = 0; i < c; i++) o[i] += weight[kvh * R + r] * sum[i];
+        for (int r = 0; r < 4 && r0 + r < R; r++) {
+            float *o = out + (size_t)(kvh * R + r0 + r) * hs + gl * c, w = weight[kvh * R + r0 + r];
+            for (int i = 0; i < c; i++) o[i] += w * sum[r][i];
+        }
+    }
+}
+
+static void cq_value_output(const KVCache *kv, int layer, int g, const float *bins, const float *weight, float *out) {
+    switch (kv->v.type.c) {
+    case 2: cq_value_output_c(kv, layer, g, bins, weight, out, 2); break;
+    case 4: cq_value_output_c(kv, layer, g, bins, weight, out, 4); break;
+    case 8: cq_value_output_c(kv, layer, g, bins, weight, out, 8); break;
+    default: cq_value_output_c(kv, layer, g, bins, weight, out, kv->v.type.c);
     }
 }
 
@@ -1759,7 +1792,7 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
             for (int h = 0; h < H; h++) {
                 float *row = att_at(att, h, a), m = row[0];
                 for (int i = 1; i < b - a; i++) m = fmaxf(m, row[i]);
-                if (m > mx[h]) {
+                if (m > mx[h] + MAX_LAG) {
                     if (sum[h] > 0.0f) {
                         float f = expf(mx[h] - m);
                         sum[h] *= f;

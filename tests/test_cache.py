@@ -138,7 +138,7 @@ def cq_configs(spec):
     return out
 
 
-def install_codebooks(path, cfg, w, spec, seed, use_c=False):
+def install_codebooks(path, cfg, w, spec, seed, use_c=False, key_scale=1.0):
     """Random codebooks for the CQ sides of spec, written where run.c looks for them.
     Returns (codebooks for the reference, the -c argument or None)."""
     cbs = {}
@@ -146,6 +146,7 @@ def install_codebooks(path, cfg, w, spec, seed, use_c=False):
     for (c, b) in cq_configs(spec):
         # a spread close to the keys' and values' (about unit variance)
         cbs[(c, b)] = CR.random_codebooks(cfg, c, b, seed + 31 * c + b)
+        cbs[(c, b)][:, 0] *= np.float32(key_scale)  # (L, K/V, G, 2^b, c)
         target = CR.default_centroid_path(path, c, b)
         if use_c:
             target = str(path) + ".mine.cent"
@@ -316,6 +317,26 @@ def test_decode_path_shapes(run, tmp, head_size, spec):
         _, got = run_ppl(run, tmp, path, ids, spec, keys="decode", vocab=cfg["vocab_size"])
         compare(got, cfg, w, w64, rope, ids, spec, 0, None, cbs, tol=TOL_CQ_PATHS,
                 what="head_size %d -k %s, %d positions" % (head_size, spec, n))
+
+
+@pytest.mark.parametrize("spec", ["fp32", "q4", "cq8c4b", "cq2c4b:cq4c4b"])
+def test_long_context_online_softmax(run, tmp, spec):
+    """600 positions: three chunks of kv_attend's online softmax (ATTN_CHUNK = 256), with
+    attention scores scaled up (q and k weights x6) so that later chunks raise the running
+    maximum by more than MAX_LAG and the sums and value histograms are rescaled."""
+    if "long" not in _models:
+        cfg, w = R.random_model(77, dim=16, hidden_dim=24, n_layers=1, n_heads=4, n_kv_heads=2,
+                                head_size=8, vocab_size=40, seq_len=640)
+        w["wq"] = w["wq"] * np.float32(6.0)
+        w["wk"] = w["wk"] * np.float32(6.0)
+        _models["long"] = (cfg, w, CR.to64(w), CR.rope_table(cfg))
+    cfg, w, w64, rope = _models["long"]
+    path = tmp / "model.bin"
+    R.write_checkpoint(path, cfg, w)
+    cbs, _ = install_codebooks(path, cfg, w, spec, 31, key_scale=6.0)  # CQ keys as large as the model's
+    ids = stream(cfg, 599, seed=12)
+    _, got = run_ppl(run, tmp, path, ids, spec, keys="decode", vocab=cfg["vocab_size"])
+    compare(got, cfg, w, w64, rope, ids, spec, 0, None, cbs, what="600 positions -k %s" % spec)
 
 
 # ------------------------------------------------------------------------------------------
