@@ -970,7 +970,6 @@ typedef struct {
     int n_centroids;       // K = 2^b
     float *codebook;       // (L, G, K, c); keys before RoPE
     float *centroid_sqnorm;// (L, G, K): ||C||^2, for the nearest-centroid search
-    float *dist;           // (threads, K) scratch of the encoder
     // -w: the newest tokens in full precision
     int window;
     float *window_rows;    // (L, window, kv_dim), position t at slot t % window; keys after RoPE
@@ -1119,30 +1118,42 @@ static float block_value(const uint8_t *src, int i, int bits) {  // one value of
    1.3x faster, but it is a second copy to bring into the caches for every layer and token:
    at 1K positions that cost more than the encoding itself. */
 
+#define CQ_ENCODE_CHUNK 256  // centroids whose distances are held at once (on the stack)
+
 static inline __attribute__((always_inline)) int cq_encode_group_c(const float *x, const float *cb, const float *sqnorm,
-                                                                int K, const int c, float *dist) {
+                                                                int K, const int c) {
     float m[c];
     for (int i = 0; i < c; i++) m[i] = -2.0f * x[i];
-    for (int j = 0; j < K; j++) {
-        float d = sqnorm[j];
-        for (int i = 0; i < c; i++) d += m[i] * cb[(size_t)j * c + i];
-        dist[j] = d;
+    int best = 0;  // stays 0 only when x holds NaNs
+    float best_d = INFINITY;
+    for (int j0 = 0; j0 < K; j0 += CQ_ENCODE_CHUNK) {
+        int n = K - j0 < CQ_ENCODE_CHUNK ? K - j0 : CQ_ENCODE_CHUNK;
+        float dist[CQ_ENCODE_CHUNK];
+        for (int j = 0; j < n; j++) {
+            float d = sqnorm[j0 + j];
+            for (int i = 0; i < c; i++) d += m[i] * cb[(size_t)(j0 + j) * c + i];
+            dist[j] = d;
+        }
+        float min = dist[0];  // two passes, both vectorize: the minimum, then its first index
+        for (int j = 1; j < n; j++) min = fminf(min, dist[j]);
+        if (min < best_d)     // strictly: on a tie the earlier chunk keeps it
+            for (int j = 0; j < n; j++)
+                if (dist[j] == min) { best = j0 + j; best_d = min; break; }
     }
-    float min = dist[0];  // two passes, both vectorize: the minimum, then its first index
-    for (int j = 1; j < K; j++) min = fminf(min, dist[j]);
-    for (int j = 0; j < K; j++)
-        if (dist[j] == min) return j;
-    return 0;  // only when x holds NaNs
+    return best;
 }
 
-static int cq_encode_group(const float *x, const float *cb, const float *sqnorm, int K, int c, float *dist) {
+static int cq_encode_group(const float *x, const float *cb, const float *sqnorm, int K, int c) {
     switch (c) {  // a constant c lets the compiler keep the c partial products in registers
-    case 2: return cq_encode_group_c(x, cb, sqnorm, K, 2, dist);
-    case 4: return cq_encode_group_c(x, cb, sqnorm, K, 4, dist);
-    case 8: return cq_encode_group_c(x, cb, sqnorm, K, 8, dist);
-    default: return cq_encode_group_c(x, cb, sqnorm, K, c, dist);
+    case 2: return cq_encode_group_c(x, cb, sqnorm, K, 2);
+    case 4: return cq_encode_group_c(x, cb, sqnorm, K, 4);
+    case 8: return cq_encode_group_c(x, cb, sqnorm, K, 8);
+    default: return cq_encode_group_c(x, cb, sqnorm, K, c);
     }
 }
+
+// Code g of a row: one byte for b <= 8, two above (wide).
+static inline int cq_code(const uint8_t *row, int g, int wide) { return wide ? ((const uint16_t *)row)[g] : row[g]; }
 
 // The codes of one (layer, position) row as ints; they are bytes for b <= 8, else uint16.
 static void cq_read_codes(const KVStore *s, const uint8_t *row, int *codes) {
@@ -1240,7 +1251,6 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
         s->row_bytes = (size_t)s->n_groups * (type.b <= 8 ? 1 : 2);
         s->codebook = xmalloc(L * s->n_groups * s->n_centroids * type.c * sizeof(float));
         s->centroid_sqnorm = xmalloc(L * s->n_groups * s->n_centroids * sizeof(float));
-        s->dist = xmalloc((size_t)max_threads() * s->n_centroids * sizeof(float));
         {
             char path[4096];
             if (centroid_path) snprintf(path, sizeof path, "%s", centroid_path);
@@ -1266,7 +1276,7 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
 
 static void kv_store_free(KVStore *s) {
     free(s->rows); free(s->kivi_blocks); free(s->kivi_recent);
-    free(s->codebook); free(s->centroid_sqnorm); free(s->dist); free(s->window_rows);
+    free(s->codebook); free(s->centroid_sqnorm); free(s->window_rows);
 }
 
 static uint8_t *store_row(const KVStore *s, int layer, int t) {
@@ -1290,8 +1300,7 @@ static void store_put(KVStore *s, int layer, int pos, const float *x) {
         int c = s->type.c, K = s->n_centroids;
         for (int g = 0; g < s->n_groups; g++) {
             size_t lg = (size_t)layer * s->n_groups + g;
-            float *dist = s->dist + (size_t)thread_id() * K;
-            int code = cq_encode_group(x + g * c, s->codebook + lg * K * c, s->centroid_sqnorm + lg * K, K, c, dist);
+            int code = cq_encode_group(x + g * c, s->codebook + lg * K * c, s->centroid_sqnorm + lg * K, K, c);
             if (s->type.b <= 8) row[g] = (uint8_t)code;
             else ((uint16_t *)row)[g] = (uint16_t)code;
         }
@@ -1385,7 +1394,7 @@ static void kv_cache_free(KVCache *kv) {
 }
 
 // k: (kv_dim) before RoPE, v: (kv_dim).  kbuf is scratch for the rotated key.
-static void kv_append(KVCache *kv, int layer, int pos, const float *k, const float *v) {
+static void put_key(KVCache *kv, int layer, int pos, const float *k) {
     KVStore *ks = &kv->k;
     if (ks->type.kind == KV_CQ) {
         store_put(ks, layer, pos, k);  // CQ codes the key before RoPE ...
@@ -1399,6 +1408,25 @@ static void kv_append(KVCache *kv, int layer, int pos, const float *k, const flo
         rope_rotate(kv->rope, rotated, ks->n_kv_heads, pos);
         store_put(ks, layer, pos, rotated);
     }
+}
+
+static void kv_append(KVCache *kv, int layer, int pos, const float *k, const float *v) {
+#ifdef _OPENMP
+    /* CQ encoding (K x c multiply-adds per group) is the one costly part of appending: with two
+       threads, the key and the value are coded side by side.  Not from inside a parallel region
+       (bench fills the layers in parallel), where kbuf's slot is that of the calling thread. */
+    if (kv->k.type.kind == KV_CQ && kv->v.type.kind == KV_CQ && kv->n_threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel sections num_threads(2)
+        {
+#pragma omp section
+            put_key(kv, layer, pos, k);
+#pragma omp section
+            store_put(&kv->v, layer, pos, v);
+        }
+        return;
+    }
+#endif
+    put_key(kv, layer, pos, k);
     store_put(&kv->v, layer, pos, v);
 }
 
@@ -1513,7 +1541,8 @@ static inline f32x8 lane_sums8(const f32x8 v[8]) {
    1/sqrt(hs), with zeros in the padding, so padded lanes add nothing. */
 #define CQ_BLOCK 8  // divides ROPE_FINE, so an aligned block has one coarse angle
 
-CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c) {
+CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c,
+                                      const int wide_codes) {
     const KVStore *s = &kv->k;
     const RopeTable *rope = kv->rope;
     int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, nv = hsv / 8;
@@ -1537,20 +1566,17 @@ CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, fl
             const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
             f32x8 keys[CQ_BLOCK][nv];  // the block's keys of this kv head, turned by their fine angles
             for (int j = 0; j < nb; j++) {
-                const uint8_t *row = store_row(s, layer, tb + j);
-                int codes[gh];
-                for (int gl = 0; gl < gh; gl++)
-                    codes[gl] = s->type.b <= 8 ? row[kvh * gh + gl] : ((const uint16_t *)row)[kvh * gh + gl];
+                const uint8_t *row = store_row(s, layer, tb + j) + (size_t)kvh * gh * (1 + wide_codes);  // this kv head's codes
                 float key[hsv];  // small groups are gathered here first; groups of whole vectors are read in place
                 if (c % 8) {
-                    for (int gl = 0; gl < gh; gl++) memcpy(key + gl * c, cb + ((size_t)gl * K + codes[gl]) * c, c * sizeof(float));
+                    for (int gl = 0; gl < gh; gl++) memcpy(key + gl * c, cb + ((size_t)gl * K + cq_code(row, gl, wide_codes)) * c, c * sizeof(float));
                     for (int i = hs; i < hsv; i++) key[i] = 0.0f;
                 }
                 int fine = (tb + j) % ROPE_FINE;
                 const float *cos2 = rope->fine_cos2 + (size_t)fine * hsv, *sin2 = rope->fine_sin2 + (size_t)fine * hsv;
                 for (int m = 0; m < nv; m++) {
                     int gl = 8 * m / c;
-                    f32x8 x = c % 8 ? load8(key + 8 * m) : load8(cb + ((size_t)gl * K + codes[gl]) * c + 8 * m % c);
+                    f32x8 x = c % 8 ? load8(key + 8 * m) : load8(cb + ((size_t)gl * K + cq_code(row, gl, wide_codes)) * c + 8 * m % c);
                     keys[j][m] = x * load8(cos2 + 8 * m) + swap_pairs(x) * load8(sin2 + 8 * m);
                 }
             }
@@ -1576,13 +1602,14 @@ static void cq_key_scores_decode(KVCache *kv, int layer, int t0, int t1, float *
     int c = kv->k.type.c, hsv = padded_head_size(kv->k.head_size);
     // Constant shapes let the compiler unroll the loops over a head and a group: about 2x faster
     // than the general case below on SmolLM2's shape.  Head sizes 64 and 128 cover most models.
-    if (hsv == 64 && c == 8) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 8);
-    else if (hsv == 64 && c == 4) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 4);
-    else if (hsv == 64 && c == 2) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 2);
-    else if (hsv == 128 && c == 8) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 8);
-    else if (hsv == 128 && c == 4) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 4);
-    else if (hsv == 128 && c == 2) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 2);
-    else cq_decode_scores_shape(kv, layer, t0, t1, att, hsv, c);
+    if (kv->k.type.b > 8) cq_decode_scores_shape(kv, layer, t0, t1, att, hsv, c, 1);  // two-byte codes
+    else if (hsv == 64 && c == 8) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 8, 0);
+    else if (hsv == 64 && c == 4) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 4, 0);
+    else if (hsv == 64 && c == 2) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 2, 0);
+    else if (hsv == 128 && c == 8) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 8, 0);
+    else if (hsv == 128 && c == 4) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 4, 0);
+    else if (hsv == 128 && c == 2) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 2, 0);
+    else cq_decode_scores_shape(kv, layer, t0, t1, att, hsv, c, 0);
 }
 
 // Scores for t in [t0, t1) from whole key rows (every other type, CQ's decode path, the window).
@@ -1622,7 +1649,7 @@ CQ_INLINE void cq_value_histogram_shape(const KVCache *kv, int layer, int t0, in
                 f32x4 p = {0};  // the weights of query heads r0 .. r0+3 of this kv head
                 for (int i = 0; i < 4 && r0 + i < R; i++) p[i] = *att_at(att, kvh * R + r0 + i, t);
                 for (int gl = 0; gl < gh; gl++) {
-                    int g = kvh * gh + gl, code = wide_codes ? ((const uint16_t *)row)[g] : row[g];
+                    int code = cq_code(row, kvh * gh + gl, wide_codes);
                     float *bin = bins[gl] + (size_t)code * Rp;
                     f32x4 v;
                     memcpy(&v, bin, sizeof v);

@@ -448,11 +448,12 @@ def test_codebook_with_every_vector_reproduces_fp32(run, tmp, model, c, b, n, us
         assert err <= 1e-5, "-k %s --cq-keys %s: logits differ from -k fp32 by %.3g" % (spec, keys, err)
 
 
-@pytest.mark.parametrize("c", [2, 4])
-def test_cq_ties_take_the_first_centroid(run, tmp, c):
+@pytest.mark.parametrize("c,b", [(2, 5), (4, 5), (2, 9)])
+def test_cq_ties_take_the_first_centroid(run, tmp, c, b):
     """Exact model: for every key and value group vector x the codebook holds x + d and
     x - d (d = +-1/8 per channel, in random order): two centroids at exactly the same
-    distance, computed without rounding by both programs.  The first index must win."""
+    distance, computed without rounding by both programs.  The first index must win.
+    With b = 9 the two sit 256 entries apart, in the two chunks run.c's encoder scans."""
     model = "exact_gqa"
     cfg, w, w64, rope = get_model(model)
     path = tmp / "model.bin"
@@ -461,7 +462,6 @@ def test_cq_ties_take_the_first_centroid(run, tmp, c):
     others = [t for t in range(cfg["vocab_size"]) if t != cfg["bos_id"]]
     ids = [int(t) for t in rng.choice(others, size=15, replace=False)]
     vecs = captured_vectors(cfg, w, w64, rope, ids, 16)
-    b = 5
     L, G, K = cfg["n_layers"], CR.n_groups(cfg, c), 1 << b
     cb = np.empty((L, 2, G, K, c), np.float32)
     for (l, side), X in vecs.items():
@@ -472,7 +472,11 @@ def test_cq_ties_take_the_first_centroid(run, tmp, c):
                 d = rng.choice([-0.125, 0.125], size=c)
                 pair = [x + d, x - d]
                 entries += pair if rng.random() < 0.5 else pair[::-1]
-            entries += list(100.0 + rng.integers(-50, 50, size=(K - len(entries), c)))
+            fill = list(100.0 + rng.integers(-50, 50, size=(K - len(entries), c)))
+            if K > 256:  # first of each pair in entries 0.., second in 256..
+                entries = entries[0::2] + fill[:256 - len(uniq)] + entries[1::2] + fill[256 - len(uniq):]
+            else:
+                entries += fill
             cb[l, side, g] = np.array(entries, np.float32)
     spec = "cq%dc%db" % (c, b)
     CR.write_centroids(CR.default_centroid_path(path, c, b), cfg, w, c, b, cb)
