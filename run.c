@@ -1757,10 +1757,12 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
     int n_codes_k = ks->window ? (n - ks->window > 0 ? n - ks->window : 0) : n;
     int n_codes_v = vs->window ? (n - vs->window > 0 ? n - vs->window : 0) : n;
     int cq_keys = ks->type.kind == KV_CQ && ks->type.c >= 2;  // c = 1 splits RoPE pairs: row path
-    /* Keys: decode+rotate+dot unless --cq-keys lut.  Measured on a SmolLM2-shaped model, 16K
-       context, 1 thread (./run -m bench -l 16384 -k cq1 --cq-keys lut|decode): 167 ms per token
-       in the cache with the LUT, 96 ms decoding; the LUT (H x hs x 2^b floats, 590 KB a layer)
-       is rebuilt per query and read at random, the codebook (196 KB) is read once per kv head. */
+    /* Keys: decode+rotate+dot unless --cq-keys lut.  Measured on a SmolLM2-shaped model, 1 thread
+       (./run -m bench -l 16384 -k cq1 --cq-keys lut|decode): at 16K positions 150-158 ms per token
+       in the cache with the LUT, 40-44 ms decoding; at 1K 11.9 ms and 4.4 ms.  The LUT (H x hs x
+       2^b floats, 590 KB a layer) is rebuilt per query and read at random, one c-float product
+       per query head and group; decoding reads the codebook (196 KB) and rotates each key once
+       for the R query heads that share it. */
     int key_lut = cq_keys && kv->lut && kv->key_path == CQ_KEYS_LUT;
     int value_hist = vs->type.kind == KV_CQ && n_codes_v >= vs->n_centroids && vs->n_centroids <= vs->seq_len;
     size_t hist_floats = value_hist ? (size_t)vs->n_groups * vs->n_centroids * hist_lanes(R) : 0;
