@@ -979,8 +979,9 @@ typedef enum { CQ_KEYS_AUTO, CQ_KEYS_LUT, CQ_KEYS_DECODE } CQKeyPath;
 
 /* The scores of one chunk of positions live in a small per-thread matrix, att (H, ATTN_CHUNK):
    position t in column t % ATTN_CHUNK.  kv_attend never lets a chunk straddle a multiple of
-   ATTN_CHUNK, so a chunk's columns are contiguous.  (A (H, seq_len) matrix put the H rows of one
-   position 64 KB apart at 16K, all in one L1 set: the histogram pass then missed L1 9 times a token.) */
+   ATTN_CHUNK, so a chunk's columns are contiguous.  (An (H, seq_len) matrix put the H scores of
+   one position 64 KB apart at 16K, all in one L1 set, and the value sums, which read them
+   position by position, missed L1 for each: fp32 attention at 16K took ~97 ms a token, now ~75.) */
 #define ATTN_CHUNK 256
 
 /* The running maximum of the online softmax moves only when a chunk's maximum exceeds it by more
@@ -1736,14 +1737,16 @@ static void row_value_sum(const KVCache *kv, int layer, int pos, int t0, int t1,
    One pass over the positions, in chunks of ATTN_CHUNK, with an online softmax (as flash
    attention does): per head a running maximum m and sum s of exp(score - m); a chunk's scores
    become exp(score - m) at once and are added into the value sums, which are rescaled by
-   exp(m_old - m_new) whenever the maximum grows.  Only one chunk of scores is live at a time,
-   so scores, codes and codebooks stay in cache: with all 16K positions' scores written before
-   the softmax, CQ's codebooks fell out of L2 and its key scoring got 4x slower from 8K to 16K.
-   Threads take contiguous ranges of positions, each with its own (m, s, sums); the ranges are
+   exp(m_old - m_new) when the maximum grows (by more than MAX_LAG).  Only one chunk of scores
+   is live at a time, so scores, codes and codebooks stay in cache: with all 16K positions'
+   scores written before the softmax, CQ's codebooks fell out of L2 and its key scoring got 4x
+   slower from 8K to 16K.  Threads take chunks as they come (a dynamic schedule: on a shared
+   machine one core is often slower than the other, and fixed halves left the fast thread
+   waiting for up to a fifth of the time), each with its own (m, s, sums); the threads are
    merged at the end.  The value sums are plain rows (H, hs) and, for CQ values read through
    codes, the histograms of cq_value_histogram, turned into vectors once, after the merge. */
 
-// Multiplies head h's histogram bins by f.  hist: (G, K, R)
+// Multiplies head h's histogram bins by f.  hist: (G, K, Rp)
 static void scale_head_histogram(const KVStore *vs, float *hist, int h, int R, float f) {
     int K = vs->n_centroids, gh = vs->head_size / vs->type.c, kvh = h / R, r = h % R, Rp = hist_lanes(R);
     for (int g = kvh * gh; g < (kvh + 1) * gh; g++)
@@ -1805,11 +1808,13 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
             size_t bytes = (size_t)ks->n_groups * ks->n_centroids * ks->type.c * sizeof(float);
             for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(cb + i);
         }
-        int t0 = (int)((long)n * tid / nth), t1 = (int)((long)n * (tid + 1) / nth);
         float *att = kv->att + (size_t)tid * H * ATTN_CHUNK;
-        for (int a = t0, b; a < t1; a = b) {
-            b = (a / ATTN_CHUNK + 1) * ATTN_CHUNK;  // chunks end at multiples of ATTN_CHUNK (see att_at)
-            if (b > t1) b = t1;
+        int n_chunks = (n + ATTN_CHUNK - 1) / ATTN_CHUNK;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic) nowait
+#endif
+        for (int chunk = 0; chunk < n_chunks; chunk++) {
+            int a = chunk * ATTN_CHUNK, b = a + ATTN_CHUNK < n ? a + ATTN_CHUNK : n;  // (see att_at)
             // 1. scores of positions a..b-1
             int coded = cq_keys ? (b < n_codes_k ? b : n_codes_k) : a;  // [a, coded) through codes
             if (coded > a) {
