@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Which channels should a CQ key group couple?  An experiment on SmolLM2 (meant for the GPU).
+
+run.c groups c contiguous channels of llama2.c's interleaved layout, so a key group holds c/2
+whole RoPE pairs.  The paper grouped contiguous channels of Hugging Face's rotate-half layout
+(../shared/docs/CQ.md, section 5): there a key group holds one channel from each of c RoPE
+pairs of neighbouring frequencies.  Values are laid out alike in both, so only keys differ.
+
+This script learns Fisher-weighted codebooks both ways from the same calibration activations
+(export.py's collect_kv and learn_codebooks: 16 x 2048 tokens by default) and scores them with
+smollm_quality.py's batched evaluator, which follows run.c's semantics; for the rotate-half
+grouping the pre-RoPE key is permuted into Hugging Face's channel order before it is coded and
+the decoded key permuted back before RoPE.  run.c itself only implements the interleaved
+grouping.  Prints a Markdown table (perplexity, KL) on the first --windows windows of 2048.
+
+Usage: python3 scripts/grouping_experiment.py --model M.bin --calib VALID_IDS --ids TEST_IDS
+           [--types cq1,cq2,cq4] [--windows 32] [--device cuda] [--json OUT]
+(the id files as for scripts/smollm_gpu.sh: ./run -m encode output, BOS dropped)
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import export as E  # noqa: E402
+import smollm_quality as Q  # noqa: E402
+
+
+def hf_order(n_kv_heads, head_size):
+    """Index list: position i of the Hugging Face (rotate-half) order holds interleaved
+    channel perm[i].  Within a head, HF channel j < hs/2 is channel 2j, hs/2 + j is 2j + 1."""
+    half = head_size // 2
+    head = [2 * j for j in range(half)] + [2 * j + 1 for j in range(half)]
+    return [h * head_size + i for h in range(n_kv_heads) for i in head]
+
+
+class PermutedKeys(Q.Evaluator):
+    """The batched evaluator, with CQ key groups taken in another channel order."""
+
+    def __init__(self, cfg, w, device, order):
+        super().__init__(cfg, w, device)
+        self.perm = torch.tensor(order, device=self.dev)
+        self.inverse = torch.argsort(self.perm)
+        self.permuted_files = set()
+
+    def stored(self, row, is_key, layer, x, xr, T):
+        if not (is_key and row.type.kind == "cq" and row.centroid_file in self.permuted_files):
+            return super().stored(row, is_key, layer, x, xr, T)
+        c, b = row.type.c, row.type.b
+        cb, sq = self.codebook(row.centroid_file, c, b)
+        cb, sq = cb[layer, 0], sq[layer, 0]
+        G = cb.shape[0]
+        codes = Q.cq_encode(x[:, self.perm].reshape(T, G, c), cb, sq)
+        dec = cb[torch.arange(G, device=self.dev)[None, :], codes].reshape(T, -1)[:, self.inverse]
+        hs = self.cfg["head_size"]
+        d = dec.view(T, -1, hs)
+        swapped = d.view(T, -1, hs // 2, 2).flip(-1).reshape(d.shape)
+        return Q.fma(d, self.cos2[:T, None, :], swapped * self.sin2[:T, None, :]).reshape(T, -1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True, help="calibration token ids (whitespace-separated)")
+    ap.add_argument("--ids", required=True, help="evaluation token ids (whitespace-separated)")
+    ap.add_argument("--types", default="cq1,cq2,cq4")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seqs", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("-l", "--length", type=int, default=2048)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    t_start = time.time()
+    E.PROGRESS.enabled = sys.stderr.isatty()  # the k-means progress line, on a terminal only
+
+    cfg, weights = E.load_checkpoint(args.model)
+    model = E.TorchLlama(cfg, weights, dtype=torch.float32, device=args.device)
+    seqs = E.calibration_sequences_from_text(args.calib, None, cfg, args.seqs,
+                                             min(args.seq_len, cfg.seq_len), ids=True)
+    acts, g2 = E.collect_kv(model, seqs, fisher=True)
+    del model
+    acts, g2 = acts.to(args.device), g2.to(args.device)
+    n_tokens = sum(len(s) for s in seqs)
+    print(f"calibration: {len(seqs)} sequences, {n_tokens} tokens, {time.time() - t_start:.1f} s",
+          flush=True)
+    order = hf_order(cfg.n_kv_heads, cfg.head_size)
+    fp = E.model_fingerprint(weights["wk"])
+    tmp = tempfile.mkdtemp(prefix="grouping.")
+    files = {}
+    for name in args.types.split(","):
+        c, b = Q.KVType(name).c, Q.KVType(name).b
+        for grouping in ("interleaved", "rotate-half"):
+            a, g = acts, g2
+            if grouping == "rotate-half":  # keys (index 0 of the K/V axis) in HF channel order
+                a, g = acts.clone(), g2.clone()
+                a[:, 0] = acts[:, 0][..., order]
+                g[:, 0] = g2[:, 0][..., order]
+            t0 = time.time()
+            cb, st = E.learn_codebooks(a, g, cfg, c, b, 100, 0, f"{name} {grouping}", E.PROGRESS)
+            path = os.path.join(tmp, f"{name}.{grouping}.cent")
+            E.write_centroids(path, cb, cfg.n_kv_heads, cfg.head_size, 1, n_tokens, fp)
+            files[(name, grouping)] = path
+            print(f"{name} {grouping}: plain relative MSE of keys "
+                  f"{st['sse'][0] / st['var'][0]:.4f}, values {st['sse'][1] / st['var'][1]:.4f}; "
+                  f"{time.time() - t0:.1f} s", flush=True)
+    del acts, g2
+
+    w = Q.load_checkpoint(args.model)[1]
+    qcfg = Q.load_checkpoint(args.model)[0]
+    ev = PermutedKeys(qcfg, w, args.device, order)
+    rows, labels = [Q.Row("fp32")], {"fp32": ("fp32", "-")}
+    for (name, grouping), path in files.items():
+        for window in (0, 128) if name == "cq1" else (0,):
+            r = Q.Row(f"{name}/fisher" + (f"/w{window}" if window else ""))
+            r.id = f"{r.id}/{grouping}"
+            r.centroid_file = path
+            if grouping == "rotate-half":
+                ev.permuted_files.add(path)
+            rows.append(r)
+            labels[r.id] = (f"{name}" + (f", {window}-token window" if window else ""), grouping)
+    ids = [int(t) for t in open(args.ids).read().split()]
+    wins = Q.windows_of(ids, args.length, qcfg["bos_id"])[:args.windows]
+    totals = Q.evaluate(ev, rows, wins)
+    res = Q.results(qcfg, rows, totals)
+    print(f"\n{len(wins)} windows of {args.length}, {res[0]['tokens']} scored tokens; "
+          f"Fisher centroids from {n_tokens} calibration tokens\n")
+    print("| cache | key groups | ppl | KL |\n|---|---|---:|---:|")
+    for r in res:
+        cache, grouping = labels[r["id"]]
+        print(f"| {cache} | {grouping} | {r['ppl']:.3f} | {r['kl']:.4f} |")
+    print(f"\ntotal {time.time() - t_start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(windows=len(wins), tokens=res[0]["tokens"], rows=res,
+                           labels={k: list(v) for k, v in labels.items()}), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
