@@ -1,20 +1,28 @@
 #!/usr/bin/env python3
-"""Which channels should a CQ key group couple?  An experiment on SmolLM2 (meant for the GPU).
+"""Two questions about CQ's codebooks, answered on SmolLM2 (meant for the GPU).
 
-run.c groups c contiguous channels of llama2.c's interleaved layout, so a key group holds c/2
-whole RoPE pairs.  The paper grouped contiguous channels of Hugging Face's rotate-half layout
-(../shared/docs/CQ.md, section 5): there a key group holds one channel from each of c RoPE
-pairs of neighbouring frequencies.  Values are laid out alike in both, so only keys differ.
+Each variant learns codebooks from the same calibration activations as `export.py centroids`
+(its collect_kv and learn_codebooks: 16 x 2048 tokens by default, Fisher-weighted) next to the
+plain Fisher ones, and smollm_quality.py's batched evaluator (run.c's semantics) scores both on
+the first --windows windows of 2048 tokens.  Prints a Markdown table (perplexity, KL).
 
-This script learns Fisher-weighted codebooks both ways from the same calibration activations
-(export.py's collect_kv and learn_codebooks: 16 x 2048 tokens by default) and scores them with
-smollm_quality.py's batched evaluator, which follows run.c's semantics; for the rotate-half
-grouping the pre-RoPE key is permuted into Hugging Face's channel order before it is coded and
-the decoded key permuted back before RoPE.  run.c itself only implements the interleaved
-grouping.  Prints a Markdown table (perplexity, KL) on the first --windows windows of 2048.
+  rotate-half  Which channels should a key group couple?  run.c groups c contiguous channels
+               of llama2.c's interleaved layout (a key group holds c/2 whole RoPE pairs); the
+               paper grouped contiguous channels of Hugging Face's rotate-half layout
+               (../shared/docs/CQ.md, section 5), where a key group holds one channel from
+               each of c RoPE pairs of neighbouring frequencies.  Values are laid out alike in
+               both.  The evaluator permutes the pre-RoPE key into Hugging Face's order before
+               coding it and the decoded key back before RoPE.  run.c implements only the
+               interleaved grouping.
+  clip99       Do a few calibration tokens with huge squared gradients (the first position
+               of each sequence, mostly) steer the weighted k-means?  The squared gradients
+               are clipped at their 99th percentile per (layer, K/V, channel) before the group
+               weights are summed.  The script first prints what share of the Fisher weight
+               the first positions and the top 1 % of tokens carry.
 
-Usage: python3 scripts/grouping_experiment.py --model M.bin --calib VALID_IDS --ids TEST_IDS
-           [--types cq1,cq2,cq4] [--windows 32] [--device cuda] [--json OUT]
+Usage: python3 scripts/centroid_experiments.py --model M.bin --calib VALID_IDS --ids TEST_IDS
+           [--variants rotate-half,clip99] [--types cq1,cq2,cq4] [--windows 32]
+           [--device cuda] [--json OUT]
 (the id files as for scripts/smollm_gpu.sh: ./run -m encode output, BOS dropped)
 """
 import argparse
@@ -72,6 +80,7 @@ def main():
     ap.add_argument("--calib", required=True, help="calibration token ids (whitespace-separated)")
     ap.add_argument("--ids", required=True, help="evaluation token ids (whitespace-separated)")
     ap.add_argument("--types", default="cq1,cq2,cq4")
+    ap.add_argument("--variants", default="rotate-half,clip99")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seqs", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -93,23 +102,37 @@ def main():
     print(f"calibration: {len(seqs)} sequences, {n_tokens} tokens, {time.time() - t_start:.1f} s",
           flush=True)
     order = hf_order(cfg.n_kv_heads, cfg.head_size)
+    variants = args.variants.split(",")
+    if "clip99" in variants:  # where the Fisher weight sits: first positions, top 1 % of tokens
+        starts = torch.zeros(acts.shape[2], dtype=torch.bool)
+        starts[torch.tensor([0] + [sum(len(x) for x in seqs[:i]) for i in range(1, len(seqs))])] = True
+        for kv, name in enumerate("KV"):
+            per_token = g2[:, kv].sum(-1).double()  # (L, N): summed over channels
+            top = per_token.sort(dim=1, descending=True).values
+            k1 = max(1, per_token.shape[1] // 100)
+            print(f"Fisher weight of {name}: first positions ({int(starts.sum())} tokens) "
+                  f"{(per_token[:, starts.to(per_token.device)].sum() / per_token.sum()):.3f} of the "
+                  f"total, top 1 % of tokens {(top[:, :k1].sum() / per_token.sum()):.3f}", flush=True)
     fp = E.model_fingerprint(weights["wk"])
-    tmp = tempfile.mkdtemp(prefix="grouping.")
+    tmp = tempfile.mkdtemp(prefix="centroids.")
     files = {}
     for name in args.types.split(","):
         c, b = Q.KVType(name).c, Q.KVType(name).b
-        for grouping in ("interleaved", "rotate-half"):
+        for variant in ["fisher"] + variants:
             a, g = acts, g2
-            if grouping == "rotate-half":  # keys (index 0 of the K/V axis) in HF channel order
+            if variant == "rotate-half":  # keys (index 0 of the K/V axis) in HF channel order
                 a, g = acts.clone(), g2.clone()
                 a[:, 0] = acts[:, 0][..., order]
                 g[:, 0] = g2[:, 0][..., order]
+            elif variant == "clip99":
+                cap = g2.kthvalue(int(0.99 * g2.shape[2]), dim=2, keepdim=True).values  # per (layer, K/V, channel)
+                g = torch.minimum(g2, cap)
             t0 = time.time()
-            cb, st = E.learn_codebooks(a, g, cfg, c, b, 100, 0, f"{name} {grouping}", E.PROGRESS)
-            path = os.path.join(tmp, f"{name}.{grouping}.cent")
+            cb, st = E.learn_codebooks(a, g, cfg, c, b, 100, 0, f"{name} {variant}", E.PROGRESS)
+            path = os.path.join(tmp, f"{name}.{variant}.cent")
             E.write_centroids(path, cb, cfg.n_kv_heads, cfg.head_size, 1, n_tokens, fp)
-            files[(name, grouping)] = path
-            print(f"{name} {grouping}: plain relative MSE of keys "
+            files[(name, variant)] = path
+            print(f"{name} {variant}: plain relative MSE of keys "
                   f"{st['sse'][0] / st['var'][0]:.4f}, values {st['sse'][1] / st['var'][1]:.4f}; "
                   f"{time.time() - t0:.1f} s", flush=True)
     del acts, g2
@@ -118,22 +141,22 @@ def main():
     qcfg = Q.load_checkpoint(args.model)[0]
     ev = PermutedKeys(qcfg, w, args.device, order)
     rows, labels = [Q.Row("fp32")], {"fp32": ("fp32", "-")}
-    for (name, grouping), path in files.items():
+    for (name, variant), path in files.items():
         for window in (0, 128) if name == "cq1" else (0,):
             r = Q.Row(f"{name}/fisher" + (f"/w{window}" if window else ""))
-            r.id = f"{r.id}/{grouping}"
+            r.id = f"{r.id}/{variant}"
             r.centroid_file = path
-            if grouping == "rotate-half":
+            if variant == "rotate-half":
                 ev.permuted_files.add(path)
             rows.append(r)
-            labels[r.id] = (f"{name}" + (f", {window}-token window" if window else ""), grouping)
+            labels[r.id] = (f"{name}" + (f", {window}-token window" if window else ""), variant)
     ids = [int(t) for t in open(args.ids).read().split()]
     wins = Q.windows_of(ids, args.length, qcfg["bos_id"])[:args.windows]
     totals = Q.evaluate(ev, rows, wins)
     res = Q.results(qcfg, rows, totals)
     print(f"\n{len(wins)} windows of {args.length}, {res[0]['tokens']} scored tokens; "
           f"Fisher centroids from {n_tokens} calibration tokens\n")
-    print("| cache | key groups | ppl | KL |\n|---|---|---:|---:|")
+    print("| cache | centroids | ppl | KL |\n|---|---|---:|---:|")
     for r in res:
         cache, grouping = labels[r["id"]]
         print(f"| {cache} | {grouping} | {r['ppl']:.3f} | {r['kl']:.4f} |")
