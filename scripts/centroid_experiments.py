@@ -26,6 +26,7 @@ Usage: python3 scripts/centroid_experiments.py --model M.bin --calib VALID_IDS -
 (the id files as for scripts/smollm_gpu.sh: ./run -m encode output, BOS dropped)
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -104,8 +105,8 @@ def main():
     order = hf_order(cfg.n_kv_heads, cfg.head_size)
     variants = args.variants.split(",")
     if "clip99" in variants:  # where the Fisher weight sits: first positions, top 1 % of tokens
-        starts = torch.zeros(acts.shape[2], dtype=torch.bool)
-        starts[torch.tensor([0] + [sum(len(x) for x in seqs[:i]) for i in range(1, len(seqs))])] = True
+        starts = torch.zeros(acts.shape[2], dtype=torch.bool)  # the first token of each sequence
+        starts[torch.tensor([0] + list(itertools.accumulate(len(x) for x in seqs[:-1])))] = True
         for kv, name in enumerate("KV"):
             per_token = g2[:, kv].sum(-1).double()  # (L, N): summed over channels
             top = per_token.sort(dim=1, descending=True).values
@@ -117,7 +118,8 @@ def main():
     tmp = tempfile.mkdtemp(prefix="centroids.")
     files = {}
     for name in args.types.split(","):
-        c, b = Q.KVType(name).c, Q.KVType(name).b
+        kvt = Q.KVType(name)
+        c, b = kvt.c, kvt.b
         for variant in ["fisher"] + variants:
             a, g = acts, g2
             if variant == "rotate-half":  # keys (index 0 of the K/V axis) in HF channel order
@@ -137,8 +139,7 @@ def main():
                   f"{time.time() - t0:.1f} s", flush=True)
     del acts, g2
 
-    w = Q.load_checkpoint(args.model)[1]
-    qcfg = Q.load_checkpoint(args.model)[0]
+    qcfg, w = Q.load_checkpoint(args.model)  # the evaluator's form of the same checkpoint
     ev = PermutedKeys(qcfg, w, args.device, order)
     rows, labels = [Q.Row("fp32")], {"fp32": ("fp32", "-")}
     for (name, variant), path in files.items():
