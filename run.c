@@ -1467,44 +1467,6 @@ static void cq_build_key_lut(KVCache *kv, int layer, const float *q, int h) {
     }
 }
 
-/* Scores of t in [t0, t1), LUT path.  Per token: its codes and its position's
-   (cos, sin) row (shared by all heads); per kv head and group, the LUT block of the code. */
-CQ_INLINE void cq_lut_scores_c(KVCache *kv, int layer, int t0, int t1, float *att, const int c) {
-    const KVStore *s = &kv->k;
-    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
-    int codes[s->n_groups];
-    for (int t = t0; t < t1; t++) {
-        cq_read_codes(s, store_row(s, layer, t), codes);
-        float cos2[MAX_HEAD_SIZE], sin2[MAX_HEAD_SIZE], cs[MAX_HEAD_SIZE];  // cs: (cos, sin) per pair
-        rope_cos2_sin2(kv->rope, t, cos2, sin2);
-        for (int i = 0; i < hs; i++) cs[i] = i & 1 ? sin2[i] : cos2[i];
-        for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
-            const int *hc = codes + kvh * gh;
-            const float *lut = kv->lut + (size_t)kvh * gh * K * R * c;
-            for (int r = 0; r < R; r++) {
-                float partial[MAX_HEAD_SIZE];  // c independent sums: one vector multiply-add per group
-                for (int i = 0; i < c; i++) partial[i] = 0.0f;
-                for (int gl = 0; gl < gh; gl++) {
-                    const float *z = lut + (((size_t)gl * K + hc[gl]) * R + r) * c;
-                    for (int i = 0; i < c; i++) partial[i] += z[i] * cs[gl * c + i];
-                }
-                float score = 0.0f;
-                for (int i = 0; i < c; i++) score += partial[i];
-                *att_at(att, kvh * R + r, t) = score;
-            }
-        }
-    }
-}
-
-static void cq_key_scores_lut(KVCache *kv, int layer, int t0, int t1, float *att) {
-    switch (kv->k.type.c) {
-    case 2: cq_lut_scores_c(kv, layer, t0, t1, att, 2); break;
-    case 4: cq_lut_scores_c(kv, layer, t0, t1, att, 4); break;
-    case 8: cq_lut_scores_c(kv, layer, t0, t1, att, 8); break;
-    default: cq_lut_scores_c(kv, layer, t0, t1, att, kv->k.type.c);
-    }
-}
-
 /* ---- 8-float vectors for the decode path.  GCC's and clang's vector extension: + and * work
    lane by lane and an f32x8 lives in one AVX register (two NEON registers on arm64).  Plain loops
    left the compiler one horizontal sum per token and query head, which cost more than the
@@ -1610,6 +1572,75 @@ static void cq_key_scores_decode(KVCache *kv, int layer, int t0, int t1, float *
     else if (hsv == 128 && c == 4) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 4, 0);
     else if (hsv == 128 && c == 2) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 2, 0);
     else cq_decode_scores_shape(kv, layer, t0, t1, att, hsv, c, 0);
+}
+
+/* Scores for t in [t0, t1): LUT path.  Per token, its position's (cos, sin) row, one vector
+   per 8 lanes: the coarse row times the fine row (complex products, rope_cos2_sin2's trick in
+   vectors), shared by every head.  Then per query head one multiply-add per vector with the LUT
+   entry of the vector's code, left as lane-wise sums and finished for 8 tokens at once
+   (lane_sums8).  No rotation per key: the query-centroid products are built once per query.
+   Groups of 8 channels or more fill whole vectors; smaller groups are gathered, 8/c per vector. */
+CQ_INLINE void cq_lut_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c,
+                                   const int wide_codes) {
+    const KVStore *s = &kv->k;
+    const RopeTable *rope = kv->rope;
+    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, nv = hsv / 8;
+    for (int tb = t0, te; tb < t1; tb = te) {
+        te = (tb / CQ_BLOCK + 1) * CQ_BLOCK;
+        if (te > t1) te = t1;
+        int nb = te - tb;
+        f32x8 dots[kv->n_heads][CQ_BLOCK];  // lane-wise products; dots[h][j]'s lanes sum to the score
+        for (int j = 0; j < CQ_BLOCK; j++) {
+            if (j >= nb) {
+                for (int h = 0; h < kv->n_heads; h++) dots[h][j] = (f32x8){0};
+                continue;
+            }
+            int t = tb + j;
+            const float *cc = rope->coarse_cos2 + (size_t)(t / ROPE_FINE) * hsv, *sc = rope->coarse_sin2 + (size_t)(t / ROPE_FINE) * hsv;
+            const float *fc = rope->fine_cos2 + (size_t)(t % ROPE_FINE) * hsv, *fs = rope->fine_sin2 + (size_t)(t % ROPE_FINE) * hsv;
+            f32x8 cs[nv];  // (cos, sin) of each pair at position t; zeros in the padding lanes
+            for (int m = 0; m < nv; m++) {
+                f32x8 fine = __builtin_shufflevector(load8(fc + 8 * m), load8(fs + 8 * m), 0, 9, 2, 11, 4, 13, 6, 15);
+                cs[m] = load8(cc + 8 * m) * fine + load8(sc + 8 * m) * swap_pairs(fine);
+            }
+            const uint8_t *row = store_row(s, layer, t);
+            for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
+                const float *lut = kv->lut + (size_t)kvh * gh * K * R * c;  // (gh, K, R, c)
+                for (int r = 0; r < R; r++) {
+                    f32x8 acc = {0};
+                    for (int m = 0; m < nv; m++) {
+                        f32x8 z;
+                        if (c % 8 == 0) {
+                            int gl = 8 * m / c;
+                            z = load8(lut + (((size_t)gl * K + cq_code(row, kvh * gh + gl, wide_codes)) * R + r) * c + 8 * m % c);
+                        } else {  // 8/c groups per vector (zeros past the head)
+                            float piece[8] = {0};
+                            for (int gl = 8 * m / c; gl < (8 * m + 8) / c && gl < gh; gl++)
+                                memcpy(piece + gl * c - 8 * m, lut + (((size_t)gl * K + cq_code(row, kvh * gh + gl, wide_codes)) * R + r) * c,
+                                       c * sizeof(float));
+                            z = load8(piece);
+                        }
+                        acc += z * cs[m];
+                    }
+                    dots[kvh * R + r][j] = acc;
+                }
+            }
+        }
+        for (int h = 0; h < kv->n_heads; h++) {
+            f32x8 scores = lane_sums8(dots[h]);
+            float *dst = att_at(att, h, tb);
+            if (nb == CQ_BLOCK) memcpy(dst, &scores, sizeof scores);
+            else memcpy(dst, &scores, nb * sizeof(float));
+        }
+    }
+}
+
+static void cq_key_scores_lut(KVCache *kv, int layer, int t0, int t1, float *att) {
+    int c = kv->k.type.c, hsv = padded_head_size(kv->k.head_size);
+    if (kv->k.type.b > 8) cq_lut_scores_shape(kv, layer, t0, t1, att, hsv, c, 1);
+    else if (hsv == 64 && c == 8) cq_lut_scores_shape(kv, layer, t0, t1, att, 64, 8, 0);
+    else if (hsv == 128 && c == 8) cq_lut_scores_shape(kv, layer, t0, t1, att, 128, 8, 0);
+    else cq_lut_scores_shape(kv, layer, t0, t1, att, hsv, c, 0);
 }
 
 // Scores for t in [t0, t1) from whole key rows (every other type, CQ's decode path, the window).
@@ -1761,11 +1792,12 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
     int n_codes_v = vs->window ? (n - vs->window > 0 ? n - vs->window : 0) : n;
     int cq_keys = ks->type.kind == KV_CQ && ks->type.c >= 2;  // c = 1 splits RoPE pairs: row path
     /* Keys: decode+rotate+dot unless --cq-keys lut.  Measured on a SmolLM2-shaped model, 1 thread
-       (./run -m bench -l 16384 -k cq1 --cq-keys lut|decode): at 16K positions 150-158 ms per token
-       in the cache with the LUT, 40-44 ms decoding; at 1K 11.9 ms and 4.4 ms.  The LUT (H x hs x
-       2^b floats, 590 KB a layer) is rebuilt per query and read at random, one c-float product
-       per query head and group; decoding reads the codebook (196 KB) and rotates each key once
-       for the R query heads that share it. */
+       (./run -m bench -l L -k cq1 --cq-keys lut|decode, side by side, two runs each), ms per token
+       in the cache: 16K 49.1 (lut) against 40.9-41.9 (decode), 4K 14.3-14.5 against 11.3-11.4,
+       1K 6.0 against 4.0-4.1.  The LUT (H x hs x 2^b floats, 590 KB a layer, R = 3 times the
+       codebook) is read at random, R x c floats per group and token; decoding reads c floats
+       and rotates them once for the R query heads, and that arithmetic costs less than the
+       LUT's extra traffic.  (Prefetching the LUT entries a few tokens ahead made it slower.) */
     int key_lut = cq_keys && kv->lut && kv->key_path == CQ_KEYS_LUT;
     int value_hist = vs->type.kind == KV_CQ && n_codes_v >= vs->n_centroids && vs->n_centroids <= vs->seq_len;
     size_t hist_floats = value_hist ? (size_t)vs->n_groups * vs->n_centroids * hist_lanes(R) : 0;

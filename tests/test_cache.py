@@ -299,10 +299,11 @@ DECODE_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("keys", ["decode", "lut"])
 @pytest.mark.parametrize("head_size,spec", DECODE_SHAPES, ids=["hs%d-%s" % s for s in DECODE_SHAPES])
-def test_decode_path_shapes(run, tmp, head_size, spec):
-    """--cq-keys decode on every kernel shape, GQA with 3 query heads per kv head (the value
-    histograms' spare fourth lane), 40 positions (5 blocks of 8) and 37 (a partial block)."""
+def test_decode_path_shapes(run, tmp, head_size, spec, keys):
+    """--cq-keys decode and lut on every kernel shape, GQA with 3 query heads per kv head (the
+    value histograms' spare fourth lane), 40 positions (5 blocks of 8) and 37 (a partial block)."""
     key = "shape%d" % head_size
     if key not in _models:
         cfg, w = R.random_model(300 + head_size, dim=24, hidden_dim=32, n_layers=2, n_heads=6,
@@ -314,9 +315,9 @@ def test_decode_path_shapes(run, tmp, head_size, spec):
     cbs, _ = install_codebooks(path, cfg, w, spec, 23)
     for n in (40, 37):
         ids = stream(cfg, n - 1, seed=n)
-        _, got = run_ppl(run, tmp, path, ids, spec, keys="decode", vocab=cfg["vocab_size"])
+        _, got = run_ppl(run, tmp, path, ids, spec, keys=keys, vocab=cfg["vocab_size"])
         compare(got, cfg, w, w64, rope, ids, spec, 0, None, cbs, tol=TOL_CQ_PATHS,
-                what="head_size %d -k %s, %d positions" % (head_size, spec, n))
+                what="head_size %d -k %s --cq-keys %s, %d positions" % (head_size, spec, keys, n))
 
 
 @pytest.mark.parametrize("spec", ["fp32", "q4", "cq8c4b", "cq2c4b:cq4c4b"])
