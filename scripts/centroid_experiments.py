@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Two questions about CQ's codebooks, answered on SmolLM2 (meant for the GPU).
+"""Questions about CQ's codebooks and its error, answered on SmolLM2 (meant for the GPU).
 
 Each variant learns codebooks from the same calibration activations as `export.py centroids`
 (its collect_kv and learn_codebooks: 16 x 2048 tokens by default, Fisher-weighted) next to the
@@ -19,9 +19,16 @@ the first --windows windows of 2048 tokens.  Prints a Markdown table (perplexity
                are clipped at their 99th percentile per (layer, K/V, channel) before the group
                weights are summed.  The script first prints what share of the Fisher weight
                the first positions and the top 1 % of tokens carry.
+  split        Which half of the cache costs the perplexity?  The plain Fisher codebooks with
+               only the keys coded (values in full precision, run.c's -k cq1:fp32) and only the
+               values coded (-k fp32:cq1).
+  first-exact  How much of it comes from the first position alone (the BOS token that opens
+               every window, an attention sink that most queries read)?  The plain Fisher
+               codebooks with position 0's key and value read in full precision.  Not a cache
+               type of run.c: a measurement of where the error sits.
 
 Usage: python3 scripts/centroid_experiments.py --model M.bin --calib VALID_IDS --ids TEST_IDS
-           [--variants rotate-half,clip99] [--types cq1,cq2,cq4] [--windows 32]
+           [--variants rotate-half,clip99,split,first-exact] [--types cq1,cq2,cq4] [--windows 32]
            [--device cuda] [--json OUT]
 (the id files as for scripts/smollm_gpu.sh: ./run -m encode output, BOS dropped)
 """
@@ -51,19 +58,29 @@ def hf_order(n_kv_heads, head_size):
     return [h * head_size + i for h in range(n_kv_heads) for i in head]
 
 
-class PermutedKeys(Q.Evaluator):
-    """The batched evaluator, with CQ key groups taken in another channel order."""
+class Experiments(Q.Evaluator):
+    """The batched evaluator, with CQ key groups taken in another channel order (rows whose
+    centroid file is in permuted_files) or position 0 read in full precision (rows whose id is
+    in first_exact)."""
 
     def __init__(self, cfg, w, device, order):
         super().__init__(cfg, w, device)
         self.perm = torch.tensor(order, device=self.dev)
         self.inverse = torch.argsort(self.perm)
         self.permuted_files = set()
+        self.first_exact = set()
+
+    def masks(self, row, T):
+        mk, mv = super().masks(row, T)
+        if row.id not in self.first_exact:
+            return mk, mv
+        first = (torch.arange(T, device=self.dev) == 0)[None, :].expand(T, T)
+        return (first if mk is None else mk | first), (first if mv is None else mv | first)
 
     def stored(self, row, is_key, layer, x, xr, T):
-        if not (is_key and row.type.kind == "cq" and row.centroid_file in self.permuted_files):
+        if not (is_key and row.ktype.kind == "cq" and row.centroid_file in self.permuted_files):
             return super().stored(row, is_key, layer, x, xr, T)
-        c, b = row.type.c, row.type.b
+        c, b = row.ktype.c, row.ktype.b
         cb, sq = self.codebook(row.centroid_file, c, b)
         cb, sq = cb[layer, 0], sq[layer, 0]
         G = cb.shape[0]
@@ -81,7 +98,7 @@ def main():
     ap.add_argument("--calib", required=True, help="calibration token ids (whitespace-separated)")
     ap.add_argument("--ids", required=True, help="evaluation token ids (whitespace-separated)")
     ap.add_argument("--types", default="cq1,cq2,cq4")
-    ap.add_argument("--variants", default="rotate-half,clip99")
+    ap.add_argument("--variants", default="rotate-half,clip99,split,first-exact")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seqs", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -120,7 +137,7 @@ def main():
     for name in args.types.split(","):
         kvt = Q.KVType(name)
         c, b = kvt.c, kvt.b
-        for variant in ["fisher"] + variants:
+        for variant in ["fisher"] + [v for v in variants if v in ("rotate-half", "clip99")]:
             a, g = acts, g2
             if variant == "rotate-half":  # keys (index 0 of the K/V axis) in HF channel order
                 a, g = acts.clone(), g2.clone()
@@ -140,24 +157,35 @@ def main():
     del acts, g2
 
     qcfg, w = Q.load_checkpoint(args.model)  # the evaluator's form of the same checkpoint
-    ev = PermutedKeys(qcfg, w, args.device, order)
+    ev = Experiments(qcfg, w, args.device, order)
     rows, labels = [Q.Row("fp32")], {"fp32": ("fp32", "-")}
+
+    def add(spec, path, variant, label):
+        r = Q.Row(spec)
+        r.id = f"{r.id}/{variant}"
+        r.centroid_file = path
+        rows.append(r)
+        labels[r.id] = (label, variant)
+        return r
+
     for (name, variant), path in files.items():
         for window in (0, 128) if name == "cq1" else (0,):
-            r = Q.Row(f"{name}/fisher" + (f"/w{window}" if window else ""))
-            r.id = f"{r.id}/{variant}"
-            r.centroid_file = path
+            w_spec, w_label = (f"/w{window}", f", {window}-token window") if window else ("", "")
+            add(f"{name}/fisher{w_spec}", path, variant, name + w_label)
             if variant == "rotate-half":
                 ev.permuted_files.add(path)
-            rows.append(r)
-            labels[r.id] = (f"{name}" + (f", {window}-token window" if window else ""), variant)
+            if variant == "fisher" and "first-exact" in variants:
+                ev.first_exact.add(add(f"{name}/fisher{w_spec}", path, "first-exact", name + w_label).id)
+        if variant == "fisher" and "split" in variants:
+            add(f"{name}:fp32/fisher", path, "fisher", f"{name} keys, fp32 values")
+            add(f"fp32:{name}/fisher", path, "fisher", f"fp32 keys, {name} values")
     ids = [int(t) for t in open(args.ids).read().split()]
     wins = Q.windows_of(ids, args.length, qcfg["bos_id"])[:args.windows]
     totals = Q.evaluate(ev, rows, wins)
     res = Q.results(qcfg, rows, totals)
     print(f"\n{len(wins)} windows of {args.length}, {res[0]['tokens']} scored tokens; "
           f"Fisher centroids from {n_tokens} calibration tokens\n")
-    print("| cache | centroids | ppl | KL |\n|---|---|---:|---:|")
+    print("| cache | centroids / variant | ppl | KL |\n|---|---|---:|---:|")
     for r in res:
         cache, grouping = labels[r["id"]]
         print(f"| {cache} | {grouping} | {r['ppl']:.3f} | {r['kl']:.4f} |")

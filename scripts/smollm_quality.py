@@ -45,7 +45,8 @@ Text: --ids FILE (whitespace-separated ids) or --text FILE (default: WikiText-2 
 tokenized with `./run MODEL -z TOKENIZER -m encode`.  Centroid files ("CQCB", README.md) are
 found by their header (c, b, Fisher or uniform, model fingerprint) in the directories or files
 given to --centroids (default: the checkpoint's directory).
-Rows: TYPE[/fisher|/uniform][/wN], e.g. q4, cq2/uniform, cq1/fisher/w128.
+Rows: TYPE[/fisher|/uniform][/wN], e.g. q4, cq2/uniform, cq1/fisher/w128; TYPE may be
+KEYTYPE:VALUETYPE as for ./run -k (cq1:fp32), with one CQ configuration per row.
 """
 import argparse
 import glob
@@ -196,11 +197,22 @@ class KVType:
 
 
 class Row:
-    """One row of the table: a cache type (keys and values), centroids, a window."""
+    """One row of the table: a cache type for keys and values (TYPE, or KEYTYPE:VALUETYPE as
+    run.c's -k takes it), centroids, a window."""
 
     def __init__(self, spec):
         parts = spec.split("/")
-        self.type = KVType(parts[0])
+        names = parts[0].split(":")
+        if len(names) > 2:
+            raise ValueError("bad row %r" % spec)
+        self.ktype, self.vtype = KVType(names[0]), KVType(names[-1])
+        self.name = names[0] if names[0] == names[-1] else parts[0]
+        cq = [t for t in (self.ktype, self.vtype) if t.kind == "cq"]
+        if len(cq) == 2 and (cq[0].c, cq[0].b) != (cq[1].c, cq[1].b):
+            raise ValueError("row %r: keys and values need two centroid files; one CQ configuration per row" % spec)
+        self.cq = cq[0] if cq else None              # the CQ configuration, if any
+        self.is_fp32 = self.ktype.kind == self.vtype.kind == "fp32"
+        self.bits = (self.ktype.bits + self.vtype.bits) / 2
         self.weighting, self.window = None, 0
         for p in parts[1:]:
             if p in ("fisher", "uniform"):
@@ -209,13 +221,13 @@ class Row:
                 self.window = int(p[1:])
             else:
                 raise ValueError("bad row %r" % spec)
-        if self.type.kind == "cq" and self.weighting is None:
+        if self.cq and self.weighting is None:
             self.weighting = "fisher"
-        if self.type.kind != "cq":
+        if not self.cq:
             self.weighting = None
-        if self.type.kind == "fp32":
+        if self.is_fp32:
             self.window = 0          # run.c ignores -w for fp32
-        self.id = "/".join([self.type.name] + ([self.weighting] if self.weighting else [])
+        self.id = "/".join([self.name] + ([self.weighting] if self.weighting else [])
                            + (["w%d" % self.window] if self.window else []))
         self.centroid_file = None
 
@@ -394,13 +406,14 @@ class Evaluator:
     def stored(self, row, is_key, layer, x, xr, T):
         """What the quantized storage of a row reads back for x (T, KD): None when that is x
         itself (fp32).  x is the pre-RoPE key or the value, xr the rotated key (or the value)."""
-        kind = row.type.kind
+        t = row.ktype if is_key else row.vtype
+        kind = t.kind
         if kind == "fp32":
             return None
         if kind == "fp16":
             return half(xr)
         if kind == "cq":
-            c, b = row.type.c, row.type.b
+            c, b = t.c, t.b
             cb, sq = self.codebook(row.centroid_file, c, b)
             cb, sq = cb[layer, 0 if is_key else 1], sq[layer, 0 if is_key else 1]
             G = cb.shape[0]
@@ -424,12 +437,13 @@ class Evaluator:
         precision, or None where it never does."""
         p = torch.arange(T, device=self.dev)[:, None]
         t = torch.arange(T, device=self.dev)[None, :]
-        win = (t > p - row.window) if row.window and row.type.kind != "fp32" else None
-        mk = win
-        if row.type.kind.startswith("kivi"):
+        win = (t > p - row.window) if row.window else None
+        mk = win if row.ktype.kind != "fp32" else None
+        mv = win if row.vtype.kind != "fp32" else None
+        if row.ktype.kind.startswith("kivi"):
             kivi = (t // QBLOCK) * QBLOCK + QBLOCK - 1 > p
             mk = kivi if mk is None else (mk | kivi)
-        return mk, win
+        return mk, mv
 
     @torch.no_grad()
     def forward(self, tokens, row, capture=None):
@@ -529,7 +543,7 @@ def evaluate(ev, rows, windows, on_logits=None):
         t_ref = time.time() - t0
         for r in rows:
             t0 = time.time()
-            is_ref = r.type.kind == "fp32"
+            is_ref = r.is_fp32
             logits = ref if is_ref else ev.forward(inp, r)
             nll, kl = score(logits, tgt, None if is_ref else ref)
             sync(ev.dev)
@@ -560,9 +574,9 @@ def results(cfg, rows, totals):
     for r in rows:
         t = totals[r.id]
         n = t["tokens"]
-        nbytes = 2 * r.type.bits / 8 * kv_dim * cfg["n_layers"]
-        out.append(dict(id=r.id, type=r.type.name, centroids=r.weighting, centroid_file=r.centroid_file,
-                        window=r.window, bits_per_channel=r.type.bits, kv_bytes_per_token=nbytes,
+        nbytes = 2 * r.bits / 8 * kv_dim * cfg["n_layers"]
+        out.append(dict(id=r.id, type=r.name, centroids=r.weighting, centroid_file=r.centroid_file,
+                        window=r.window, bits_per_channel=r.bits, kv_bytes_per_token=nbytes,
                         ratio_fp32=nbytes / fp32_bytes, tokens=n, nll=t["nll"] / n,
                         ppl=math.exp(t["nll"] / n), kl=max(t["kl"] / n, 0.0),
                         seconds=t["seconds"]))
@@ -607,7 +621,7 @@ def run_decodes(args, model, rows, ids_file, L, threads, tmp):
             path = os.path.join(tmp, "logits.%d.%d" % (threads, n))
             n += 1
             cmd = [args.run_bin, model, "-m", "ppl", "-f", ids_file, "--ids", "-l", str(L),
-                   "-k", r.type.name, "-w", str(r.window), "--logits", path]
+                   "-k", r.name, "-w", str(r.window), "--logits", path]
             if r.centroid_file:
                 cmd += ["-c", r.centroid_file]
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -832,8 +846,8 @@ def exact_check_setup(args, real_cfg, rows, tmp):
     out = []
     for r in list(rows) + [probe]:
         r2 = Row(r.id) if r is not probe else probe
-        if r2.type.kind == "cq":
-            c, b = r2.type.c, r2.type.b
+        if r2.cq:
+            c, b = r2.cq.c, r2.cq.b
             tag = "probe" if r2 is probe else r2.weighting
             r2.centroid_file = os.path.join(tmp, "exact.%dc%db.%s.cent" % (c, b, tag))
             if not os.path.exists(r2.centroid_file):
@@ -863,7 +877,7 @@ def check(args, cfg, ev, rows, ids):
         verdicts = []
         for e in ent:
             r = e["row"]
-            lossless = r.type.kind == "fp32" or r.window >= args.check_len   # no quantized read
+            lossless = r.is_fp32 or r.window >= args.check_len   # no quantized read
             if e["rel_nll"] <= args.tol and e["rel_kl"] <= args.tol:
                 verdicts.append("exact")
             elif not lossless and e["rel_nll"] <= args.flip_bound:
@@ -894,7 +908,7 @@ def check(args, cfg, ev, rows, ids):
             verdicts.append("exact")
         elif e["row"].id == "cq4/tie-probe":
             verdicts.append("ties broken: keys/values not exact in ./run")
-        elif not exact_kv and e["row"].type.kind not in ("cq", "fp32") and e["rel_nll"] <= args.flip_bound:
+        elif not exact_kv and not e["row"].cq and not e["row"].is_fp32 and e["rel_nll"] <= args.flip_bound:
             verdicts.append("flip-limited")
         else:
             verdicts.append("FAIL")
@@ -1041,11 +1055,11 @@ def main():
     cents = find_centroids(args.centroids or [os.path.dirname(os.path.abspath(args.model))], cfg, fingerprint(w))
     keep = []
     for r in rows:
-        if r.type.kind == "cq":
-            h = cents.get((r.type.c, r.type.b, r.weighting))
+        if r.cq:
+            h = cents.get((r.cq.c, r.cq.b, r.weighting))
             if h is None:
                 msg = "no %s centroid file for %s (%dc%db) among %s" % (
-                    r.weighting, r.id, r.type.c, r.type.b, args.centroids or "the checkpoint's directory")
+                    r.weighting, r.id, r.cq.c, r.cq.b, args.centroids or "the checkpoint's directory")
                 if args.skip_missing:
                     log("skipping " + msg)
                     continue
