@@ -1669,20 +1669,20 @@ static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int 
 typedef float f32x4 __attribute__((vector_size(16)));
 
 CQ_INLINE void cq_value_histogram_shape(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist,
-                                        const int gh, const int Rp, const int wide_codes) {
+                                        const int gh, const int Rp, const int wide_codes, const int Rc, const int Kc) {
     const KVStore *s = &kv->v;
-    int K = s->n_centroids, R = kv->n_heads / s->n_kv_heads;
+    // Rc, Kc: R and K as constants (or 0), so that the bins of a group sit at constant offsets
+    int K = Kc ? Kc : s->n_centroids, R = Rc ? Rc : kv->n_heads / s->n_kv_heads;
     for (int kvh = 0; kvh < s->n_kv_heads; kvh++)
         for (int r0 = 0; r0 < R; r0 += 4) {
-            float *bins[gh];  // the histograms of the kv head's groups, lanes r0 .. r0+3
-            for (int gl = 0; gl < gh; gl++) bins[gl] = hist + (size_t)(kvh * gh + gl) * K * Rp + r0;
+            float *bins = hist + (size_t)kvh * gh * K * Rp + r0;  // the kv head's groups, lanes r0 .. r0+3
             for (int t = t0; t < t1; t++) {
                 const uint8_t *row = store_row(s, layer, t);
                 f32x4 p = {0};  // the weights of query heads r0 .. r0+3 of this kv head
                 for (int i = 0; i < 4 && r0 + i < R; i++) p[i] = *att_at(att, kvh * R + r0 + i, t);
                 for (int gl = 0; gl < gh; gl++) {
                     int code = cq_code(row, kvh * gh + gl, wide_codes);
-                    float *bin = bins[gl] + (size_t)code * Rp;
+                    float *bin = bins + ((size_t)gl * K + code) * Rp;
                     f32x4 v;
                     memcpy(&v, bin, sizeof v);
                     v += p;
@@ -1696,11 +1696,13 @@ static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, flo
     const KVStore *s = &kv->v;
     int gh = s->head_size / s->type.c, Rp = hist_lanes(kv->n_heads / s->n_kv_heads), wide = s->type.b > 8;
     // constant shapes unroll the loop over a head's groups (cq1, cq2, cq4 at head size 64)
-    if (Rp == 4 && gh == 8 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 8, 4, 0);
-    else if (Rp == 4 && gh == 16 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 16, 4, 0);
-    else if (Rp == 4 && gh == 32 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 32, 4, 0);
-    else if (wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, gh, Rp, 1);
-    else cq_value_histogram_shape(kv, layer, t0, t1, att, hist, gh, Rp, 0);
+    int R = kv->n_heads / s->n_kv_heads, K = s->n_centroids;
+    if (R == 3 && gh == 8 && K == 256 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 8, 4, 0, 3, 256);
+    else if (Rp == 4 && gh == 8 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 8, 4, 0, 0, 0);
+    else if (Rp == 4 && gh == 16 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 16, 4, 0, 0, 0);
+    else if (Rp == 4 && gh == 32 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 32, 4, 0, 0, 0);
+    else if (wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, gh, Rp, 1, 0, 0);
+    else cq_value_histogram_shape(kv, layer, t0, t1, att, hist, gh, Rp, 0, 0, 0);
 }
 
 // Adds group g's share to out (H, hs): out_h[group g] += weight_h * sum_j bins[j][r] * C_g[j].

@@ -320,6 +320,25 @@ def test_decode_path_shapes(run, tmp, head_size, spec, keys):
                 what="head_size %d -k %s --cq-keys %s, %d positions" % (head_size, spec, keys, n))
 
 
+@pytest.mark.parametrize("keys", ["decode", "lut"])
+def test_cq1_smollm_head_shape(run, tmp, keys):
+    """cq1 (8c8b) with SmolLM2's head shape (64 channels, 3 query heads per kv head) past 256
+    positions, where the values go through the histograms: the kernels specialised for that
+    shape (cq_value_histogram's R = 3, K = 256 case and the 64/8 key kernels)."""
+    if "smol_shape" not in _models:
+        cfg, w = R.random_model(64, dim=24, hidden_dim=32, n_layers=1, n_heads=6, n_kv_heads=2,
+                                head_size=64, vocab_size=48, seq_len=300)
+        _models["smol_shape"] = (cfg, w, CR.to64(w), CR.rope_table(cfg))
+    cfg, w, w64, rope = _models["smol_shape"]
+    path = tmp / "model.bin"
+    R.write_checkpoint(path, cfg, w)
+    cbs, _ = install_codebooks(path, cfg, w, "cq1", 29)
+    ids = stream(cfg, 289, seed=5)
+    _, got = run_ppl(run, tmp, path, ids, "cq1", keys=keys, vocab=cfg["vocab_size"])
+    compare(got, cfg, w, w64, rope, ids, "cq1", 0, None, cbs, tol=TOL_CQ_PATHS,
+            what="head_size 64, R = 3, -k cq1 --cq-keys %s, 290 positions" % keys)
+
+
 @pytest.mark.parametrize("spec", ["fp32", "q4", "cq8c4b", "cq2c4b:cq4c4b"])
 def test_long_context_online_softmax(run, tmp, spec):
     """600 positions: three chunks of kv_attend's online softmax (ATTN_CHUNK = 256), with
