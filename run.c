@@ -894,17 +894,6 @@ static void rope_free(RopeTable *r) {
     free(r->cos_sin); free(r->coarse_cos2); free(r->coarse_sin2); free(r->fine_cos2); free(r->fine_sin2);
 }
 
-// cos2, sin2 (r->width floats, zeros past hs) of position t from the coarse and fine tables.
-static inline void rope_cos2_sin2(const RopeTable *r, int t, float *cos2, float *sin2) {
-    int width = r->width;
-    const float *cc = r->coarse_cos2 + (size_t)(t / ROPE_FINE) * width, *sc = r->coarse_sin2 + (size_t)(t / ROPE_FINE) * width;
-    const float *cf = r->fine_cos2 + (size_t)(t % ROPE_FINE) * width, *sf = r->fine_sin2 + (size_t)(t % ROPE_FINE) * width;
-    for (int i = 0; i < width; i++) {
-        cos2[i] = cc[i] * cf[i] - sc[i] * sf[i];
-        sin2[i] = sc[i] * cf[i] + cc[i] * sf[i];
-    }
-}
-
 // Rotates n_heads heads of size 2*half in place to position t (exact table).
 static void rope_rotate(const RopeTable *r, float *x, int n_heads, int t) {
     const float *cs = r->cos_sin + (size_t)t * r->half * 2;
@@ -1575,8 +1564,8 @@ static void cq_key_scores_decode(KVCache *kv, int layer, int t0, int t1, float *
 }
 
 /* Scores for t in [t0, t1): LUT path.  Per token, its position's (cos, sin) row, one vector
-   per 8 lanes: the coarse row times the fine row (complex products, rope_cos2_sin2's trick in
-   vectors), shared by every head.  Then per query head one multiply-add per vector with the LUT
+   per 8 lanes: the coarse row times the fine row (one complex product per pair, written as
+   cos2 * fine + sin2 * swap_pairs(fine)), shared by every head.  Then per query head one multiply-add per vector with the LUT
    entry of the vector's code, left as lane-wise sums and finished for 8 tokens at once
    (lane_sums8).  No rotation per key: the query-centroid products are built once per query.
    Groups of 8 channels or more fill whole vectors; smaller groups are gathered, 8/c per vector. */
@@ -1694,9 +1683,9 @@ CQ_INLINE void cq_value_histogram_shape(const KVCache *kv, int layer, int t0, in
 
 static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist) {
     const KVStore *s = &kv->v;
-    int gh = s->head_size / s->type.c, Rp = hist_lanes(kv->n_heads / s->n_kv_heads), wide = s->type.b > 8;
+    int gh = s->head_size / s->type.c, R = kv->n_heads / s->n_kv_heads, Rp = hist_lanes(R), K = s->n_centroids;
+    int wide = s->type.b > 8;
     // constant shapes unroll the loop over a head's groups (cq1, cq2, cq4 at head size 64)
-    int R = kv->n_heads / s->n_kv_heads, K = s->n_centroids;
     if (R == 3 && gh == 8 && K == 256 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 8, 4, 0, 3, 256);
     else if (Rp == 4 && gh == 8 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 8, 4, 0, 0, 0);
     else if (Rp == 4 && gh == 16 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 16, 4, 0, 0, 0);

@@ -38,7 +38,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from smollm_quality import DEFAULT_TEXT, load_checkpoint  # noqa: E402
+from smollm_quality import DEFAULT_TEXT, load_checkpoint, token_ids  # noqa: E402
 
 
 def log(*a):
@@ -152,23 +152,10 @@ def tiny_test(device):
     return ok
 
 
-def token_ids(args, model_path):
-    if args.ids:
-        with open(args.ids) as f:
-            return [int(t) for t in f.read().split()]
-    if not args.tokenizer:
-        sys.exit("error: --text needs --tokenizer (or give --ids)")
-    out = subprocess.run([args.run_bin, model_path, "-z", args.tokenizer, "-m", "encode", "-f", args.text],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit("error: ./run encode failed: %s" % out.stderr.strip())
-    return [int(t) for t in out.stdout.split()][1:]      # drop the BOS it prints first
-
-
 def real_test(args):
     cfg, w = load_checkpoint(args.model)
     L, V = args.length, cfg["vocab_size"]
-    ids = token_ids(args, args.model)[:L - 1]
+    ids = token_ids(args)[:L - 1]
     if len(ids) < L - 1:
         sys.exit("error: the text has only %d ids, -l %d needs %d" % (len(ids), L, L - 1))
     window = [cfg["bos_id"]] + ids
