@@ -791,30 +791,46 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
     for (int i = 0; i < n; i++) out[i] = weight[i] * (ss * x[i]);
 }
 
-/* out (d) = W (d, n) @ x (n).  The OpenMP fork/join costs a few microseconds, more than a
-   small product takes (stories260K's largest is 512 x 64), so only large products are split
-   across threads. */
+/* out (d) = W (d, n) @ x (n), for one or several products that share x (q, k, v; w1, w3).
+   The OpenMP fork/join costs a few microseconds, more than a small product takes (stories260K's
+   largest is 512 x 64), so only large products are split across threads; products that share x
+   are split in one parallel region (each thread takes its share of every product's rows), which
+   saves two fork/joins per layer and lets k and v (192 x 576 on SmolLM2, too small alone) be
+   split too. */
 #define PARALLEL_MIN_MACS (1 << 17)
 
-static void matmul(float *out, const float *x, const float *w, int n, int d) {
+typedef struct {
+    float *out;       // (d)
+    const float *w;   // (d, n)
+    int d;
+} Product;
+
+static float dot(const float *a, const float *b, int n) {
+    float v = 0.0f;
+    for (int j = 0; j < n; j++) v += a[j] * b[j];
+    return v;
+}
+
+static void matmuls(const float *x, int n, const Product *products, int count) {
+    long macs = 0;
+    for (int k = 0; k < count; k++) macs += (long)n * products[k].d;
 #ifdef _OPENMP
-    if ((long)n * d >= PARALLEL_MIN_MACS && omp_get_max_threads() > 1) {
-#pragma omp parallel for schedule(static)
-        for (int i = 0; i < d; i++) {
-            const float *row = w + (size_t)i * n;
-            float v = 0.0f;
-            for (int j = 0; j < n; j++) v += row[j] * x[j];
-            out[i] = v;
-        }
-        return;
-    }
+#pragma omp parallel if (macs >= PARALLEL_MIN_MACS && omp_get_max_threads() > 1)
+#else
+    (void)macs;
 #endif
-    for (int i = 0; i < d; i++) {
-        const float *row = w + (size_t)i * n;
-        float v = 0.0f;
-        for (int j = 0; j < n; j++) v += row[j] * x[j];
-        out[i] = v;
+    for (int k = 0; k < count; k++) {
+        const Product *p = &products[k];
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+        for (int i = 0; i < p->d; i++) p->out[i] = dot(p->w + (size_t)i * n, x, n);
     }
+}
+
+static void matmul(float *out, const float *x, const float *w, int n, int d) {
+    Product p = {out, w, d};
+    matmuls(x, n, &p, 1);
 }
 
 static int max_threads(void) {
@@ -1949,9 +1965,9 @@ static float *forward(const Model *m, RunState *s, KVCache *kv, const RopeTable 
     for (int l = 0; l < c->n_layers; l++) {
         // attention block
         rmsnorm(s->xb, s->x, w->attn_norm + (size_t)l * D, D, c->norm_eps);
-        matmul(s->q, s->xb, w->wq + (size_t)l * QD * D, D, QD);
-        matmul(s->k, s->xb, w->wk + (size_t)l * KD * D, D, KD);
-        matmul(s->v, s->xb, w->wv + (size_t)l * KD * D, D, KD);
+        Product qkv[3] = {{s->q, w->wq + (size_t)l * QD * D, QD}, {s->k, w->wk + (size_t)l * KD * D, KD},
+                          {s->v, w->wv + (size_t)l * KD * D, KD}};
+        matmuls(s->xb, D, qkv, 3);
         rope_rotate(rope, s->q, c->n_heads, pos);
         double t0 = now_seconds();
         kv_append(kv, l, pos, s->k, s->v);  // the current token, too, is read back through the cache
@@ -1962,8 +1978,8 @@ static float *forward(const Model *m, RunState *s, KVCache *kv, const RopeTable 
 
         // SwiGLU feed-forward block
         rmsnorm(s->xb, s->x, w->ffn_norm + (size_t)l * D, D, c->norm_eps);
-        matmul(s->hb, s->xb, w->w1 + (size_t)l * F * D, D, F);
-        matmul(s->hb2, s->xb, w->w3 + (size_t)l * F * D, D, F);
+        Product w13[2] = {{s->hb, w->w1 + (size_t)l * F * D, F}, {s->hb2, w->w3 + (size_t)l * F * D, F}};
+        matmuls(s->xb, D, w13, 2);
         for (int i = 0; i < F; i++) {
             float a = s->hb[i];
             s->hb[i] = a / (1.0f + expf(-a)) * s->hb2[i];
