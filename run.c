@@ -61,6 +61,43 @@ static void *xmalloc(size_t n) {
     return p;
 }
 
+/* Big buffers that every token streams through (the weights, the cache rows) ask the kernel for
+   2 MB pages (transparent huge pages; a hint, ignored where they are off).  With 4 KB pages the
+   streams miss the TLB every 4 KB: on the SmolLM2-shaped model at 16K positions, 1 thread, the
+   fp32 cache took 25 % longer a token (89 against 110 ms) and the matrix products 9 ms more.
+   Zeroed like xmalloc.  Under AddressSanitizer they come from xmalloc, which it checks. */
+#define HUGE_PAGE ((size_t)2 << 20)
+
+#ifndef __SANITIZE_ADDRESS__
+static size_t huge_size(size_t n) { return (n + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE; }
+#endif
+
+static void *huge_alloc(size_t n) {
+#ifndef __SANITIZE_ADDRESS__
+    if (n >= HUGE_PAGE) {  // map one page more than needed and trim it to a 2 MB boundary
+        size_t size = huge_size(n);
+        char *base = mmap(NULL, size + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (base == MAP_FAILED) die("out of memory (asked for %zu bytes)", n);
+        char *p = base + (HUGE_PAGE - (uintptr_t)base % HUGE_PAGE) % HUGE_PAGE;
+        if (p > base) munmap(base, p - base);
+        munmap(p + size, base + HUGE_PAGE - p);
+        madvise(p, size, MADV_HUGEPAGE);
+        return p;
+    }
+#endif
+    return xmalloc(n);
+}
+
+static void huge_free(void *p, size_t n) {
+#ifndef __SANITIZE_ADDRESS__
+    if (p && n >= HUGE_PAGE) {
+        munmap(p, huge_size(n));
+        return;
+    }
+#endif
+    free(p);
+}
+
 static long time_in_ms(void) {
     struct timespec t;
     clock_gettime(CLOCK_REALTIME, &t);
@@ -118,8 +155,8 @@ typedef struct {        // all float32, row-major (out, in); see SPEC in README.
 typedef struct {
     Config cfg;
     Weights w;
-    void *map;         // the whole file, mmap'd read-only
-    size_t map_size;
+    void *file;        // the whole checkpoint, read into memory (huge_alloc)
+    size_t file_size;
 } Model;
 
 #define CQKV_MAGIC 0x564B5143u  // "CQKV"
@@ -168,13 +205,19 @@ static void load_model(Model *m, const char *path) {
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s is not a regular file", path);
     size_t size = (size_t)st.st_size;
     if (size < LEGACY_HEADER_BYTES) die("%s: too short to be a checkpoint (%zu bytes)", path, size);
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    void *data = huge_alloc(size);  // read, not mmap'd: the page cache would give 4 KB pages
+    for (size_t done = 0; done < size;) {
+        ssize_t got = read(fd, (char *)data + done, size - done);
+        if (got <= 0) die("cannot read %s: %s", path, got < 0 ? strerror(errno) : "file shrank while reading");
+        done += (size_t)got;
+    }
     close(fd);
-    if (map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
+    m->file = data;  // from here on, a header error's exit leaves no leak behind
+    m->file_size = size;
 
     Config *c = &m->cfg;
     memset(c, 0, sizeof *c);
-    const int32_t *h = (const int32_t *)map;
+    const int32_t *h = (const int32_t *)data;
     size_t header_bytes;
     uint64_t extra_floats = 0;  // legacy files carry two unused RoPE tables before the classifier
     if ((uint32_t)h[0] == CQKV_MAGIC) {
@@ -218,7 +261,7 @@ static void load_model(Model *m, const char *path) {
         die("%s: %zu bytes, but the header (dim %d, %d layers, vocab %d) needs exactly %llu: wrong format?",
             path, size, c->dim, c->n_layers, c->vocab_size, (unsigned long long)want);
 
-    float *p = (float *)((char *)map + header_bytes);
+    float *p = (float *)((char *)data + header_bytes);
     uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size;
     uint64_t QD = q_dim_of(c), KD = kv_dim_of(c);
     Weights *w = &m->w;
@@ -235,11 +278,9 @@ static void load_model(Model *m, const char *path) {
     w->final_norm = p;      p += D;
     p += extra_floats;
     w->classifier = c->shared_classifier ? w->token_embedding : p;
-    m->map = map;
-    m->map_size = size;
 }
 
-static void free_model(Model *m) { munmap(m->map, m->map_size); }
+static void free_model(Model *m) { huge_free(m->file, m->file_size); }
 
 /* ==========================================================================================
    2. Tokenizer: llama2.c's tokenizer.bin (sentencepiece-style BPE merged by piece score) and
@@ -1236,6 +1277,10 @@ static void load_centroids(KVStore *s, const char *path, const char *checkpoint,
 
 /* ---- one store (keys or values) */
 
+static size_t kivi_blocks_size(const KVStore *s) {  // bytes of the KIVI key blocks, all layers
+    return (size_t)s->n_layers * (s->seq_len / QBLOCK + 1) * s->kv_dim * s->kivi_block_bytes;
+}
+
 static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const Model *m,
                           const char *checkpoint, const char *centroid_path) {
     const Config *c = &m->cfg;
@@ -1270,7 +1315,7 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
     case KV_KIVI4: case KV_KIVI2:
         if (is_key) {
             s->kivi_block_bytes = block_bytes(scalar_bits(type.kind));
-            s->kivi_blocks = xmalloc(L * (S / QBLOCK + 1) * KD * s->kivi_block_bytes);
+            s->kivi_blocks = huge_alloc(kivi_blocks_size(s));
             s->kivi_recent = xmalloc(L * QBLOCK * KD * sizeof(float));
         } else {  // KIVI values are quantized per token like q4 / q2
             s->row_bytes = n_blocks * block_bytes(scalar_bits(type.kind));
@@ -1279,12 +1324,14 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
     default:
         s->row_bytes = n_blocks * block_bytes(scalar_bits(type.kind));
     }
-    if (s->row_bytes) s->rows = xmalloc(L * S * s->row_bytes);
+    if (s->row_bytes) s->rows = huge_alloc(L * S * s->row_bytes);
     if (s->window) s->window_rows = xmalloc(L * s->window * KD * sizeof(float));
 }
 
 static void kv_store_free(KVStore *s) {
-    free(s->rows); free(s->kivi_blocks); free(s->kivi_recent);
+    huge_free(s->rows, (size_t)s->n_layers * s->seq_len * s->row_bytes);
+    huge_free(s->kivi_blocks, kivi_blocks_size(s));
+    free(s->kivi_recent);
     free(s->codebook); free(s->centroid_sqnorm); free(s->window_rows);
 }
 
