@@ -14,7 +14,7 @@ Part 3, a random model shaped like SmolLM2-135M (dim 576, 30 layers, 9 heads, 3 
 hidden 1536, vocab 49152, seq_len 16384): `-m bench` for fp32, q4, cq1, cq2, cq4 at contexts
 1K, 4K and 16K with 1 and 2 threads; tokens/s, the share of a step spent in the KV cache, and
 the ratio to fp32.  --rounds rounds run every type once, side by side; the figures are medians
-over the rounds, the ratio the median of the ratios within a round.  CQ codebooks are random:
+over the rounds, the ratio the median of the ratios within a round (their range in brackets).  CQ codebooks are random:
 the work per step does not depend on them.
 
 Usage: /usr/bin/python3 scripts/bench.py [--parts 1,2,3] [--llama2c PATH/run.c] [--out DIR]
@@ -112,7 +112,7 @@ def part3(args, rows):
             random_centroids(path, c, 8)
     types = args.types.split(",")
     for ctx in (int(x) for x in args.contexts.split(",")):
-        for t in (1, 2):
+        for t in (int(x) for x in args.threads.split(",")):
             # rounds: every type once per round, side by side, so that each ratio to fp32 pairs
             # two runs a few seconds apart; medians over the rounds (the machine is shared)
             tps, share = {kv: [] for kv in types}, {kv: [] for kv in types}
@@ -125,10 +125,12 @@ def part3(args, rows):
                     share[kv].append(float(f["attention_ms"]) / float(f["ms_per_token"]))
             base = types[0]
             for kv in types:
-                ratio = statistics.median(a / b for a, b in zip(tps[kv], tps[base]))
+                ratios = [a / b for a, b in zip(tps[kv], tps[base])]
+                spread = " (rounds %.2f-%.2f)" % (min(ratios), max(ratios)) if kv != base else ""
                 rows.append(("SmolLM2 shape, ctx %d" % ctx, "run %s" % kv, t,
-                             "%.2f tok/s, %.0f%% in KV cache, %.2fx %s" % (statistics.median(tps[kv]),
-                                                                          100 * statistics.median(share[kv]), ratio, base)))
+                             "%.2f tok/s, %.0f%% in KV cache, %.2fx %s%s" % (
+                                 statistics.median(tps[kv]), 100 * statistics.median(share[kv]),
+                                 statistics.median(ratios), base, spread)))
                 print(rows[-1], file=sys.stderr)
 
 
@@ -139,6 +141,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--contexts", default="1024,4096,16384")
     ap.add_argument("--types", default="fp32,q4,cq1,cq2,cq4")
+    ap.add_argument("--threads", default="1,2", help="part 3: thread counts")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3, help="part 3: rounds of side-by-side runs (medians)")
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
