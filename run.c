@@ -840,7 +840,8 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
    largest is 512 x 64), so only large products are split across threads; products that share x
    are split in one parallel region (each thread takes its share of every product's rows), which
    saves two fork/joins per layer and lets k and v (192 x 576 on SmolLM2, too small alone) be
-   split too. */
+   split too (SmolLM2 shape, fp32, 1K, 2 threads, 3 runs each: 20.7-21.4 against 22.4-22.8 ms a
+   token). */
 #define PARALLEL_MIN_MACS (1 << 17)
 
 typedef struct {
