@@ -70,35 +70,29 @@ static void *xmalloc(size_t n) {
    each: 34.2-35.4 against 36.8-38.9 ms a token in the cache.
    Zeroed like xmalloc.  Under AddressSanitizer they come from xmalloc, which it checks. */
 #define HUGE_PAGE ((size_t)2 << 20)
-
-#ifndef __SANITIZE_ADDRESS__
-static size_t huge_size(size_t n) { return (n + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE; }
+#ifdef __SANITIZE_ADDRESS__
+#define HUGE_MIN SIZE_MAX   // every buffer from xmalloc
+#else
+#define HUGE_MIN HUGE_PAGE  // smaller buffers from xmalloc
 #endif
+
+static size_t huge_size(size_t n) { return (n + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE; }
 
 static void *huge_alloc(size_t n) {
-#ifndef __SANITIZE_ADDRESS__
-    if (n >= HUGE_PAGE) {  // map one page more than needed and trim it to a 2 MB boundary
-        size_t size = huge_size(n);
-        char *base = mmap(NULL, size + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (base == MAP_FAILED) die("out of memory (asked for %zu bytes)", n);
-        char *p = base + (HUGE_PAGE - (uintptr_t)base % HUGE_PAGE) % HUGE_PAGE;
-        if (p > base) munmap(base, p - base);
-        munmap(p + size, base + HUGE_PAGE - p);
-        madvise(p, size, MADV_HUGEPAGE);
-        return p;
-    }
-#endif
-    return xmalloc(n);
+    if (n < HUGE_MIN) return xmalloc(n);
+    size_t size = huge_size(n);  // map one page more than needed and trim it to a 2 MB boundary
+    char *base = mmap(NULL, size + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) die("out of memory (asked for %zu bytes)", n);
+    char *p = base + (HUGE_PAGE - (uintptr_t)base % HUGE_PAGE) % HUGE_PAGE;
+    if (p > base) munmap(base, p - base);
+    munmap(p + size, base + HUGE_PAGE - p);
+    madvise(p, size, MADV_HUGEPAGE);
+    return p;
 }
 
-static void huge_free(void *p, size_t n) {
-#ifndef __SANITIZE_ADDRESS__
-    if (p && n >= HUGE_PAGE) {
-        munmap(p, huge_size(n));
-        return;
-    }
-#endif
-    free(p);
+static void huge_free(void *p, size_t n) {  // n: the size given to huge_alloc
+    if (n < HUGE_MIN) free(p);
+    else if (p) munmap(p, huge_size(n));
 }
 
 static long time_in_ms(void) {
@@ -1285,6 +1279,10 @@ static size_t kivi_blocks_size(const KVStore *s) {  // bytes of the KIVI key blo
     return (size_t)s->n_layers * (s->seq_len / QBLOCK + 1) * s->kv_dim * s->kivi_block_bytes;
 }
 
+static size_t rows_size(const KVStore *s) {  // bytes of the cache rows, all layers
+    return (size_t)s->n_layers * s->seq_len * s->row_bytes;
+}
+
 static size_t codebook_size(const KVStore *s) {  // bytes of the CQ codebooks, all layers
     return (size_t)s->n_layers * s->n_groups * s->n_centroids * s->type.c * sizeof(float);
 }
@@ -1301,7 +1299,7 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
     s->kv_dim = kv_dim_of(c);
     s->seq_len = c->seq_len;
     s->window = is_quantized(&type) ? window : 0;
-    size_t L = s->n_layers, S = s->seq_len, KD = s->kv_dim, n_blocks = (KD + QBLOCK - 1) / QBLOCK;
+    size_t L = s->n_layers, KD = s->kv_dim, n_blocks = (KD + QBLOCK - 1) / QBLOCK;
     switch (type.kind) {
     case KV_FP32: s->row_bytes = KD * 4; break;
     case KV_FP16: s->row_bytes = KD * 2; break;
@@ -1332,12 +1330,12 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
     default:
         s->row_bytes = n_blocks * block_bytes(scalar_bits(type.kind));
     }
-    if (s->row_bytes) s->rows = huge_alloc(L * S * s->row_bytes);
+    if (s->row_bytes) s->rows = huge_alloc(rows_size(s));
     if (s->window) s->window_rows = xmalloc(L * s->window * KD * sizeof(float));
 }
 
 static void kv_store_free(KVStore *s) {
-    huge_free(s->rows, (size_t)s->n_layers * s->seq_len * s->row_bytes);
+    huge_free(s->rows, rows_size(s));
     huge_free(s->kivi_blocks, kivi_blocks_size(s));
     free(s->kivi_recent);
     huge_free(s->codebook, codebook_size(s));
@@ -1641,9 +1639,9 @@ static void cq_key_scores_decode(KVCache *kv, int layer, int t0, int t1, float *
 
 /* Scores for t in [t0, t1): LUT path.  Per token, its position's (cos, sin) row, one vector
    per 8 lanes: the coarse row times the fine row (one complex product per pair, written as
-   cos2 * fine + sin2 * swap_pairs(fine)), shared by every head.  Then per query head one multiply-add per vector with the LUT
-   entry of the vector's code, left as lane-wise sums and finished for 8 tokens at once
-   (lane_sums8).  No rotation per key: the query-centroid products are built once per query.
+   cos2 * fine + sin2 * swap_pairs(fine)), shared by every head.  Then per query head one
+   multiply-add per vector with the LUT entry of the vector's code, left as lane-wise sums and
+   finished for 8 tokens at once (lane_sums8).  No rotation per key: the query-centroid products are built once per query.
    Groups of 8 channels or more fill whole vectors; smaller groups are gathered, 8/c per vector. */
 CQ_INLINE void cq_lut_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c,
                                    const int wide_codes) {
