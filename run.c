@@ -991,7 +991,7 @@ static void rope_rotate(const RopeTable *r, float *x, int n_heads, int t) {
      cq<c>c<b>b  b/c: one b-bit code per group of c channels (cq4 = 2c8b, cq2 = 4c8b, cq1 = 8c8b)
    With -w N the newest N tokens are also kept in fp32 and read from there. */
 
-typedef _Float16 half;  // IEEE binary16; gcc and clang on x86-64 and arm64
+typedef _Float16 half;  // IEEE binary16: gcc 12+, and clang 15+ on x86-64 (clang 14 has it on arm64 only)
 
 typedef enum { KV_FP32, KV_FP16, KV_Q8, KV_Q4, KV_Q2, KV_Q1, KV_KIVI4, KV_KIVI2, KV_CQ } KVKind;
 
