@@ -1496,39 +1496,11 @@ static void kv_append(KVCache *kv, int layer, int pos, const float *k, const flo
 /* CQ keys, fused path.  With q already rotated to its own position and the key's RoPE pairs
    written as complex numbers, the contribution of group g of token t to q.k is
        Re( sum over pairs p of g:  conj(q_p) * C_g[code][p] * e^{i theta_p t} ).
-   lut holds conj(q_p) * C_g[j][p] for every centroid j, stored as (re, -im) so that a token
-   costs one c-float dot product per group and head with the (cos, sin) row of its position.
-   Layout (KVH, hs/c, K, R, c) where R = H/KVH: the R query heads that share a kv head sit side
-   by side, so one code reads one contiguous block for all of them.  1/sqrt(hs) is folded in.
-   `c` is a compile-time constant in the calls below (see the switches), so inner loops unroll. */
+   Two ways to compute it (kv_attend picks one, with the figures): the decode path gathers
+   C_g[code], rotates it and takes the dot product; the LUT path builds conj(q_p) * C_g[j][p]
+   for every centroid once per query and needs no rotation per key.  In both, `c` and the head
+   size are compile-time constants in the calls below (see the dispatchers), so loops unroll. */
 #define CQ_INLINE static inline __attribute__((always_inline))
-
-CQ_INLINE void cq_build_key_lut_c(KVCache *kv, int layer, const float *q, int h, const int c) {
-    const KVStore *s = &kv->k;
-    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
-    int kvh = h / R, r = h % R;
-    float scale = 1.0f / sqrtf((float)hs);
-    for (int gl = 0; gl < gh; gl++) {
-        const float *qg = q + (size_t)h * hs + gl * c;
-        const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh + gl) * K * c;
-        float *out = kv->lut + ((size_t)(kvh * gh + gl) * K * R + r) * c;
-        for (int j = 0; j < K; j++, out += R * c)
-            for (int p = 0; p < c; p += 2) {
-                float qr = qg[p], qi = qg[p + 1], cr = cb[j * c + p], ci = cb[j * c + p + 1];
-                out[p] = scale * (qr * cr + qi * ci);
-                out[p + 1] = scale * (qi * cr - qr * ci);
-            }
-    }
-}
-
-static void cq_build_key_lut(KVCache *kv, int layer, const float *q, int h) {
-    switch (kv->k.type.c) {
-    case 2: cq_build_key_lut_c(kv, layer, q, h, 2); break;
-    case 4: cq_build_key_lut_c(kv, layer, q, h, 4); break;
-    case 8: cq_build_key_lut_c(kv, layer, q, h, 8); break;
-    default: cq_build_key_lut_c(kv, layer, q, h, kv->k.type.c);
-    }
-}
 
 /* ---- 8-float vectors for the decode path.  GCC's and clang's vector extension: + and * work
    lane by lane and an f32x8 lives in one AVX register (two NEON registers on arm64).  Plain loops
@@ -1565,6 +1537,13 @@ static inline f32x8 lane_sums8(const f32x8 v[8]) {
    hsv is the head size rounded up to 8 lanes: kv->qpad holds the query heads, scaled by
    1/sqrt(hs), with zeros in the padding, so padded lanes add nothing. */
 #define CQ_BLOCK 8  // divides ROPE_FINE, so an aligned block has one coarse angle
+
+// Stores the scores of the nb <= CQ_BLOCK positions tb .. tb+nb-1 of head h.
+static inline void store_block_scores(float *att, int h, int tb, int nb, f32x8 scores) {
+    float *dst = att_at(att, h, tb);
+    if (nb == CQ_BLOCK) memcpy(dst, &scores, sizeof scores);  // a constant size: one store
+    else memcpy(dst, &scores, nb * sizeof(float));
+}
 
 CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c,
                                       const int wide_codes) {
@@ -1614,10 +1593,7 @@ CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, fl
                     if (j < nb)
                         for (int m = 0; m < nv; m++) dots[j] += load8(qh + 8 * m) * keys[j][m];
                 }
-                f32x8 scores = lane_sums8(dots);
-                float *dst = att_at(att, h, tb);
-                if (nb == CQ_BLOCK) memcpy(dst, &scores, sizeof scores);  // a constant size: one store
-                else memcpy(dst, &scores, nb * sizeof(float));
+                store_block_scores(att, h, tb, nb, lane_sums8(dots));
             }
         }
     }
@@ -1637,11 +1613,43 @@ static void cq_key_scores_decode(KVCache *kv, int layer, int t0, int t1, float *
     else cq_decode_scores_shape(kv, layer, t0, t1, att, hsv, c, 0);
 }
 
+/* ---- LUT path.  lut holds conj(q_p) * C_g[j][p] for every centroid j, stored as (re, -im) so
+   that a token costs one c-float dot product per group and head with the (cos, sin) row of its
+   position.  Layout (KVH, hs/c, K, R, c) where R = H/KVH: the R query heads that share a kv
+   head sit side by side, so one code reads one contiguous block for all of them.  1/sqrt(hs)
+   is folded in. */
+CQ_INLINE void cq_build_key_lut_c(KVCache *kv, int layer, const float *q, int h, const int c) {
+    const KVStore *s = &kv->k;
+    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
+    int kvh = h / R, r = h % R;
+    float scale = 1.0f / sqrtf((float)hs);
+    for (int gl = 0; gl < gh; gl++) {
+        const float *qg = q + (size_t)h * hs + gl * c;
+        const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh + gl) * K * c;
+        float *out = kv->lut + ((size_t)(kvh * gh + gl) * K * R + r) * c;
+        for (int j = 0; j < K; j++, out += R * c)
+            for (int p = 0; p < c; p += 2) {
+                float qr = qg[p], qi = qg[p + 1], cr = cb[j * c + p], ci = cb[j * c + p + 1];
+                out[p] = scale * (qr * cr + qi * ci);
+                out[p + 1] = scale * (qi * cr - qr * ci);
+            }
+    }
+}
+
+static void cq_build_key_lut(KVCache *kv, int layer, const float *q, int h) {
+    switch (kv->k.type.c) {
+    case 2: cq_build_key_lut_c(kv, layer, q, h, 2); break;
+    case 4: cq_build_key_lut_c(kv, layer, q, h, 4); break;
+    case 8: cq_build_key_lut_c(kv, layer, q, h, 8); break;
+    default: cq_build_key_lut_c(kv, layer, q, h, kv->k.type.c);
+    }
+}
+
 /* Scores for t in [t0, t1): LUT path.  Per token, its position's (cos, sin) row, one vector
    per 8 lanes: the coarse row times the fine row (one complex product per pair, written as
    cos2 * fine + sin2 * swap_pairs(fine)), shared by every head.  Then per query head one
    multiply-add per vector with the LUT entry of the vector's code, left as lane-wise sums and
-   finished for 8 tokens at once (lane_sums8).  No rotation per key: the query-centroid products are built once per query.
+   finished for 8 tokens at once (lane_sums8).  No rotation per key.
    Groups of 8 channels or more fill whole vectors; smaller groups are gathered, 8/c per vector. */
 CQ_INLINE void cq_lut_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c,
                                    const int wide_codes) {
@@ -1689,12 +1697,7 @@ CQ_INLINE void cq_lut_scores_shape(KVCache *kv, int layer, int t0, int t1, float
                 }
             }
         }
-        for (int h = 0; h < kv->n_heads; h++) {
-            f32x8 scores = lane_sums8(dots[h]);
-            float *dst = att_at(att, h, tb);
-            if (nb == CQ_BLOCK) memcpy(dst, &scores, sizeof scores);
-            else memcpy(dst, &scores, nb * sizeof(float));
-        }
+        for (int h = 0; h < kv->n_heads; h++) store_block_scores(att, h, tb, nb, lane_sums8(dots[h]));
     }
 }
 
