@@ -1507,6 +1507,8 @@ static void kv_append(KVCache *kv, int layer, int pos, const float *k, const flo
    left the compiler one horizontal sum per token and query head, which cost more than the
    multiplications themselves; with vectors, 8 tokens share one transposed sum (lane_sums8). */
 typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
 
 static inline f32x8 load8(const float *p) { f32x8 v; memcpy(&v, p, sizeof v); return v; }
 static inline f32x8 swap_pairs(f32x8 x) { return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6); }
@@ -1526,23 +1528,61 @@ static inline f32x8 lane_sums8(const f32x8 v[8]) {
     return __builtin_shufflevector(s, s, 0, 4, 2, 6, 1, 5, 3, 7);
 }
 
-/* Scores for t in [t0, t1): CQ decode path.  In blocks of CQ_BLOCK tokens, per kv head: gather
-   each token's centroids (the key before RoPE), rotate it, then for each of the R query heads of
-   the group one dot product per token, summed lane-wise for the whole block.  Nothing is built
-   per query, and the rotation is shared by the R query heads.
+/* Scores for t in [t0, t1): CQ decode path.  In blocks of CQ_BLOCK tokens.  Per token: its fine
+   (cos, sin) row, loaded once for all kv heads; per kv head, the key before RoPE gathered from
+   the centroids and rotated, then one dot product with each of the R query heads of the group.
+   The lane-wise products are summed for the whole block at the end (lane_sums8).  Nothing is
+   built per query, and the rotation is shared by the R query heads.
    The rotation is split as in rope_init, t = ROPE_FINE a + b:  q . R(t) k = (R(-ROPE_FINE a) q) . (R(b) k).
    The queries are turned back by the coarse angle once per ROPE_FINE positions (qrot) and each
    key is turned by its fine angle straight from the small fine table, so no (cos, sin) row is
    computed per position (that took about an eighth of the key scoring's time).
+   The (cos, sin) row and the key stay in registers: they are fixed-size arrays of KEY_PIECE
+   vectors, which the compiler keeps in registers once the loops are unrolled (it cannot do so
+   for arrays sized by the head), and a longer head is taken KEY_PIECE vectors at a time.  The
+   previous version went kv head by kv head through a block, stored the 8 rotated keys and
+   reloaded them for every query head, and reloaded the (cos, sin) row for every kv head.
+   SmolLM2 shape, 16K positions, ms a token in the cache (./run -m bench -l 16384 -k T, the two
+   builds side by side, medians of 3-6 rounds): cq1 34.4 -> 31.0 with 1 thread, 19.2 -> 17.4
+   with 2; cq2 65.5 -> 52.0; cq4 99.7 -> 87.2.  At 1K, cq1 with 2 threads: 2.71 -> 2.41.
    hsv is the head size rounded up to 8 lanes: kv->qpad holds the query heads, scaled by
    1/sqrt(hs), with zeros in the padding, so padded lanes add nothing. */
-#define CQ_BLOCK 8  // divides ROPE_FINE, so an aligned block has one coarse angle
+#define CQ_BLOCK 8   // divides ROPE_FINE, so an aligned block has one coarse angle
+#define KEY_PIECE 8  // vectors of a head held in registers at once (64 channels)
 
 // Stores the scores of the nb <= CQ_BLOCK positions tb .. tb+nb-1 of head h.
 static inline void store_block_scores(float *att, int h, int tb, int nb, f32x8 scores) {
     float *dst = att_at(att, h, tb);
     if (nb == CQ_BLOCK) memcpy(dst, &scores, sizeof scores);  // a constant size: one store
     else memcpy(dst, &scores, nb * sizeof(float));
+}
+
+/* Channels i .. i+7 of a kv head's key before RoPE, from its codes: one group's centroid (or
+   part of it) for c >= 8, 8/c centroids for c = 2 or 4, put together in registers (writing them
+   to memory and reading them back as one vector stalled on store forwarding: a load that spans
+   several smaller stores waits for them to reach the cache).  Zeros past the head size. */
+CQ_INLINE f32x8 centroid_lanes(const float *cb, const uint8_t *codes, int i, int hs, int K, const int c, const int wide_codes) {
+#define CENTROID(gl) (cb + ((size_t)(gl) * K + cq_code(codes, (gl), wide_codes)) * c)
+    if (c % 8 == 0) return load8(CENTROID(i / c) + i % c);
+    if (i + 8 <= hs && c == 4) {
+        f32x4 a, b;
+        memcpy(&a, CENTROID(i / 4), sizeof a);
+        memcpy(&b, CENTROID(i / 4 + 1), sizeof b);
+        return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
+    }
+    if (i + 8 <= hs && c == 2) {
+        f32x2 a, b, d, e;
+        memcpy(&a, CENTROID(i / 2), sizeof a);
+        memcpy(&b, CENTROID(i / 2 + 1), sizeof b);
+        memcpy(&d, CENTROID(i / 2 + 2), sizeof d);
+        memcpy(&e, CENTROID(i / 2 + 3), sizeof e);
+        return __builtin_shufflevector(__builtin_shufflevector(a, b, 0, 1, 2, 3), __builtin_shufflevector(d, e, 0, 1, 2, 3),
+                                       0, 1, 2, 3, 4, 5, 6, 7);
+    }
+    float lanes[8] = {0};  // the last vector of a head whose size is not a multiple of 8 (c is 2 or 4 here)
+    for (int j = 0; j < 8 && i + j < hs; j += c) memcpy(lanes + j, CENTROID((i + j) / c), (c & 7) * sizeof(float));
+    return load8(lanes);
+#undef CENTROID
 }
 
 CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c,
@@ -1566,36 +1606,40 @@ CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, fl
                     memcpy(qrot + (size_t)h * hsv + 8 * m, &y, sizeof y);
                 }
         }
-        for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
-            const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
-            f32x8 keys[CQ_BLOCK][nv];  // the block's keys of this kv head, turned by their fine angles
-            for (int j = 0; j < nb; j++) {
-                const uint8_t *row = store_row(s, layer, tb + j) + (size_t)kvh * gh * (1 + wide_codes);  // this kv head's codes
-                float key[hsv];  // small groups are gathered here first; groups of whole vectors are read in place
-                if (c % 8) {
-                    for (int gl = 0; gl < gh; gl++) memcpy(key + gl * c, cb + ((size_t)gl * K + cq_code(row, gl, wide_codes)) * c, c * sizeof(float));
-                    for (int i = hs; i < hsv; i++) key[i] = 0.0f;
+        f32x8 dots[kv->n_heads][CQ_BLOCK];  // lane-wise products; dots[h][j]'s lanes sum to the score
+        for (int h = 0; h < kv->n_heads; h++)
+            for (int j = 0; j < CQ_BLOCK; j++) dots[h][j] = (f32x8){0};
+        for (int j = 0; j < nb; j++) {
+            const float *fine_cos2 = rope->fine_cos2 + (size_t)((tb + j) % ROPE_FINE) * hsv;
+            const float *fine_sin2 = rope->fine_sin2 + (size_t)((tb + j) % ROPE_FINE) * hsv;
+            const uint8_t *row = store_row(s, layer, tb + j);
+            for (int m0 = 0; m0 < nv; m0 += KEY_PIECE) {  // one piece of the head: vectors m0 .. m0+np-1
+                int np = nv - m0 < KEY_PIECE ? nv - m0 : KEY_PIECE;
+                f32x8 cos2[KEY_PIECE], sin2[KEY_PIECE];  // the token's fine angle, for every kv head
+                for (int m = 0; m < np; m++) {
+                    cos2[m] = load8(fine_cos2 + 8 * (m0 + m));
+                    sin2[m] = load8(fine_sin2 + 8 * (m0 + m));
                 }
-                int fine = (tb + j) % ROPE_FINE;
-                const float *cos2 = rope->fine_cos2 + (size_t)fine * hsv, *sin2 = rope->fine_sin2 + (size_t)fine * hsv;
-                for (int m = 0; m < nv; m++) {
-                    int gl = 8 * m / c;
-                    f32x8 x = c % 8 ? load8(key + 8 * m) : load8(cb + ((size_t)gl * K + cq_code(row, gl, wide_codes)) * c + 8 * m % c);
-                    keys[j][m] = x * load8(cos2 + 8 * m) + swap_pairs(x) * load8(sin2 + 8 * m);
+                for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
+                    const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
+                    const uint8_t *codes = row + (size_t)kvh * gh * (1 + wide_codes);  // this kv head's codes
+                    f32x8 key[KEY_PIECE];  // this piece of the key, turned by its fine angle
+                    // without the pragma GCC kept this loop rolled for c = 2 (cq4: 147 ms a token in the cache, not 87)
+#pragma GCC unroll 8
+                    for (int m = 0; m < np; m++) {
+                        f32x8 x = centroid_lanes(cb, codes, 8 * (m0 + m), hs, K, c, wide_codes);
+                        key[m] = x * cos2[m] + swap_pairs(x) * sin2[m];
+                    }
+                    for (int r = 0; r < R; r++) {
+                        const float *qh = qrot + (size_t)(kvh * R + r) * hsv + 8 * m0;
+                        f32x8 acc = dots[kvh * R + r][j];
+                        for (int m = 0; m < np; m++) acc += load8(qh + 8 * m) * key[m];
+                        dots[kvh * R + r][j] = acc;
+                    }
                 }
-            }
-            for (int r = 0; r < R; r++) {
-                int h = kvh * R + r;
-                const float *qh = qrot + (size_t)h * hsv;
-                f32x8 dots[CQ_BLOCK];  // lane-wise products; dots[j]'s lanes sum to token tb+j's score
-                for (int j = 0; j < CQ_BLOCK; j++) {
-                    dots[j] = (f32x8){0};
-                    if (j < nb)
-                        for (int m = 0; m < nv; m++) dots[j] += load8(qh + 8 * m) * keys[j][m];
-                }
-                store_block_scores(att, h, tb, nb, lane_sums8(dots));
             }
         }
+        for (int h = 0; h < kv->n_heads; h++) store_block_scores(att, h, tb, nb, lane_sums8(dots[h]));
     }
 }
 
@@ -1732,8 +1776,6 @@ static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int 
    side, so that a token adds one 4-float vector per group, zeros in the spare lanes.  Scalar
    bins (three load-add-stores per group and token, R = 3) in a loop that was not unrolled took
    almost twice as long at 16K positions. */
-typedef float f32x4 __attribute__((vector_size(16)));
-
 CQ_INLINE void cq_value_histogram_shape(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist,
                                         const int gh, const int Rp, const int wide_codes, const int Rc, const int Kc) {
     const KVStore *s = &kv->v;
@@ -1861,11 +1903,13 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
     int cq_keys = ks->type.kind == KV_CQ && ks->type.c >= 2;  // c = 1 splits RoPE pairs: row path
     /* Keys: decode+rotate+dot unless --cq-keys lut.  Measured on a SmolLM2-shaped model, 1 thread
        (./run -m bench -l L -k cq1 --cq-keys lut|decode, side by side, two runs each), ms per token
-       in the cache: 16K 49.1 (lut) against 40.9-41.9 (decode), 4K 14.3-14.5 against 11.3-11.4,
-       1K 6.0 against 4.0-4.1.  The LUT (H x hs x 2^b floats, 590 KB a layer, R = 3 times the
+       in the cache: 16K 45.9-55.1 (lut) against 30.4-30.8 (decode), 4K 13.8-14.3 against 8.6-8.8,
+       1K 5.4-5.6 against 3.3-3.4.  The LUT (H x hs x 2^b floats, 590 KB a layer, R = 3 times the
        codebook) is read at random, R x c floats per group and token; decoding reads c floats
        and rotates them once for the R query heads, and that arithmetic costs less than the
-       LUT's extra traffic.  (Prefetching the LUT entries a few tokens ahead made it slower.) */
+       LUT's R reads.  Not only for the traffic: with the codes masked to 16 centroids, so that
+       the LUT stayed in L1, 16K took 41-42 ms, against 46 unmasked and 34-37 for the decode
+       path of the time.  (Prefetching the LUT entries a few tokens ahead made it slower.) */
     int key_lut = cq_keys && kv->lut && kv->key_path == CQ_KEYS_LUT;
     int value_hist = vs->type.kind == KV_CQ && n_codes_v >= vs->n_centroids && vs->n_centroids <= vs->seq_len;
     size_t hist_floats = value_hist ? (size_t)vs->n_groups * vs->n_centroids * hist_lanes(R) : 0;
