@@ -1608,7 +1608,7 @@ CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, fl
         }
         f32x8 dots[kv->n_heads][CQ_BLOCK];  // lane-wise products; dots[h][j]'s lanes sum to the score
         for (int h = 0; h < kv->n_heads; h++)
-            for (int j = 0; j < CQ_BLOCK; j++) dots[h][j] = (f32x8){0};
+            for (int j = nb; j < CQ_BLOCK; j++) dots[h][j] = (f32x8){0};  // past the end of a short block
         for (int j = 0; j < nb; j++) {
             const float *fine_cos2 = rope->fine_cos2 + (size_t)((tb + j) % ROPE_FINE) * hsv;
             const float *fine_sin2 = rope->fine_sin2 + (size_t)((tb + j) % ROPE_FINE) * hsv;
@@ -1632,7 +1632,7 @@ CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, fl
                     }
                     for (int r = 0; r < R; r++) {
                         const float *qh = qrot + (size_t)(kvh * R + r) * hsv + 8 * m0;
-                        f32x8 acc = dots[kvh * R + r][j];
+                        f32x8 acc = m0 ? dots[kvh * R + r][j] : (f32x8){0};
                         for (int m = 0; m < np; m++) acc += load8(qh + 8 * m) * key[m];
                         dots[kvh * R + r][j] = acc;
                     }
