@@ -1775,17 +1775,19 @@ static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int 
    hist: (G, K, Rp), Rp = R rounded up to 4 (hist_lanes): the R query heads of a kv head side by
    side, so that a token adds one 4-float vector per group, zeros in the spare lanes.  Scalar
    bins (three load-add-stores per group and token, R = 3) in a loop that was not unrolled took
-   almost twice as long at 16K positions. */
+   almost twice as long at 16K positions.  Tokens outer, kv heads inner (each row of codes read
+   once): cq1, 16K, ms a token in the cache, 29.1 -> 28.5 with 1 thread, 16.8 -> 16.0 with 2,
+   against kv heads outer. */
 CQ_INLINE void cq_value_histogram_shape(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist,
                                         const int gh, const int Rp, const int wide_codes, const int Rc, const int Kc) {
     const KVStore *s = &kv->v;
     // Rc, Kc: R and K as constants (or 0), so that the bins of a group sit at constant offsets
     int K = Kc ? Kc : s->n_centroids, R = Rc ? Rc : kv->n_heads / s->n_kv_heads;
-    for (int kvh = 0; kvh < s->n_kv_heads; kvh++)
-        for (int r0 = 0; r0 < R; r0 += 4) {
-            float *bins = hist + (size_t)kvh * gh * K * Rp + r0;  // the kv head's groups, lanes r0 .. r0+3
-            for (int t = t0; t < t1; t++) {
-                const uint8_t *row = store_row(s, layer, t);
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *row = store_row(s, layer, t);
+        for (int kvh = 0; kvh < s->n_kv_heads; kvh++)
+            for (int r0 = 0; r0 < R; r0 += 4) {
+                float *bins = hist + (size_t)kvh * gh * K * Rp + r0;  // the kv head's groups, lanes r0 .. r0+3
                 f32x4 p = {0};  // the weights of query heads r0 .. r0+3 of this kv head
                 for (int i = 0; i < 4 && r0 + i < R; i++) p[i] = *att_at(att, kvh * R + r0 + i, t);
                 for (int gl = 0; gl < gh; gl++) {
@@ -1797,7 +1799,7 @@ CQ_INLINE void cq_value_histogram_shape(const KVCache *kv, int layer, int t0, in
                     memcpy(bin, &v, sizeof v);
                 }
             }
-        }
+    }
 }
 
 static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist) {
