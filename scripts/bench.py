@@ -142,7 +142,7 @@ def main():
     ap.add_argument("--contexts", default="1024,4096,16384")
     ap.add_argument("--types", default="fp32,q4,cq1,cq2,cq4")
     ap.add_argument("--threads", default="1,2", help="part 3: thread counts")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16, help="part 3: decode steps timed per run (-m bench -n)")
     ap.add_argument("--rounds", type=int, default=3, help="part 3: rounds of side-by-side runs (medians)")
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     args = ap.parse_args()
