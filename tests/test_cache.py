@@ -293,9 +293,11 @@ def test_parallel_attention(run, tmp, monkeypatch, spec, window, keys):
 DECODE_SHAPES = [
     # head_size, keys: the decode path's kernels are compiled for head sizes 64 and 128 with
     # c = 2, 4, 8; any other shape takes the general kernel, padded to whole 8-float vectors
-    # when head_size is not a multiple of 8 (12, 20)
+    # when head_size is not a multiple of 8 (12, 20); heads over 64 channels are scored in
+    # pieces of 8 vectors (128: two whole pieces, 72: a whole piece and one vector)
     (64, "cq8c4b"), (64, "cq4c4b"), (64, "cq2c5b"), (128, "cq8c3b"), (128, "cq2c3b"),
     (40, "cq8c4b"), (12, "cq4c4b"), (12, "cq2c4b"), (20, "cq4c3b"), (64, "cq16c3b"),
+    (72, "cq8c4b"), (72, "cq4c3b"),
 ]
 
 
