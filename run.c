@@ -1557,12 +1557,15 @@ static inline void store_block_scores(float *att, int h, int tb, int nb, f32x8 s
     else memcpy(dst, &scores, nb * sizeof(float));
 }
 
-/* Channels i .. i+7 of a kv head's key before RoPE, from its codes: one group's centroid (or
-   part of it) for c >= 8, 8/c centroids for c = 2 or 4, put together in registers (writing them
-   to memory and reading them back as one vector stalled on store forwarding: a load that spans
-   several smaller stores waits for them to reach the cache).  Zeros past the head size. */
-CQ_INLINE f32x8 centroid_lanes(const float *cb, const uint8_t *codes, int i, int hs, int K, const int c, const int wide_codes) {
-#define CENTROID(gl) (cb + ((size_t)(gl) * K + cq_code(codes, (gl), wide_codes)) * c)
+/* Channels i .. i+7 of a kv head, looked up by its codes in a table that holds, per group, one
+   c-float entry per centroid, `stride` floats apart: the codebook (stride c; the key before
+   RoPE) or the LUT (stride R*c).  One group's entry (or part of it) for c >= 8, 8/c entries for
+   c = 2 or 4, put together in registers (writing them to memory and reading them back as one
+   vector stalled on store forwarding: a load that spans several smaller stores waits for them
+   to reach the cache).  Zeros past the head size. */
+CQ_INLINE f32x8 group_lanes(const float *table, const uint8_t *codes, int i, int hs, int K, const int c, int stride,
+                            const int wide_codes) {
+#define CENTROID(gl) (table + ((size_t)(gl) * K + cq_code(codes, (gl), wide_codes)) * stride)
     if (c % 8 == 0) return load8(CENTROID(i / c) + i % c);
     if (i + 8 <= hs && c == 4) {
         f32x4 a, b;
@@ -1627,7 +1630,7 @@ CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, fl
                     // without the pragma GCC kept this loop rolled for c = 2 (cq4: 147 ms a token in the cache, not 87)
 #pragma GCC unroll 8
                     for (int m = 0; m < np; m++) {
-                        f32x8 x = centroid_lanes(cb, codes, 8 * (m0 + m), hs, K, c, wide_codes);
+                        f32x8 x = group_lanes(cb, codes, 8 * (m0 + m), hs, K, c, c, wide_codes);
                         key[m] = x * cos2[m] + swap_pairs(x) * sin2[m];
                     }
                     for (int r = 0; r < R; r++) {
@@ -1694,7 +1697,7 @@ static void cq_build_key_lut(KVCache *kv, int layer, const float *q, int h) {
    cos2 * fine + sin2 * swap_pairs(fine)), shared by every head.  Then per query head one
    multiply-add per vector with the LUT entry of the vector's code, left as lane-wise sums and
    finished for 8 tokens at once (lane_sums8).  No rotation per key.
-   Groups of 8 channels or more fill whole vectors; smaller groups are gathered, 8/c per vector. */
+   LUT entries are read as the decode path reads centroids (group_lanes), R*c floats apart. */
 CQ_INLINE void cq_lut_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c,
                                    const int wide_codes) {
     const KVStore *s = &kv->k;
@@ -1721,22 +1724,10 @@ CQ_INLINE void cq_lut_scores_shape(KVCache *kv, int layer, int t0, int t1, float
             const uint8_t *row = store_row(s, layer, t);
             for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
                 const float *lut = kv->lut + (size_t)kvh * gh * K * R * c;  // (gh, K, R, c)
+                const uint8_t *codes = row + (size_t)kvh * gh * (1 + wide_codes);  // this kv head's codes
                 for (int r = 0; r < R; r++) {
                     f32x8 acc = {0};
-                    for (int m = 0; m < nv; m++) {
-                        f32x8 z;
-                        if (c % 8 == 0) {
-                            int gl = 8 * m / c;
-                            z = load8(lut + (((size_t)gl * K + cq_code(row, kvh * gh + gl, wide_codes)) * R + r) * c + 8 * m % c);
-                        } else {  // 8/c groups per vector (zeros past the head)
-                            float piece[8] = {0};
-                            for (int gl = 8 * m / c; gl < (8 * m + 8) / c && gl < gh; gl++)
-                                memcpy(piece + gl * c - 8 * m, lut + (((size_t)gl * K + cq_code(row, kvh * gh + gl, wide_codes)) * R + r) * c,
-                                       c * sizeof(float));
-                            z = load8(piece);
-                        }
-                        acc += z * cs[m];
-                    }
+                    for (int m = 0; m < nv; m++) acc += group_lanes(lut + (size_t)r * c, codes, 8 * m, hs, K, c, R * c, wide_codes) * cs[m];
                     dots[kvh * R + r][j] = acc;
                 }
             }
