@@ -1034,14 +1034,18 @@ typedef enum { CQ_KEYS_AUTO, CQ_KEYS_LUT, CQ_KEYS_DECODE } CQKeyPath;
 
 /* The running maximum of the online softmax moves only when a chunk's maximum exceeds it by more
    than MAX_LAG: weights up to e^16 (times 16K positions, 1.5e11) are far from float overflow, the
-   result is the same up to rounding, and the rescaling of the sums (for CQ, K x hs/c histogram
-   bins per head) happens about once per head instead of every time the maximum creeps up. */
+   result is the same up to rounding, and the sums are rescaled about once per head instead of
+   every time the maximum creeps up. */
 #define MAX_LAG 16.0f
 
 static inline float *att_at(float *att, int h, int t) { return att + (size_t)h * ATTN_CHUNK + t % ATTN_CHUNK; }
 
-// Lanes per bin of the CQ value histograms: R query heads rounded up to 4 (cq_value_histogram).
-static int hist_lanes(int R) { return (R + 3) / 4 * 4; }
+/* Per-thread scratch (scores, accumulators, rotated queries) sits in one buffer per kind, one
+   slot per thread.  A slot is rounded up to 128 bytes and 128 more are left free after it, so
+   that no two threads write to one cache line, nor to one pair of lines, which the prefetcher
+   fetches together.  Slots that shared their edge lines cost cq1 about 1 ms a token in the cache
+   with 2 threads (SmolLM2 shape, 16K positions: 15.9 -> 14.8, side by side). */
+static size_t thread_slot(size_t floats) { return (floats + 31) / 32 * 32 + 32; }
 
 typedef struct {
     KVStore k, v;
@@ -1053,8 +1057,8 @@ typedef struct {
     float *lut;            // CQ keys: (H, hs/c, K, c) products of the query with every centroid
     float *qpad;           // CQ keys, decode path: (H, hs rounded up to 8) the query, scaled, zero-padded
     float *qrot;           // per thread: qpad turned back by a coarse RoPE angle (cq_decode_scores_shape)
-    float *acc;            // per thread: partial outputs (H*hs) or CQ value histograms
-    size_t acc_floats;     // floats per thread in acc
+    float *acc;            // per thread: running maxima (H), sums (H), partial outputs (H, hs)
+    size_t acc_floats;     // floats per thread in acc (a thread_slot)
     float *kbuf;           // per thread: one decoded row (kv_dim)
     double seconds;        // time spent in kv_append + kv_attend (bench reports it)
 } KVCache;
@@ -1435,19 +1439,17 @@ static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, C
     kv->n_heads = c->n_heads;
     kv->n_threads = max_threads();
     int H = c->n_heads, hs = c->head_size;
-    kv->att = xmalloc((size_t)kv->n_threads * H * ATTN_CHUNK * sizeof(float));
+    kv->att = xmalloc(kv->n_threads * thread_slot((size_t)H * ATTN_CHUNK) * sizeof(float));
     kv->key_path = key_path;
     if (key_path == CQ_KEYS_LUT && ktype.kind == KV_CQ && ktype.c % 2 == 0)  // only the lut path needs it
         kv->lut = xmalloc((size_t)H * hs * kv->k.n_centroids * sizeof(float));
     if (ktype.kind == KV_CQ) {
         kv->qpad = xmalloc((size_t)H * padded_head_size(hs) * sizeof(float));
-        kv->qrot = xmalloc((size_t)kv->n_threads * H * padded_head_size(hs) * sizeof(float));
+        kv->qrot = xmalloc(kv->n_threads * thread_slot((size_t)H * padded_head_size(hs)) * sizeof(float));
     }
-    kv->acc_floats = 2 * (size_t)H + (size_t)H * hs;  // per thread: maxima, sums, value rows ...
-    if (vtype.kind == KV_CQ && kv->v.n_centroids <= c->seq_len)  // ... and value histograms
-        kv->acc_floats += (size_t)kv->v.n_groups * kv->v.n_centroids * hist_lanes(H / c->n_kv_heads);
+    kv->acc_floats = thread_slot(2 * (size_t)H + (size_t)H * hs);  // per thread: maxima, sums, value sums
     kv->acc = xmalloc(kv->n_threads * kv->acc_floats * sizeof(float));
-    kv->kbuf = xmalloc((size_t)kv->n_threads * kv_dim_of(c) * sizeof(float));
+    kv->kbuf = xmalloc(kv->n_threads * thread_slot(kv_dim_of(c)) * sizeof(float));
 }
 
 static void kv_cache_free(KVCache *kv) {
@@ -1466,7 +1468,7 @@ static void put_key(KVCache *kv, int layer, int pos, const float *k) {
             rope_rotate(kv->rope, w, ks->n_kv_heads, pos);
         }
     } else {
-        float *rotated = kv->kbuf + (size_t)thread_id() * ks->kv_dim;
+        float *rotated = kv->kbuf + (size_t)thread_id() * thread_slot(ks->kv_dim);
         memcpy(rotated, k, ks->kv_dim * sizeof(float));
         rope_rotate(kv->rope, rotated, ks->n_kv_heads, pos);
         store_put(ks, layer, pos, rotated);
@@ -1593,7 +1595,7 @@ CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, fl
     const KVStore *s = &kv->k;
     const RopeTable *rope = kv->rope;
     int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, nv = hsv / 8;
-    float *qrot = kv->qrot + (size_t)thread_id() * kv->n_heads * hsv;  // (H, hsv)
+    float *qrot = kv->qrot + (size_t)thread_id() * thread_slot((size_t)kv->n_heads * hsv);  // (H, hsv)
     int coarse = -1;
     for (int tb = t0, te; tb < t1; tb = te) {
         te = (tb / CQ_BLOCK + 1) * CQ_BLOCK;  // blocks end at multiples of CQ_BLOCK
@@ -1760,96 +1762,80 @@ static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int 
     }
 }
 
-/* CQ values without decoding: out_h = sum_t p_t v_t = sum_g sum_j (sum of p_t over the tokens
-   whose code in group g is j) * C_g[j].  Each token adds its weight to one bin per group and
-   head; one (K x c) product per group at the end (cq_value_output).
-   hist: (G, K, Rp), Rp = R rounded up to 4 (hist_lanes): the R query heads of a kv head side by
-   side, so that a token adds one 4-float vector per group, zeros in the spare lanes.  Scalar
-   bins (three load-add-stores per group and token, R = 3) in a loop that was not unrolled took
-   almost twice as long at 16K positions.  Tokens outer, kv heads inner (each row of codes read
-   once): cq1, 16K, ms a token in the cache, 29.1 -> 28.5 with 1 thread, 16.8 -> 16.0 with 2,
-   against kv heads outer. */
-CQ_INLINE void cq_value_histogram_shape(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist,
-                                        const int gh, const int Rp, const int wide_codes, const int Rc, const int Kc) {
+/* CQ values: out_h += sum_t p_t C[code_t] for the query heads h of each kv head, gathered from
+   the codebook by code straight into registers and never written out as a row.
+   Per kv head, a set of up to VALUE_HEADS query heads and a piece of KEY_PIECE vectors of the
+   head: their sums (3 x 8 vectors: 24 of AVX-512's 32 registers) stay in registers over all the
+   tokens, and each centroid vector, once gathered, serves every head of the set.
+   CQ.md's other way, a histogram of the weights per group (sum of p_t over the tokens whose code
+   is j), then one 2^b x c product per group, costs fewer operations past 2^b tokens, and run.c
+   used it up to commit d93f5f8 (4-float bins holding R = 3 heads side by side).  It measured
+   slower: each token and group is a load-add-store at a random bin of a table (98 KB a layer
+   for cq1) that does not fit L1, and it slows down further when nearby tokens share a code (a
+   load that waits for the store before it: codes masked to 32 centroids, a timing-only hack,
+   took cq1 from 28 to 43 ms a token in the cache).  The speed of the sums does not depend on
+   which codes occur.  ms a token in the cache, both builds side by side, best of 3 runs,
+   1 thread (./run -m bench -k T; SmolLM2's shape at 16K positions, and random 4-layer models
+   at 8K with R query heads per kv head, head size 64), histogram -> sums:
+       SmolLM2 (R = 3)  cq1 28.0 -> 27.5, cq2 44.9 -> 39.9, cq4 82.9 -> 60.3
+       R = 1            cq1 4.69 -> 4.02, cq4 15.3 -> 11.4
+       R = 2            cq1 5.77 -> 5.32, cq4 16.7 -> 12.4
+       R = 4            cq1 3.74 -> 4.18, cq4 8.22 -> 8.34 (the one shape where the bins won)
+       R = 8            cq1 7.24 -> 6.61, cq4 16.2 -> 11.8 */
+#define VALUE_HEADS 3
+
+CQ_INLINE void cq_value_sums_shape(const KVCache *kv, int layer, int t0, int t1, float *att, float *out,
+                                   const int hsv, const int c, const int wide_codes, const int nr) {
     const KVStore *s = &kv->v;
-    // Rc, Kc: R and K as constants (or 0), so that the bins of a group sit at constant offsets
-    int K = Kc ? Kc : s->n_centroids, R = Rc ? Rc : kv->n_heads / s->n_kv_heads;
-    for (int t = t0; t < t1; t++) {
-        const uint8_t *row = store_row(s, layer, t);
-        for (int kvh = 0; kvh < s->n_kv_heads; kvh++)
-            for (int r0 = 0; r0 < R; r0 += 4) {
-                float *bins = hist + (size_t)kvh * gh * K * Rp + r0;  // the kv head's groups, lanes r0 .. r0+3
-                f32x4 p = {0};  // the weights of query heads r0 .. r0+3 of this kv head
-                for (int i = 0; i < 4 && r0 + i < R; i++) p[i] = *att_at(att, kvh * R + r0 + i, t);
-                for (int gl = 0; gl < gh; gl++) {
-                    int code = cq_code(row, kvh * gh + gl, wide_codes);
-                    float *bin = bins + ((size_t)gl * K + code) * Rp;
-                    f32x4 v;
-                    memcpy(&v, bin, sizeof v);
-                    v += p;
-                    memcpy(bin, &v, sizeof v);
+    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, nv = hsv / 8;
+    for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
+        const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
+        for (int r0 = 0; r0 < R; r0 += nr)  // query heads r0 .. r0+nr-1 of the kv head (zero weights past R)
+            for (int m0 = 0; m0 < nv; m0 += KEY_PIECE) {  // vectors m0 .. m0+np-1 of the head
+                int np = nv - m0 < KEY_PIECE ? nv - m0 : KEY_PIECE;
+                f32x8 sums[VALUE_HEADS][KEY_PIECE];  // fixed sizes, so that they can live in registers
+                for (int r = 0; r < nr; r++)
+                    for (int m = 0; m < KEY_PIECE; m++) sums[r][m] = (f32x8){0};
+                for (int t = t0; t < t1; t++) {
+                    const uint8_t *codes = store_row(s, layer, t) + (size_t)kvh * gh * (1 + wide_codes);
+                    float p[VALUE_HEADS];
+                    for (int r = 0; r < nr; r++) p[r] = r0 + r < R ? *att_at(att, kvh * R + r0 + r, t) : 0.0f;
+#pragma GCC unroll 8
+                    for (int m = 0; m < np; m++) {
+                        f32x8 x = group_lanes(cb, codes, 8 * (m0 + m), hs, K, c, c, wide_codes);
+                        for (int r = 0; r < nr; r++) sums[r][m] += p[r] * x;
+                    }
+                }
+                for (int r = 0; r < nr && r0 + r < R; r++) {
+                    float *o = out + (size_t)(kvh * R + r0 + r) * hs;
+                    for (int m = 0; m < np; m++)
+                        for (int i = 0; i < 8 && 8 * (m0 + m) + i < hs; i++) o[8 * (m0 + m) + i] += sums[r][m][i];
                 }
             }
     }
 }
 
-static void cq_value_histogram(const KVCache *kv, int layer, int t0, int t1, float *att, float *hist) {
-    const KVStore *s = &kv->v;
-    int gh = s->head_size / s->type.c, R = kv->n_heads / s->n_kv_heads, Rp = hist_lanes(R), K = s->n_centroids;
-    int wide = s->type.b > 8;
-    // constant shapes unroll the loop over a head's groups (cq1, cq2, cq4 at head size 64)
-    if (R == 3 && gh == 8 && K == 256 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 8, 4, 0, 3, 256);
-    else if (Rp == 4 && gh == 8 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 8, 4, 0, 0, 0);
-    else if (Rp == 4 && gh == 16 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 16, 4, 0, 0, 0);
-    else if (Rp == 4 && gh == 32 && !wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, 32, 4, 0, 0, 0);
-    else if (wide) cq_value_histogram_shape(kv, layer, t0, t1, att, hist, gh, Rp, 1, 0, 0);
-    else cq_value_histogram_shape(kv, layer, t0, t1, att, hist, gh, Rp, 0, 0, 0);
+CQ_INLINE void cq_value_sums_heads(const KVCache *kv, int layer, int t0, int t1, float *att, float *out,
+                                   const int nr) {
+    int c = kv->v.type.c, hsv = padded_head_size(kv->v.head_size);
+    if (kv->v.type.b > 8) cq_value_sums_shape(kv, layer, t0, t1, att, out, hsv, c, 1, nr);  // two-byte codes
+    else if (hsv == 64 && c == 8) cq_value_sums_shape(kv, layer, t0, t1, att, out, 64, 8, 0, nr);
+    else if (hsv == 64 && c == 4) cq_value_sums_shape(kv, layer, t0, t1, att, out, 64, 4, 0, nr);
+    else if (hsv == 64 && c == 2) cq_value_sums_shape(kv, layer, t0, t1, att, out, 64, 2, 0, nr);
+    else if (hsv == 128 && c == 8) cq_value_sums_shape(kv, layer, t0, t1, att, out, 128, 8, 0, nr);
+    else if (hsv == 128 && c == 4) cq_value_sums_shape(kv, layer, t0, t1, att, out, 128, 4, 0, nr);
+    else if (hsv == 128 && c == 2) cq_value_sums_shape(kv, layer, t0, t1, att, out, 128, 2, 0, nr);
+    else cq_value_sums_shape(kv, layer, t0, t1, att, out, hsv, c, 0, nr);
 }
 
-// Adds group g's share to out (H, hs): out_h[group g] += weight_h * sum_j bins[j][r] * C_g[j].
-// bins: (K, Rp) one thread's histogram of group g; weight: (H) that thread's share of each head.
-CQ_INLINE void cq_value_output_c(const KVCache *kv, int layer, int g, const float *bins, const float *weight,
-                                 float *out, const int c) {
-    const KVStore *s = &kv->v;
-    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, Rp = hist_lanes(R);
-    int kvh = g / gh, gl = g % gh;
-    const float *cb = s->codebook + ((size_t)layer * s->n_groups + g) * K * c;
-    for (int r0 = 0; r0 < R; r0 += 4) {
-        float sum[4][c];  // four query heads
-        if (c % 8 == 0) {  // whole 8-float vectors per centroid: one multiply-add per vector and head
-            f32x8 acc[4][c / 8 + (c < 8)];  // (c < 8: never used, but the array must not be empty)
-            for (int r = 0; r < 4; r++)
-                for (int m = 0; m < c / 8; m++) acc[r][m] = (f32x8){0};
-            for (int j = 0; j < K; j++)
-                for (int m = 0; m < c / 8; m++) {
-                    f32x8 x = load8(cb + (size_t)j * c + 8 * m);
-                    for (int r = 0; r < 4; r++) acc[r][m] += bins[j * Rp + r0 + r] * x;
-                }
-            memcpy(sum, acc, sizeof sum);
-        } else {           // small groups: one 4-float multiply-add (the four heads) per channel
-            float acc[c][4];
-            for (int i = 0; i < c; i++)
-                for (int r = 0; r < 4; r++) acc[i][r] = 0.0f;
-            for (int j = 0; j < K; j++)
-                for (int i = 0; i < c; i++)
-                    for (int r = 0; r < 4; r++) acc[i][r] += cb[j * c + i] * bins[j * Rp + r0 + r];
-            for (int i = 0; i < c; i++)
-                for (int r = 0; r < 4; r++) sum[r][i] = acc[i][r];
-        }
-        for (int r = 0; r < 4 && r0 + r < R; r++) {
-            float *o = out + (size_t)(kvh * R + r0 + r) * hs + gl * c, w = weight[kvh * R + r0 + r];
-            for (int i = 0; i < c; i++) o[i] += w * sum[r][i];
-        }
-    }
-}
-
-static void cq_value_output(const KVCache *kv, int layer, int g, const float *bins, const float *weight, float *out) {
-    switch (kv->v.type.c) {
-    case 2: cq_value_output_c(kv, layer, g, bins, weight, out, 2); break;
-    case 4: cq_value_output_c(kv, layer, g, bins, weight, out, 4); break;
-    case 8: cq_value_output_c(kv, layer, g, bins, weight, out, 8); break;
-    default: cq_value_output_c(kv, layer, g, bins, weight, out, kv->v.type.c);
-    }
+// out_h += sum over t in [t0, t1) of p_t v_t, from CQ codes.  att: the chunk's weights; out: (H, hs)
+static void cq_value_sums(const KVCache *kv, int layer, int t0, int t1, float *att, float *out) {
+    // query heads per pass: up to VALUE_HEADS, the last pass padded with zero weights (R = 8
+    // in passes of 2 took 7.0 ms, and 13.6 with cq4, against 6.6 and 11.8 in passes of 3)
+    int R = kv->n_heads / kv->v.n_kv_heads, nr = R < VALUE_HEADS ? R : VALUE_HEADS;
+    if (nr == 1) cq_value_sums_heads(kv, layer, t0, t1, att, out, 1);
+    else if (nr == 2) cq_value_sums_heads(kv, layer, t0, t1, att, out, 2);
+    else cq_value_sums_heads(kv, layer, t0, t1, att, out, 3);
 }
 
 // out_h += sum over t in [t0, t1) of p_t v_t, from whole value rows.  out: (H, hs)
@@ -1877,19 +1863,11 @@ static void row_value_sum(const KVCache *kv, int layer, int pos, int t0, int t1,
    slower from 8K to 16K.  Threads take chunks as they come (a dynamic schedule: on a shared
    machine one core is often slower than the other, and fixed halves left the fast thread
    waiting for up to a fifth of the time), each with its own (m, s, sums); the threads are
-   merged at the end.  The value sums are plain rows (H, hs) and, for CQ values read through
-   codes, the histograms of cq_value_histogram, turned into vectors once, after the merge. */
-
-// Multiplies head h's histogram bins by f.  hist: (G, K, Rp)
-static void scale_head_histogram(const KVStore *vs, float *hist, int h, int R, float f) {
-    int K = vs->n_centroids, gh = vs->head_size / vs->type.c, kvh = h / R, r = h % R, Rp = hist_lanes(R);
-    for (int g = kvh * gh; g < (kvh + 1) * gh; g++)
-        for (int j = 0; j < K; j++) hist[((size_t)g * K + j) * Rp + r] *= f;
-}
+   merged at the end.  The value sums are plain rows (H, hs) for every cache type. */
 
 static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *out) {
     const KVStore *ks = &kv->k, *vs = &kv->v;
-    int H = kv->n_heads, hs = ks->head_size, n = pos + 1, R = H / vs->n_kv_heads;
+    int H = kv->n_heads, hs = ks->head_size, n = pos + 1;
     // positions below n_codes_k (n_codes_v) are read through codes; the rest from the window
     int n_codes_k = ks->window ? (n - ks->window > 0 ? n - ks->window : 0) : n;
     int n_codes_v = vs->window ? (n - vs->window > 0 ? n - vs->window : 0) : n;
@@ -1904,8 +1882,7 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
        the LUT stayed in L1, 16K took 41-42 ms, against 46 unmasked and 34-37 for the decode
        path of the time.  (Prefetching the LUT entries a few tokens ahead made it slower.) */
     int key_lut = cq_keys && kv->lut && kv->key_path == CQ_KEYS_LUT;
-    int value_hist = vs->type.kind == KV_CQ && n_codes_v >= vs->n_centroids && vs->n_centroids <= vs->seq_len;
-    size_t hist_floats = value_hist ? (size_t)vs->n_groups * vs->n_centroids * hist_lanes(R) : 0;
+    int cq_values = vs->type.kind == KV_CQ;
     int parallel = kv->n_threads > 1 && (long)n * H * hs >= PARALLEL_MIN_MACS / 4;
     if (cq_keys && !key_lut) {
         int hsv = padded_head_size(hs);
@@ -1924,12 +1901,11 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
 #ifdef _OPENMP
         nth = omp_get_num_threads();
 #endif
-        float *buf = kv->kbuf + (size_t)tid * ks->kv_dim;
-        // this thread's running maxima (H), sums (H), value rows (H, hs) and histograms
-        float *mx = kv->acc + (size_t)tid * kv->acc_floats, *sum = mx + H, *rows = sum + H, *hist = rows + (size_t)H * hs;
+        float *buf = kv->kbuf + (size_t)tid * thread_slot(ks->kv_dim);
+        // this thread's running maxima (H), sums (H) and value sums (H, hs)
+        float *mx = kv->acc + (size_t)tid * kv->acc_floats, *sum = mx + H, *rows = sum + H;
         for (int h = 0; h < H; h++) { mx[h] = -FLT_MAX; sum[h] = 0.0f; }
         memset(rows, 0, (size_t)H * hs * sizeof(float));
-        memset(hist, 0, hist_floats * sizeof(float));
         if (key_lut) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
@@ -1947,7 +1923,7 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
             size_t bytes = (size_t)ks->n_groups * ks->n_centroids * ks->type.c * sizeof(float);
             for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(cb + i);
         }
-        float *att = kv->att + (size_t)tid * H * ATTN_CHUNK;
+        float *att = kv->att + (size_t)tid * thread_slot((size_t)H * ATTN_CHUNK);
         int n_chunks = (n + ATTN_CHUNK - 1) / ATTN_CHUNK;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic) nowait
@@ -1970,7 +1946,6 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
                         float f = expf(mx[h] - m);
                         sum[h] *= f;
                         for (int i = 0; i < hs; i++) rows[(size_t)h * hs + i] *= f;
-                        if (value_hist) scale_head_histogram(vs, hist, h, R, f);
                     }
                     mx[h] = m;
                 }
@@ -1982,9 +1957,9 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
                 sum[h] += s;
             }
             // 3. weighted values
-            int hist_end = value_hist ? (b < n_codes_v ? b : n_codes_v) : a;
-            if (hist_end > a) cq_value_histogram(kv, layer, a, hist_end, att, hist);
-            if (b > hist_end) row_value_sum(kv, layer, pos, hist_end > a ? hist_end : a, b, att, rows, buf);
+            int coded_v = cq_values ? (b < n_codes_v ? b : n_codes_v) : a;  // [a, coded_v) through codes
+            if (coded_v > a) cq_value_sums(kv, layer, a, coded_v, att, rows);
+            if (b > coded_v) row_value_sum(kv, layer, pos, coded_v > a ? coded_v : a, b, att, rows, buf);
         }
 #ifdef _OPENMP
 #pragma omp barrier
@@ -2000,23 +1975,11 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
             float *o = out + (size_t)h * hs;
             for (int i = 0; i < hs; i++) o[i] = 0.0f;
             for (int th = 0; th < nth; th++) {
-                float *a = kv->acc + th * kv->acc_floats;
+                const float *a = kv->acc + th * kv->acc_floats;
                 float w = a[H + h] > 0.0f ? expf(a[h] - m) / total : 0.0f;
                 const float *r = a + 2 * H + (size_t)h * hs;
                 for (int i = 0; i < hs; i++) o[i] += w * r[i];
-                a[H + h] = w;  // kept for the histograms below
             }
-        }
-        if (value_hist) {
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (int g = 0; g < vs->n_groups; g++)
-                for (int th = 0; th < nth; th++) {  // every thread's histograms, with its weights
-                    const float *a = kv->acc + th * kv->acc_floats;
-                    const float *bins = a + 2 * H + (size_t)H * hs + (size_t)g * vs->n_centroids * hist_lanes(R);
-                    cq_value_output(kv, layer, g, bins, a + H, out);
-                }
         }
     }
 }

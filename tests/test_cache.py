@@ -24,7 +24,8 @@ Tests
      head_size; b = 3, 4, 8, 10), MHA / GQA, with and without -w, one or two ppl windows;
      test_rounding_ties_go_away_from_zero, test_window_covering_everything_is_fp32,
      test_parallel_attention (kv_attend split among 3 threads)
-  2. test_cq_key_paths: --cq-keys lut / decode / auto, value histogram and decode paths
+  2. test_cq_key_paths: --cq-keys lut / decode / auto; test_decode_path_shapes and
+     test_value_sums_query_heads: the kernels' shapes (head sizes, c, query heads per kv head)
   3. test_codebook_with_every_vector_reproduces_fp32; test_cq_ties_take_the_first_centroid
   4. centroid file and -k validation (test_bad_centroid_file, test_bad_kv_spec, ...)
   5. test_bits_and_bytes
@@ -274,8 +275,7 @@ WIDE_KW = dict(dim=64, hidden_dim=96, n_layers=2, n_heads=8, n_kv_heads=2, head_
                                               ("cq8c4b", 10, "lut"), ("q8:cq4c4b", 0, "auto")])
 def test_parallel_attention(run, tmp, monkeypatch, spec, window, keys):
     """Heads x head_size x positions large enough for kv_attend to split the positions among
-    threads (3 threads: uneven ranges); the per-thread accumulators and value histograms
-    are added up."""
+    threads (3 threads: uneven ranges); the per-thread accumulators are added up."""
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     if "wide" not in _models:
         cfg, w = R.random_model(105, **WIDE_KW)
@@ -304,8 +304,8 @@ DECODE_SHAPES = [
 @pytest.mark.parametrize("keys", ["decode", "lut"])
 @pytest.mark.parametrize("head_size,spec", DECODE_SHAPES, ids=["hs%d-%s" % s for s in DECODE_SHAPES])
 def test_decode_path_shapes(run, tmp, head_size, spec, keys):
-    """--cq-keys decode and lut on every kernel shape, GQA with 3 query heads per kv head (the
-    value histograms' spare fourth lane), 40 positions (5 blocks of 8) and 37 (a partial block)."""
+    """--cq-keys decode and lut on every kernel shape (keys and values), GQA with 3 query heads
+    per kv head, 40 positions (5 blocks of 8) and 37 (a partial block)."""
     key = "shape%d" % head_size
     if key not in _models:
         cfg, w = R.random_model(300 + head_size, dim=24, hidden_dim=32, n_layers=2, n_heads=6,
@@ -322,11 +322,41 @@ def test_decode_path_shapes(run, tmp, head_size, spec, keys):
                 what="head_size %d -k %s --cq-keys %s, %d positions" % (head_size, spec, keys, n))
 
 
+VALUE_HEAD_CASES = [
+    # n_heads, n_kv_heads, head_size, spec: cq_value_sums takes the query heads of a kv head
+    # 1, 2 or 3 at a time (R = 1, 2, 3; R = 4 in two passes of 2; R = 5 and 7 in passes of 3,
+    # the last one padded with zero weights), over head sizes with their own kernels (64, 128)
+    # and the general one (72: a whole piece of 8 vectors and one more)
+    (2, 2, 64, "cq8c4b"), (4, 2, 64, "cq4c4b"), (8, 2, 64, "cq2c4b"), (5, 1, 64, "cq8c4b"),
+    (7, 1, 128, "cq4c3b"), (4, 1, 128, "cq8c4b"), (5, 1, 72, "cq8c4b"), (7, 1, 72, "cq4c3b"),
+]
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_size,spec", VALUE_HEAD_CASES,
+                         ids=["H%d-KVH%d-hs%d-%s" % c for c in VALUE_HEAD_CASES])
+def test_value_sums_query_heads(run, tmp, n_heads, n_kv_heads, head_size, spec):
+    """Values through codes with 1 to 7 query heads per kv head, against the reference."""
+    key = "heads%d_%d_%d" % (n_heads, n_kv_heads, head_size)
+    if key not in _models:
+        cfg, w = R.random_model(400 + n_heads * 10 + head_size, dim=24, hidden_dim=32, n_layers=1,
+                                n_heads=n_heads, n_kv_heads=n_kv_heads, head_size=head_size,
+                                vocab_size=48, seq_len=40)
+        _models[key] = (cfg, w, CR.to64(w), CR.rope_table(cfg))
+    cfg, w, w64, rope = _models[key]
+    path = tmp / "model.bin"
+    R.write_checkpoint(path, cfg, w)
+    cbs, _ = install_codebooks(path, cfg, w, spec, 37)
+    ids = stream(cfg, 36, seed=3)
+    _, got = run_ppl(run, tmp, path, ids, spec, keys="decode", vocab=cfg["vocab_size"])
+    compare(got, cfg, w, w64, rope, ids, spec, 0, None, cbs, tol=TOL_CQ_PATHS,
+            what="%d query heads, %d kv heads, head_size %d, -k %s" % (n_heads, n_kv_heads, head_size, spec))
+
+
 @pytest.mark.parametrize("keys", ["decode", "lut"])
 def test_cq1_smollm_head_shape(run, tmp, keys):
     """cq1 (8c8b) with SmolLM2's head shape (64 channels, 3 query heads per kv head) past 256
-    positions, where the values go through the histograms: the kernels specialised for that
-    shape (cq_value_histogram's R = 3, K = 256 case and the 64/8 key kernels)."""
+    positions (two chunks of kv_attend): the kernels specialised for that shape (64/8 for keys
+    and values)."""
     if "smol_shape" not in _models:
         cfg, w = R.random_model(64, dim=24, hidden_dim=32, n_layers=1, n_heads=6, n_kv_heads=2,
                                 head_size=64, vocab_size=48, seq_len=300)
@@ -345,7 +375,7 @@ def test_cq1_smollm_head_shape(run, tmp, keys):
 def test_long_context_online_softmax(run, tmp, spec):
     """600 positions: three chunks of kv_attend's online softmax (ATTN_CHUNK = 256), with
     attention scores scaled up (q and k weights x6) so that later chunks raise the running
-    maximum by more than MAX_LAG and the sums and value histograms are rescaled."""
+    maximum by more than MAX_LAG and the sums are rescaled."""
     if "long" not in _models:
         cfg, w = R.random_model(77, dim=16, hidden_dim=24, n_layers=1, n_heads=4, n_kv_heads=2,
                                 head_size=8, vocab_size=40, seq_len=640)
@@ -375,9 +405,8 @@ PATH_CASES = [
 @pytest.mark.parametrize("model,spec,window", PATH_CASES,
                          ids=["%s-%s-w%d" % c for c in PATH_CASES])
 def test_cq_key_paths(run, tmp, model, spec, window):
-    """Contexts both shorter and longer than 2^b (up to 71 positions against 8 or 16
-    centroids), so values go through the decode and the histogram paths; keys through
-    --cq-keys lut and decode."""
+    """Keys through --cq-keys lut, decode and auto; values through codes, and through the
+    full-precision window where there is one (up to 71 positions)."""
     cfg, w, w64, rope = get_model(model)
     path = tmp / "model.bin"
     R.write_checkpoint(path, cfg, w)
@@ -435,8 +464,8 @@ def covering_codebooks(cfg, vecs, c, b, seed):
 
 EXACT_CB_CASES = [
     # model, c, b, positions, -c file?
-    ("mha", 8, 4, 16, False),     # c = head_size; 16 positions = 16 centroids: the value
-    ("mha", 2, 4, 16, True),      #   histogram path runs at the last step
+    ("mha", 8, 4, 16, False),     # c = head_size; 16 positions = 16 centroids
+    ("mha", 2, 4, 16, True),
     ("mha", 1, 4, 16, False),
     ("mha", 8, 5, 20, True),      # 20 vectors and 12 far-away fillers: decode path
     ("gqa", 16, 4, 16, False),
