@@ -1590,6 +1590,23 @@ CQ_INLINE f32x8 group_lanes(const float *table, const uint8_t *codes, int i, int
 #undef CENTROID
 }
 
+/* Calls kernel(args..., hsv, c, wide_codes) with the padded head size and c as compile-time
+   constants for the shapes most models have (head sizes 64 and 128, c = 2, 4, 8), so that the
+   loops over a head and a group unroll (about 2x faster than the general case on SmolLM2's
+   shape for the key kernel); the general case otherwise.  All three CQ kernels go through it. */
+#define CQ_SHAPES(type, hsv, kernel, ...)                                              \
+    do {                                                                               \
+        int c_ = (type).c;                                                             \
+        if ((type).b > 8) kernel(__VA_ARGS__, hsv, c_, 1);  /* two-byte codes */       \
+        else if (hsv == 64 && c_ == 8) kernel(__VA_ARGS__, 64, 8, 0);                  \
+        else if (hsv == 64 && c_ == 4) kernel(__VA_ARGS__, 64, 4, 0);                  \
+        else if (hsv == 64 && c_ == 2) kernel(__VA_ARGS__, 64, 2, 0);                  \
+        else if (hsv == 128 && c_ == 8) kernel(__VA_ARGS__, 128, 8, 0);                \
+        else if (hsv == 128 && c_ == 4) kernel(__VA_ARGS__, 128, 4, 0);                \
+        else if (hsv == 128 && c_ == 2) kernel(__VA_ARGS__, 128, 2, 0);                \
+        else kernel(__VA_ARGS__, hsv, c_, 0);                                          \
+    } while (0)
+
 CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c,
                                       const int wide_codes) {
     const KVStore *s = &kv->k;
@@ -1649,17 +1666,8 @@ CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, fl
 }
 
 static void cq_key_scores_decode(KVCache *kv, int layer, int t0, int t1, float *att) {
-    int c = kv->k.type.c, hsv = padded_head_size(kv->k.head_size);
-    // Constant shapes let the compiler unroll the loops over a head and a group: about 2x faster
-    // than the general case below on SmolLM2's shape.  Head sizes 64 and 128 cover most models.
-    if (kv->k.type.b > 8) cq_decode_scores_shape(kv, layer, t0, t1, att, hsv, c, 1);  // two-byte codes
-    else if (hsv == 64 && c == 8) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 8, 0);
-    else if (hsv == 64 && c == 4) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 4, 0);
-    else if (hsv == 64 && c == 2) cq_decode_scores_shape(kv, layer, t0, t1, att, 64, 2, 0);
-    else if (hsv == 128 && c == 8) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 8, 0);
-    else if (hsv == 128 && c == 4) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 4, 0);
-    else if (hsv == 128 && c == 2) cq_decode_scores_shape(kv, layer, t0, t1, att, 128, 2, 0);
-    else cq_decode_scores_shape(kv, layer, t0, t1, att, hsv, c, 0);
+    int hsv = padded_head_size(kv->k.head_size);
+    CQ_SHAPES(kv->k.type, hsv, cq_decode_scores_shape, kv, layer, t0, t1, att);
 }
 
 /* ---- LUT path.  lut holds conj(q_p) * C_g[j][p] for every centroid j, stored as (re, -im) so
@@ -1739,11 +1747,8 @@ CQ_INLINE void cq_lut_scores_shape(KVCache *kv, int layer, int t0, int t1, float
 }
 
 static void cq_key_scores_lut(KVCache *kv, int layer, int t0, int t1, float *att) {
-    int c = kv->k.type.c, hsv = padded_head_size(kv->k.head_size);
-    if (kv->k.type.b > 8) cq_lut_scores_shape(kv, layer, t0, t1, att, hsv, c, 1);
-    else if (hsv == 64 && c == 8) cq_lut_scores_shape(kv, layer, t0, t1, att, 64, 8, 0);
-    else if (hsv == 128 && c == 8) cq_lut_scores_shape(kv, layer, t0, t1, att, 128, 8, 0);
-    else cq_lut_scores_shape(kv, layer, t0, t1, att, hsv, c, 0);
+    int hsv = padded_head_size(kv->k.head_size);
+    CQ_SHAPES(kv->k.type, hsv, cq_lut_scores_shape, kv, layer, t0, t1, att);
 }
 
 // Scores for t in [t0, t1) from whole key rows (every other type, CQ's decode path, the window).
@@ -1784,8 +1789,8 @@ static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int 
        R = 8            cq1 7.24 -> 6.61, cq4 16.2 -> 11.8 */
 #define VALUE_HEADS 3
 
-CQ_INLINE void cq_value_sums_shape(const KVCache *kv, int layer, int t0, int t1, float *att, float *out,
-                                   const int hsv, const int c, const int wide_codes, const int nr) {
+CQ_INLINE void cq_value_sums_shape(const KVCache *kv, int layer, int t0, int t1, float *att, float *out, const int nr,
+                                   const int hsv, const int c, const int wide_codes) {
     const KVStore *s = &kv->v;
     int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, nv = hsv / 8;
     for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
@@ -1817,15 +1822,8 @@ CQ_INLINE void cq_value_sums_shape(const KVCache *kv, int layer, int t0, int t1,
 
 CQ_INLINE void cq_value_sums_heads(const KVCache *kv, int layer, int t0, int t1, float *att, float *out,
                                    const int nr) {
-    int c = kv->v.type.c, hsv = padded_head_size(kv->v.head_size);
-    if (kv->v.type.b > 8) cq_value_sums_shape(kv, layer, t0, t1, att, out, hsv, c, 1, nr);  // two-byte codes
-    else if (hsv == 64 && c == 8) cq_value_sums_shape(kv, layer, t0, t1, att, out, 64, 8, 0, nr);
-    else if (hsv == 64 && c == 4) cq_value_sums_shape(kv, layer, t0, t1, att, out, 64, 4, 0, nr);
-    else if (hsv == 64 && c == 2) cq_value_sums_shape(kv, layer, t0, t1, att, out, 64, 2, 0, nr);
-    else if (hsv == 128 && c == 8) cq_value_sums_shape(kv, layer, t0, t1, att, out, 128, 8, 0, nr);
-    else if (hsv == 128 && c == 4) cq_value_sums_shape(kv, layer, t0, t1, att, out, 128, 4, 0, nr);
-    else if (hsv == 128 && c == 2) cq_value_sums_shape(kv, layer, t0, t1, att, out, 128, 2, 0, nr);
-    else cq_value_sums_shape(kv, layer, t0, t1, att, out, hsv, c, 0, nr);
+    int hsv = padded_head_size(kv->v.head_size);
+    CQ_SHAPES(kv->v.type, hsv, cq_value_sums_shape, kv, layer, t0, t1, att, out, nr);
 }
 
 // out_h += sum over t in [t0, t1) of p_t v_t, from CQ codes.  att: the chunk's weights; out: (H, hs)
