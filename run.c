@@ -1164,12 +1164,44 @@ static float block_value(const uint8_t *src, int i, int bits) {  // one value of
     return (float)min + (float)scale * q;
 }
 
+/* ---- 8-float vectors, for the CQ encoder and the attention kernels below.  GCC's and clang's
+   vector extension: + and * work lane by lane and an f32x8 lives in one AVX register (two NEON
+   registers on arm64).  Plain loops left the compiler one horizontal sum per dot product, which
+   cost more than the multiplications themselves; with vectors, 8 dot products share one
+   transposed sum (lane_sums8). */
+#define CQ_INLINE static inline __attribute__((always_inline))
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
+
+static inline f32x8 load8(const float *p) { f32x8 v; memcpy(&v, p, sizeof v); return v; }
+static inline f32x8 swap_pairs(f32x8 x) { return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6); }
+
+// (sum of v[0]'s lanes, ..., sum of v[7]'s lanes).  Each round adds the two halves of every
+// vector and packs two vectors into one: 8 -> 4 -> 2 -> 1 vectors, 7 additions in all.
+static inline f32x8 lane_sums8(const f32x8 v[8]) {
+    f32x8 a[4], b[2];
+    for (int k = 0; k < 4; k++)  // a[k]: v[2k]'s half sums in lanes 0-3, v[2k+1]'s in lanes 4-7
+        a[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+               __builtin_shufflevector(v[2 * k], v[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int k = 0; k < 2; k++)  // b[k] lanes hold v[4k], v[4k], v[4k+2], v[4k+2], v[4k+1], v[4k+1], v[4k+3], v[4k+3]
+        b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(a[2 * k], a[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    f32x8 s = __builtin_shufflevector(b[0], b[1], 0, 8, 2, 10, 4, 12, 6, 14) +  // lanes: v0 v4 v2 v6 v1 v5 v3 v7
+              __builtin_shufflevector(b[0], b[1], 1, 9, 3, 11, 5, 13, 7, 15);
+    return __builtin_shufflevector(s, s, 0, 4, 2, 6, 1, 5, 3, 7);
+}
+
 /* ---- CQ: nearest centroid.  ||x - C_j||^2 = ||C_j||^2 - 2 x.C_j + ||x||^2, and the last term
    is the same for every j, so the code is argmin_j (||C_j||^2 - 2 x.C_j); first index on ties.
    With c a compile-time constant the loop over the K centroids vectorizes even though the
    codebook is stored centroid by centroid, (K, c).  A transposed copy, (c, K), encoded about
    1.3x faster, but it is a second copy to bring into the caches for every layer and token:
-   at 1K positions that cost more than the encoding itself. */
+   at 1K positions that cost more than the encoding itself.
+   For c a multiple of 8 (cq1 and wider groups) one centroid's c products fill whole vectors, and
+   8 centroids' sums come out of one lane_sums8: cq1 on SmolLM2's shape at 1K positions, 1 thread,
+   2.60 -> 2.43 ms a token in the cache (the encoder's share of a step 3.9 % -> 3.0 %, by perf).
+   Encoding reads the layer's codebooks from memory, so it gains less than its arithmetic. */
 
 #define CQ_ENCODE_CHUNK 256  // centroids whose distances are held at once (on the stack)
 
@@ -1182,10 +1214,23 @@ static inline __attribute__((always_inline)) int cq_encode_group_c(const float *
     for (int j0 = 0; j0 < K; j0 += CQ_ENCODE_CHUNK) {
         int n = K - j0 < CQ_ENCODE_CHUNK ? K - j0 : CQ_ENCODE_CHUNK;
         float dist[CQ_ENCODE_CHUNK];
-        for (int j = 0; j < n; j++) {
-            float d = sqnorm[j0 + j];
-            for (int i = 0; i < c; i++) d += m[i] * cb[(size_t)(j0 + j) * c + i];
-            dist[j] = d;
+        if (c % 8 == 0 && n % 8 == 0) {  // 8 centroids at a time, each one's products lane by lane
+            for (int j = 0; j < n; j += 8) {
+                f32x8 prod[8];
+                for (int k = 0; k < 8; k++) {
+                    const float *cj = cb + (size_t)(j0 + j + k) * c;
+                    prod[k] = load8(m) * load8(cj);
+                    for (int i = 8; i < c; i += 8) prod[k] += load8(m + i) * load8(cj + i);
+                }
+                f32x8 d = load8(sqnorm + j0 + j) + lane_sums8(prod);
+                memcpy(dist + j, &d, sizeof d);
+            }
+        } else {
+            for (int j = 0; j < n; j++) {
+                float d = sqnorm[j0 + j];
+                for (int i = 0; i < c; i++) d += m[i] * cb[(size_t)(j0 + j) * c + i];
+                dist[j] = d;
+            }
         }
         float min = dist[0];  // two passes, both vectorize: the minimum, then its first index
         for (int j = 1; j < n; j++) min = fminf(min, dist[j]);
@@ -1502,33 +1547,6 @@ static void kv_append(KVCache *kv, int layer, int pos, const float *k, const flo
    C_g[code], rotates it and takes the dot product; the LUT path builds conj(q_p) * C_g[j][p]
    for every centroid once per query and needs no rotation per key.  In both, `c` and the head
    size are compile-time constants in the calls below (see the dispatchers), so loops unroll. */
-#define CQ_INLINE static inline __attribute__((always_inline))
-
-/* ---- 8-float vectors for the decode path.  GCC's and clang's vector extension: + and * work
-   lane by lane and an f32x8 lives in one AVX register (two NEON registers on arm64).  Plain loops
-   left the compiler one horizontal sum per token and query head, which cost more than the
-   multiplications themselves; with vectors, 8 tokens share one transposed sum (lane_sums8). */
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef float f32x2 __attribute__((vector_size(8)));
-
-static inline f32x8 load8(const float *p) { f32x8 v; memcpy(&v, p, sizeof v); return v; }
-static inline f32x8 swap_pairs(f32x8 x) { return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6); }
-
-// (sum of v[0]'s lanes, ..., sum of v[7]'s lanes).  Each round adds the two halves of every
-// vector and packs two vectors into one: 8 -> 4 -> 2 -> 1 vectors, 7 additions in all.
-static inline f32x8 lane_sums8(const f32x8 v[8]) {
-    f32x8 a[4], b[2];
-    for (int k = 0; k < 4; k++)  // a[k]: v[2k]'s half sums in lanes 0-3, v[2k+1]'s in lanes 4-7
-        a[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
-               __builtin_shufflevector(v[2 * k], v[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-    for (int k = 0; k < 2; k++)  // b[k] lanes hold v[4k], v[4k], v[4k+2], v[4k+2], v[4k+1], v[4k+1], v[4k+3], v[4k+3]
-        b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-               __builtin_shufflevector(a[2 * k], a[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-    f32x8 s = __builtin_shufflevector(b[0], b[1], 0, 8, 2, 10, 4, 12, 6, 14) +  // lanes: v0 v4 v2 v6 v1 v5 v3 v7
-              __builtin_shufflevector(b[0], b[1], 1, 9, 3, 11, 5, 13, 7, 15);
-    return __builtin_shufflevector(s, s, 0, 4, 2, 6, 1, 5, 3, 7);
-}
 
 /* Scores for t in [t0, t1): CQ decode path.  In blocks of CQ_BLOCK tokens.  Per token: its fine
    (cos, sin) row, loaded once for all kv heads; per kv head, the key before RoPE gathered from
@@ -2366,6 +2384,38 @@ static float random_normal(uint64_t *state) {
 /* Decode speed at context L: positions 0 .. L-n-1 are filled with random keys and values
    (the cache's content does not change the work a step does), then n decode steps run at
    positions L-n .. L-1 and are timed; the last step attends to all L positions. */
+/* Round trip of one cache line between threads 0 and 1, in ns (0 without two threads).  On a
+   virtual machine the host may put the two virtual CPUs on neighbouring cores or far apart, and
+   that moves the 2-thread figures (README.md, "Two placements"); bench prints it so that each run
+   says which placement it had.  Gives up after a second (a thread that never gets a CPU). */
+static double core_round_trip_ns(void) {
+    double ns = 0.0;
+#ifdef _OPENMP
+    if (omp_get_max_threads() < 2) return ns;
+    static int ball, give_up;
+    const int trips = 20000;
+    ball = give_up = 0;
+#pragma omp parallel num_threads(2)
+    if (omp_get_num_threads() == 2) {
+        int me = omp_get_thread_num();
+        double t0 = omp_get_wtime();
+        for (int i = 0; i < trips; i++) {
+            if (me == 0) __atomic_store_n(&ball, 2 * i + 1, __ATOMIC_RELEASE);  // serve ...
+            int want = me == 0 ? 2 * i + 2 : 2 * i + 1;                         // ... and wait for the return
+            for (long spin = 1; __atomic_load_n(&ball, __ATOMIC_ACQUIRE) != want; spin++)
+                if (spin % 4096 == 0 && (__atomic_load_n(&give_up, __ATOMIC_RELAXED) || omp_get_wtime() - t0 > 1.0)) {
+                    __atomic_store_n(&give_up, 1, __ATOMIC_RELAXED);
+                    break;
+                }
+            if (__atomic_load_n(&give_up, __ATOMIC_RELAXED)) break;
+            if (me == 1) __atomic_store_n(&ball, 2 * i + 2, __ATOMIC_RELEASE);
+        }
+        if (me == 0 && !give_up) ns = 1e9 * (omp_get_wtime() - t0) / trips;
+    }
+#endif
+    return ns;
+}
+
 static void benchmark(Runtime *rt, const Options *o) {
     const Config *c = &rt->model.cfg;
     int context = o->length > 0 ? o->length : (c->seq_len < 1024 ? c->seq_len : 1024);
@@ -2395,12 +2445,14 @@ static void benchmark(Runtime *rt, const Options *o) {
     kv.seconds = 0;
     if (fill > 0) fprintf(stderr, "\rbench: filled %d positions in %.1f s\n", fill, fill_time);
     int token = c->bos_id;
+    double rtt_before = core_round_trip_ns();
     double start = now_seconds(), cpu_start = cpu_seconds();
     for (int pos = fill; pos < context; pos++) {
         float *logits = forward(&rt->model, &s, &kv, &rt->rope, token, pos);
         token = argmax(logits, c->vocab_size);
     }
     double elapsed = now_seconds() - start, cpu = cpu_seconds() - cpu_start;
+    double rtt_after = core_round_trip_ns();
     char label[64];
     kv_type_label(label, sizeof label, &rt->ktype, &rt->vtype);
     double bytes = kv_store_bytes_per_token(&kv.k) + kv_store_bytes_per_token(&kv.v);
@@ -2409,9 +2461,9 @@ static void benchmark(Runtime *rt, const Options *o) {
     threads = omp_get_max_threads();
 #endif
     printf("type=%s threads=%d context=%d steps=%d tok_per_s=%.2f ms_per_token=%.3f attention_ms=%.3f "
-           "cpu_ms_per_token=%.3f kv_bytes_per_token=%.1f kv_bytes_total=%.0f\n",
+           "cpu_ms_per_token=%.3f kv_bytes_per_token=%.1f kv_bytes_total=%.0f core_rtt_ns=%.0f,%.0f\n",
            label, threads, context, steps, steps / elapsed, 1000 * elapsed / steps, 1000 * kv.seconds / steps,
-           1000 * cpu / steps, bytes, bytes * context);
+           1000 * cpu / steps, bytes, bytes * context, rtt_before, rtt_after);
     run_state_free(&s);
     kv_cache_free(&kv);
 }

@@ -103,6 +103,28 @@ def random_centroids(model_path, c, b, seed=0):
         f.write(header + b"\0" * (64 - len(header)) + books.tobytes())
 
 
+NEAR_NS = 150  # core_rtt_ns below this: the two CPUs are neighbours (about 55 ns here), above: far (about 350)
+
+
+def place(rtts):
+    """A round's placement from the core round trips its runs measured before and after timing."""
+    if not rtts or max(rtts) <= 0:
+        return "n/a"
+    if max(rtts) < NEAR_NS:
+        return "near"
+    return "far" if min(rtts) >= NEAR_NS else "mixed"
+
+
+def by_placement(ratios, placement):
+    """'; near 1.52x (3 rounds), far 1.30x (2)': the median ratio over the rounds of each placement."""
+    parts = []
+    for name in ("near", "far", "mixed"):
+        r = [x for x, p in zip(ratios, placement) if p == name]
+        if r:
+            parts.append("%s %.2fx (%d)" % (name, statistics.median(r), len(r)))
+    return "; by placement: " + ", ".join(parts) if parts else ""
+
+
 def part3(args, rows):
     path = os.path.join(args.out, "smollm2-shape.bin")
     if not os.path.exists(path):
@@ -116,21 +138,27 @@ def part3(args, rows):
             # rounds: every type once per round, side by side, so that each ratio to fp32 pairs
             # two runs a few seconds apart; medians over the rounds (the machine is shared)
             tps, share = {kv: [] for kv in types}, {kv: [] for kv in types}
+            placement = []  # per round, with 2+ threads: "near", "far" or "mixed" (see place())
             for _ in range(args.rounds):
+                rtts = []
                 for kv in types:
                     out = sh([os.path.join(ROOT, "run"), path, "-m", "bench", "-l", str(ctx), "-n", str(args.steps),
                               "-k", kv], threads=t).stdout
                     f = fields(out.strip().splitlines()[-1])
                     tps[kv].append(float(f["tok_per_s"]))
                     share[kv].append(float(f["attention_ms"]) / float(f["ms_per_token"]))
+                    rtts += [float(x) for x in f["core_rtt_ns"].split(",")]
+                placement.append(place(rtts))
             base = types[0]
             for kv in types:
                 ratios = [a / b for a, b in zip(tps[kv], tps[base])]
-                spread = " (rounds %.2f-%.2f)" % (min(ratios), max(ratios)) if kv != base else ""
-                rows.append(("SmolLM2 shape, ctx %d" % ctx, "run %s" % kv, t,
-                             "%.2f tok/s, %.0f%% in KV cache, %.2fx %s%s" % (
-                                 statistics.median(tps[kv]), 100 * statistics.median(share[kv]),
-                                 statistics.median(ratios), base, spread)))
+                text = "%.2f tok/s, %.0f%% in KV cache, %.2fx %s" % (
+                    statistics.median(tps[kv]), 100 * statistics.median(share[kv]), statistics.median(ratios), base)
+                if kv != base:
+                    text += " (rounds %.2f-%.2f)" % (min(ratios), max(ratios))
+                    if t > 1:
+                        text += by_placement(ratios, placement)
+                rows.append(("SmolLM2 shape, ctx %d" % ctx, "run %s" % kv, t, text))
                 print(rows[-1], file=sys.stderr)
 
 
