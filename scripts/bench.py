@@ -107,7 +107,7 @@ NEAR_NS = 150  # core_rtt_ns below this: the two CPUs are neighbours (about 55 n
 
 
 def place(rtts):
-    """A round's placement from the core round trips its runs measured before and after timing."""
+    """A run's placement from the core round trips it measured before and after its timed steps."""
     if not rtts or max(rtts) <= 0:
         return "n/a"
     if max(rtts) < NEAR_NS:
@@ -115,13 +115,17 @@ def place(rtts):
     return "far" if min(rtts) >= NEAR_NS else "mixed"
 
 
-def by_placement(ratios, placement):
-    """'; near 1.52x (3 rounds), far 1.30x (2)': the median ratio over the rounds of each placement."""
+def by_placement(tps, placement, base_tps, base_placement):
+    """'; near 1.52x (3/4 runs), far 1.30x (2/1)': per placement, the median tok/s of the runs
+    that had it over the base type's median in the same placement (the placement changes within a
+    round, so runs are sorted one by one; runs that changed placement while timed are left out)."""
     parts = []
-    for name in ("near", "far", "mixed"):
-        r = [x for x, p in zip(ratios, placement) if p == name]
-        if r:
-            parts.append("%s %.2fx (%d)" % (name, statistics.median(r), len(r)))
+    for name in ("near", "far"):
+        mine = [x for x, p in zip(tps, placement) if p == name]
+        base = [x for x, p in zip(base_tps, base_placement) if p == name]
+        if mine and base:
+            parts.append("%s %.2fx (%d/%d runs)" % (name, statistics.median(mine) / statistics.median(base),
+                                                    len(mine), len(base)))
     return "; by placement: " + ", ".join(parts) if parts else ""
 
 
@@ -138,17 +142,15 @@ def part3(args, rows):
             # rounds: every type once per round, side by side, so that each ratio to fp32 pairs
             # two runs a few seconds apart; medians over the rounds (the machine is shared)
             tps, share = {kv: [] for kv in types}, {kv: [] for kv in types}
-            placement = []  # per round, with 2+ threads: "near", "far" or "mixed" (see place())
+            placement = {kv: [] for kv in types}  # per run: "near", "far", "mixed" or "n/a" (see place())
             for _ in range(args.rounds):
-                rtts = []
                 for kv in types:
                     out = sh([os.path.join(ROOT, "run"), path, "-m", "bench", "-l", str(ctx), "-n", str(args.steps),
                               "-k", kv], threads=t).stdout
                     f = fields(out.strip().splitlines()[-1])
                     tps[kv].append(float(f["tok_per_s"]))
                     share[kv].append(float(f["attention_ms"]) / float(f["ms_per_token"]))
-                    rtts += [float(x) for x in f["core_rtt_ns"].split(",")]
-                placement.append(place(rtts))
+                    placement[kv].append(place([float(x) for x in f["core_rtt_ns"].split(",")]))
             base = types[0]
             for kv in types:
                 ratios = [a / b for a, b in zip(tps[kv], tps[base])]
@@ -157,7 +159,7 @@ def part3(args, rows):
                 if kv != base:
                     text += " (rounds %.2f-%.2f)" % (min(ratios), max(ratios))
                     if t > 1:
-                        text += by_placement(ratios, placement)
+                        text += by_placement(tps[kv], placement[kv], tps[base], placement[base])
                 rows.append(("SmolLM2 shape, ctx %d" % ctx, "run %s" % kv, t, text))
                 print(rows[-1], file=sys.stderr)
 
