@@ -7,6 +7,7 @@ decoding through generate), stories260K greedy generation and perplexity, the sa
 """
 
 import math
+import os
 import struct
 
 import numpy as np
@@ -480,12 +481,23 @@ def test_sampler_reference_sanity():
 # ------------------------------------------------------------------------------------------
 # bench
 
-def test_bench(run, rand_tok_model):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bench(run, rand_tok_model, monkeypatch, threads):
+    """One line of key=value fields; the core round trip is 0 with one thread and a positive
+    time under a millisecond with two (when the machine has two CPUs to give them)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
     model, _, _, _, _ = rand_tok_model
     r = run(model, "-m", "bench", "-l", 64, "-n", 8, check=True)
-    out = r.stdout.decode()
-    assert "tok/s" in out or "tok_per_s" in out, out
-    assert "kv_bytes" in out or "KV" in out, out
+    f = dict(kv.split("=", 1) for kv in r.stdout.decode().split())
+    assert float(f["tok_per_s"]) > 0 and int(f["steps"]) == 8 and int(f["context"]) == 64, f
+    assert abs(1000 / float(f["tok_per_s"]) - float(f["ms_per_token"])) < 0.001 + 1e-3 * float(f["ms_per_token"]), f
+    assert float(f["kv_bytes_per_token"]) > 0, f
+    rtt = [float(x) for x in f["core_rtt_ns"].split(",")]
+    assert len(rtt) == 2, f
+    if int(f["threads"]) == 1:  # one thread asked for, or a build without OpenMP
+        assert rtt == [0.0, 0.0], f
+    elif (os.cpu_count() or 1) >= 2:
+        assert all(0 < x < 1e6 for x in rtt), f
 
 
 def test_reference_cli(tmp):
