@@ -2381,9 +2381,6 @@ static float random_normal(uint64_t *state) {
     return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
 }
 
-/* Decode speed at context L: positions 0 .. L-n-1 are filled with random keys and values
-   (the cache's content does not change the work a step does), then n decode steps run at
-   positions L-n .. L-1 and are timed; the last step attends to all L positions. */
 /* Round trip of one cache line between threads 0 and 1, in ns (0 without two threads).  On a
    virtual machine the host may put the two virtual CPUs on neighbouring cores or far apart, and
    that moves the 2-thread figures (README.md, "Two placements"); bench prints it so that each run
@@ -2410,12 +2407,15 @@ static double core_round_trip_ns(void) {
             if (__atomic_load_n(&give_up, __ATOMIC_RELAXED)) break;
             if (me == 1) __atomic_store_n(&ball, 2 * i + 2, __ATOMIC_RELEASE);
         }
-        if (me == 0 && !give_up) ns = 1e9 * (omp_get_wtime() - t0) / trips;
+        if (me == 0 && !__atomic_load_n(&give_up, __ATOMIC_RELAXED)) ns = 1e9 * (omp_get_wtime() - t0) / trips;
     }
 #endif
     return ns;
 }
 
+/* Decode speed at context L: positions 0 .. L-n-1 are filled with random keys and values
+   (the cache's content does not change the work a step does), then n decode steps run at
+   positions L-n .. L-1 and are timed; the last step attends to all L positions. */
 static void benchmark(Runtime *rt, const Options *o) {
     const Config *c = &rt->model.cfg;
     int context = o->length > 0 ? o->length : (c->seq_len < 1024 ? c->seq_len : 1024);
