@@ -15,7 +15,9 @@ hidden 1536, vocab 49152, seq_len 16384): `-m bench` for fp32, q4, cq1, cq2, cq4
 1K, 4K and 16K with 1 and 2 threads; tokens/s, the share of a step spent in the KV cache, and
 the ratio to fp32.  --rounds rounds run every type once, side by side; the figures are medians
 over the rounds, the ratio the median of the ratios within a round (their range in brackets).  CQ codebooks are random:
-the work per step does not depend on them.
+the work per step does not depend on them.  With 2 threads each run also says where the host had
+put the two CPUs (`core_rtt_ns` of -m bench: near below NEAR_NS, far above; README.md, "Two
+placements"), and each ratio is given again per placement.
 
 Usage: /usr/bin/python3 scripts/bench.py [--parts 1,2,3] [--llama2c PATH/run.c] [--out DIR]
 """
