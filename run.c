@@ -1046,6 +1046,9 @@ static inline float *att_at(float *att, int h, int t) { return att + (size_t)h *
    fetches together.  Slots that shared their edge lines cost cq1 about 1 ms a token in the cache
    with 2 threads (SmolLM2 shape, 16K positions: 15.9 -> 14.8, side by side). */
 static size_t thread_slot(size_t floats) { return (floats + 31) / 32 * 32 + 32; }
+static float *alloc_thread_slots(int n_threads, size_t floats) { return xmalloc(n_threads * thread_slot(floats) * sizeof(float)); }
+// Thread tid's slot of a buffer from alloc_thread_slots(.., floats).
+static float *thread_slot_of(float *buf, size_t floats, int tid) { return buf + (size_t)tid * thread_slot(floats); }
 
 typedef struct {
     KVStore k, v;
@@ -1057,11 +1060,12 @@ typedef struct {
     float *lut;            // CQ keys: (H, hs/c, K, c) products of the query with every centroid
     float *qpad;           // CQ keys, decode path: (H, hs rounded up to 8) the query, scaled, zero-padded
     float *qrot;           // per thread: qpad turned back by a coarse RoPE angle (cq_decode_scores_shape)
-    float *acc;            // per thread: running maxima (H), sums (H), partial outputs (H, hs)
-    size_t acc_floats;     // floats per thread in acc (a thread_slot)
+    float *acc;            // per thread: running maxima (H), sums (H), partial outputs (H, hs); acc_floats()
     float *kbuf;           // per thread: one decoded row (kv_dim)
     double seconds;        // time spent in kv_append + kv_attend (bench reports it)
 } KVCache;
+
+static size_t acc_floats(const KVCache *kv) { return 2 * (size_t)kv->n_heads + (size_t)kv->n_heads * kv->k.head_size; }
 
 static int is_quantized(const KVType *t) { return t->kind != KV_FP32; }
 
@@ -1205,8 +1209,7 @@ static inline f32x8 lane_sums8(const f32x8 v[8]) {
 
 #define CQ_ENCODE_CHUNK 256  // centroids whose distances are held at once (on the stack)
 
-static inline __attribute__((always_inline)) int cq_encode_group_c(const float *x, const float *cb, const float *sqnorm,
-                                                                int K, const int c) {
+CQ_INLINE int cq_encode_group_c(const float *x, const float *cb, const float *sqnorm, int K, const int c) {
     float m[c];
     for (int i = 0; i < c; i++) m[i] = -2.0f * x[i];
     int best = 0;  // stays 0 only when x holds NaNs
@@ -1484,17 +1487,16 @@ static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, C
     kv->n_heads = c->n_heads;
     kv->n_threads = max_threads();
     int H = c->n_heads, hs = c->head_size;
-    kv->att = xmalloc(kv->n_threads * thread_slot((size_t)H * ATTN_CHUNK) * sizeof(float));
+    kv->att = alloc_thread_slots(kv->n_threads, (size_t)H * ATTN_CHUNK);
     kv->key_path = key_path;
     if (key_path == CQ_KEYS_LUT && ktype.kind == KV_CQ && ktype.c % 2 == 0)  // only the lut path needs it
         kv->lut = xmalloc((size_t)H * hs * kv->k.n_centroids * sizeof(float));
     if (ktype.kind == KV_CQ) {
         kv->qpad = xmalloc((size_t)H * padded_head_size(hs) * sizeof(float));
-        kv->qrot = xmalloc(kv->n_threads * thread_slot((size_t)H * padded_head_size(hs)) * sizeof(float));
+        kv->qrot = alloc_thread_slots(kv->n_threads, (size_t)H * padded_head_size(hs));
     }
-    kv->acc_floats = thread_slot(2 * (size_t)H + (size_t)H * hs);  // per thread: maxima, sums, value sums
-    kv->acc = xmalloc(kv->n_threads * kv->acc_floats * sizeof(float));
-    kv->kbuf = xmalloc(kv->n_threads * thread_slot(kv_dim_of(c)) * sizeof(float));
+    kv->acc = alloc_thread_slots(kv->n_threads, acc_floats(kv));
+    kv->kbuf = alloc_thread_slots(kv->n_threads, kv_dim_of(c));
 }
 
 static void kv_cache_free(KVCache *kv) {
@@ -1513,7 +1515,7 @@ static void put_key(KVCache *kv, int layer, int pos, const float *k) {
             rope_rotate(kv->rope, w, ks->n_kv_heads, pos);
         }
     } else {
-        float *rotated = kv->kbuf + (size_t)thread_id() * thread_slot(ks->kv_dim);
+        float *rotated = thread_slot_of(kv->kbuf, ks->kv_dim, thread_id());
         memcpy(rotated, k, ks->kv_dim * sizeof(float));
         rope_rotate(kv->rope, rotated, ks->n_kv_heads, pos);
         store_put(ks, layer, pos, rotated);
@@ -1546,7 +1548,7 @@ static void kv_append(KVCache *kv, int layer, int pos, const float *k, const flo
    Two ways to compute it (kv_attend picks one, with the figures): the decode path gathers
    C_g[code], rotates it and takes the dot product; the LUT path builds conj(q_p) * C_g[j][p]
    for every centroid once per query and needs no rotation per key.  In both, `c` and the head
-   size are compile-time constants in the calls below (see the dispatchers), so loops unroll. */
+   size are compile-time constants in the calls below (see CQ_SHAPES), so loops unroll. */
 
 /* Scores for t in [t0, t1): CQ decode path.  In blocks of CQ_BLOCK tokens.  Per token: its fine
    (cos, sin) row, loaded once for all kv heads; per kv head, the key before RoPE gathered from
@@ -1630,7 +1632,7 @@ CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, fl
     const KVStore *s = &kv->k;
     const RopeTable *rope = kv->rope;
     int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, nv = hsv / 8;
-    float *qrot = kv->qrot + (size_t)thread_id() * thread_slot((size_t)kv->n_heads * hsv);  // (H, hsv)
+    float *qrot = thread_slot_of(kv->qrot, (size_t)kv->n_heads * hsv, thread_id());  // (H, hsv)
     int coarse = -1;
     for (int tb = t0, te; tb < t1; tb = te) {
         te = (tb / CQ_BLOCK + 1) * CQ_BLOCK;  // blocks end at multiples of CQ_BLOCK
@@ -1917,9 +1919,9 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
 #ifdef _OPENMP
         nth = omp_get_num_threads();
 #endif
-        float *buf = kv->kbuf + (size_t)tid * thread_slot(ks->kv_dim);
+        float *buf = thread_slot_of(kv->kbuf, ks->kv_dim, tid);
         // this thread's running maxima (H), sums (H) and value sums (H, hs)
-        float *mx = kv->acc + (size_t)tid * kv->acc_floats, *sum = mx + H, *rows = sum + H;
+        float *mx = thread_slot_of(kv->acc, acc_floats(kv), tid), *sum = mx + H, *rows = sum + H;
         for (int h = 0; h < H; h++) { mx[h] = -FLT_MAX; sum[h] = 0.0f; }
         memset(rows, 0, (size_t)H * hs * sizeof(float));
         if (key_lut) {
@@ -1939,7 +1941,7 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
             size_t bytes = (size_t)ks->n_groups * ks->n_centroids * ks->type.c * sizeof(float);
             for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(cb + i);
         }
-        float *att = kv->att + (size_t)tid * thread_slot((size_t)H * ATTN_CHUNK);
+        float *att = thread_slot_of(kv->att, (size_t)H * ATTN_CHUNK, tid);
         int n_chunks = (n + ATTN_CHUNK - 1) / ATTN_CHUNK;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic) nowait
@@ -1983,15 +1985,15 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
 #endif
         for (int h = 0; h < H; h++) {  // merge the threads: weight of thread th = e^(m_th - m) / total
             float m = -FLT_MAX, total = 0.0f;
-            for (int th = 0; th < nth; th++) m = fmaxf(m, kv->acc[th * kv->acc_floats + h]);
+            for (int th = 0; th < nth; th++) m = fmaxf(m, thread_slot_of(kv->acc, acc_floats(kv), th)[h]);
             for (int th = 0; th < nth; th++) {
-                const float *a = kv->acc + th * kv->acc_floats;
+                const float *a = thread_slot_of(kv->acc, acc_floats(kv), th);
                 total += a[H + h] * expf(a[h] - m);
             }
             float *o = out + (size_t)h * hs;
             for (int i = 0; i < hs; i++) o[i] = 0.0f;
             for (int th = 0; th < nth; th++) {
-                const float *a = kv->acc + th * kv->acc_floats;
+                const float *a = thread_slot_of(kv->acc, acc_floats(kv), th);
                 float w = a[H + h] > 0.0f ? expf(a[h] - m) / total : 0.0f;
                 const float *r = a + 2 * H + (size_t)h * hs;
                 for (int i = 0; i < hs; i++) o[i] += w * r[i];
@@ -2456,10 +2458,7 @@ static void benchmark(Runtime *rt, const Options *o) {
     char label[64];
     kv_type_label(label, sizeof label, &rt->ktype, &rt->vtype);
     double bytes = kv_store_bytes_per_token(&kv.k) + kv_store_bytes_per_token(&kv.v);
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
+    int threads = max_threads();
     printf("type=%s threads=%d context=%d steps=%d tok_per_s=%.2f ms_per_token=%.3f attention_ms=%.3f "
            "cpu_ms_per_token=%.3f kv_bytes_per_token=%.1f kv_bytes_total=%.0f core_rtt_ns=%.0f,%.0f\n",
            label, threads, context, steps, steps / elapsed, 1000 * elapsed / steps, 1000 * kv.seconds / steps,

@@ -324,8 +324,8 @@ def test_decode_path_shapes(run, tmp, head_size, spec, keys):
 
 VALUE_HEAD_CASES = [
     # n_heads, n_kv_heads, head_size, spec: cq_value_sums takes the query heads of a kv head
-    # 1, 2 or 3 at a time (R = 1, 2, 3; R = 4 in two passes of 2; R = 5 and 7 in passes of 3,
-    # the last one padded with zero weights), over head sizes with their own kernels (64, 128)
+    # 1, 2 or 3 at a time (R = 1, 2, 3; R = 4, 5 and 7 in passes of 3, the last one padded
+    # with zero weights), over head sizes with their own kernels (64, 128)
     # and the general one (72: a whole piece of 8 vectors and one more)
     (2, 2, 64, "cq8c4b"), (4, 2, 64, "cq4c4b"), (8, 2, 64, "cq2c4b"), (5, 1, 64, "cq8c4b"),
     (7, 1, 128, "cq4c3b"), (4, 1, 128, "cq8c4b"), (5, 1, 72, "cq8c4b"), (7, 1, 72, "cq4c3b"),
