@@ -1057,7 +1057,7 @@ typedef struct {
     CQKeyPath key_path;
     int n_threads;
     float *att;            // per thread: (H, ATTN_CHUNK) the current chunk's scores (att_at)
-    float *lut;            // CQ keys: (H, hs/c, K, c) products of the query with every centroid
+    float *lut;            // CQ keys, LUT path: (KVH, hs/c, K, R, c) query-centroid products (cq_build_key_lut_c)
     float *qpad;           // CQ keys, decode path: (H, hs rounded up to 8) the query, scaled, zero-padded
     float *qrot;           // per thread: qpad turned back by a coarse RoPE angle (cq_decode_scores_shape)
     float *acc;            // per thread: running maxima (H), sums (H), partial outputs (H, hs); acc_floats()
@@ -1924,7 +1924,8 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
 #endif
         float *buf = thread_slot_of(kv->kbuf, ks->kv_dim, tid);
         // this thread's running maxima (H), sums (H) and value sums (H, hs)
-        float *mx = thread_slot_of(kv->acc, acc_floats(kv), tid), *sum = mx + H, *rows = sum + H;
+        size_t acc_n = acc_floats(kv);
+        float *mx = thread_slot_of(kv->acc, acc_n, tid), *sum = mx + H, *rows = sum + H;
         for (int h = 0; h < H; h++) { mx[h] = -FLT_MAX; sum[h] = 0.0f; }
         memset(rows, 0, (size_t)H * hs * sizeof(float));
         if (key_lut) {
@@ -1988,15 +1989,15 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
 #endif
         for (int h = 0; h < H; h++) {  // merge the threads: weight of thread th = e^(m_th - m) / total
             float m = -FLT_MAX, total = 0.0f;
-            for (int th = 0; th < nth; th++) m = fmaxf(m, thread_slot_of(kv->acc, acc_floats(kv), th)[h]);
+            for (int th = 0; th < nth; th++) m = fmaxf(m, thread_slot_of(kv->acc, acc_n, th)[h]);
             for (int th = 0; th < nth; th++) {
-                const float *a = thread_slot_of(kv->acc, acc_floats(kv), th);
+                const float *a = thread_slot_of(kv->acc, acc_n, th);
                 total += a[H + h] * expf(a[h] - m);
             }
             float *o = out + (size_t)h * hs;
             for (int i = 0; i < hs; i++) o[i] = 0.0f;
             for (int th = 0; th < nth; th++) {
-                const float *a = thread_slot_of(kv->acc, acc_floats(kv), th);
+                const float *a = thread_slot_of(kv->acc, acc_n, th);
                 float w = a[H + h] > 0.0f ? expf(a[h] - m) / total : 0.0f;
                 const float *r = a + 2 * H + (size_t)h * hs;
                 for (int i = 0; i < hs; i++) o[i] += w * r[i];
