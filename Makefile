@@ -43,7 +43,11 @@ demo: run deps
 models/smollm2-135m-instruct.gguf: | deps
 	bash scripts/fetch_smollm2.sh
 
-test: run run-noomp run-asan deps models/smollm2-135m-instruct.gguf
+# run.cu includes run.c, so run.c must also be valid C++ (nvcc compiles it as such).
+check-cxx: run.c
+	g++ -x c++ -std=c++17 -fsyntax-only -Wall -Wextra -Wno-unused-parameter -Wno-psabi run.c
+
+test: check-cxx run run-noomp run-asan deps models/smollm2-135m-instruct.gguf
 	$(PYTHON) -m pytest -q tests
 	RUN_BIN=$(CURDIR)/run-noomp $(PYTHON) -m pytest -q tests/test_core.py
 	RUN_BIN=$(CURDIR)/run-asan CQ_SKIP_SLOW=1 $(PYTHON) -m pytest -q tests
@@ -51,4 +55,4 @@ test: run run-noomp run-asan deps models/smollm2-135m-instruct.gguf
 clean:
 	rm -f run run-noomp run-asan
 
-.PHONY: deps demo test clean
+.PHONY: deps demo test check-cxx clean

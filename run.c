@@ -1,20 +1,27 @@
-/* run.c: inference of LLaMA-family models with a Coupled-Quantization KV cache.
+/* run.c: inference of LLaMA-family models with a Coupled-Quantization (CQ) KV cache.
 
    One file, read top to bottom:
-     1. configuration and checkpoint loading (llama2.c legacy files and our "CQKV" files)
-     2. tokenizer (llama2.c's tokenizer.bin)
+     1. configuration and checkpoint loading (llama2.c legacy files, our "CQKV" files, random:)
+     2. tokenizer (llama2.c's tokenizer.bin, byte-level BPE)
      3. sampler (greedy, temperature, top-p, xorshift* RNG)
-     4. math helpers (RMSNorm, softmax, matmul, RoPE table)
-     5. the KV cache: types, storage and attention through the cache
-     6. the forward pass, one token at a time
-     7. generation, chat, perplexity, benchmark
-     8. command line
-   The cache stores keys BEFORE RoPE and each cache type decides how to apply RoPE when it
-   stores (fp32) or reads (CQ) them: this is what lets CQ quantize pre-RoPE keys as the paper does.
+     4. what every compute path shares: RoPE angles, KV cache types, CQ codebooks
+     5. the Decoder: the one interface between this host program and a compute path
+     6. math on the CPU (RMSNorm, matrix-vector products, RoPE)
+     7. the KV cache on the CPU: storage, the reference CQ attention, then the fast kernels
+     8. the forward pass and the CPU Decoder
+     9. generation, chat, perplexity, benchmark
+    10. command line
+   Sections 6-8 are the CPU's compute.  run.cu defines RUN_HOST_ONLY, includes this file for
+   everything else and implements section 5's Decoder on an NVIDIA GPU.
+   The cache stores keys BEFORE RoPE, and each cache type decides when to apply RoPE: when it
+   stores them (fp32 and the scalar types) or when it reads them (CQ, as the paper does).
 
-   Build: make (OpenMP, -Ofast -march=native); make run-noomp (no OpenMP).  */
+   Build: make (OpenMP, -Ofast -march=native); make run-noomp (no OpenMP); make runcu (CUDA).
+   The file is C11 and also compiles as C++ (run.cu includes it).  */
 
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -61,14 +68,12 @@ static void *xmalloc(size_t n) {
     return p;
 }
 
+#define NEW(type, n) ((type *)xmalloc((size_t)(n) * sizeof(type)))  // n zeroed elements
+
 /* Big buffers that every token reads (the weights, the cache rows, CQ's codebooks) ask the
-   kernel for 2 MB pages (transparent huge pages; a hint, ignored where they are off): with 4 KB
-   pages the streams miss the TLB every 4 KB.  SmolLM2-shaped model, fp32, 16K positions,
-   1 thread, side by side: the time outside the cache fell from 27-28 to 18-19 ms a token with
-   the weights on 2 MB pages, and the whole token from 101-115 to 88-91 ms with the cache rows on
-   them too.  cq1's codebooks (read at random by the key kernel), same model and context, 3 runs
-   each: 34.2-35.4 against 36.8-38.9 ms a token in the cache.
-   Zeroed like xmalloc.  Under AddressSanitizer they come from xmalloc, which it checks. */
+   kernel for 2 MB pages (transparent huge pages; a hint): with 4 KB pages those streams miss the
+   TLB every 4 KB (docs/PERF.md has the figures).  Zeroed like xmalloc.  Under AddressSanitizer
+   they come from xmalloc, which it checks. */
 #define HUGE_PAGE ((size_t)2 << 20)
 #ifdef __SANITIZE_ADDRESS__
 #define HUGE_MIN SIZE_MAX   // every buffer from xmalloc
@@ -81,7 +86,7 @@ static size_t huge_size(size_t n) { return (n + HUGE_PAGE - 1) / HUGE_PAGE * HUG
 static void *huge_alloc(size_t n) {
     if (n < HUGE_MIN) return xmalloc(n);
     size_t size = huge_size(n);  // map one page more than needed and trim it to a 2 MB boundary
-    char *base = mmap(NULL, size + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *base = (char *)mmap(NULL, size + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) die("out of memory (asked for %zu bytes)", n);
     char *p = base + (HUGE_PAGE - (uintptr_t)base % HUGE_PAGE) % HUGE_PAGE;
     if (p > base) munmap(base, p - base);
@@ -95,10 +100,10 @@ static void huge_free(void *p, size_t n) {  // n: the size given to huge_alloc
     else if (p) munmap(p, huge_size(n));
 }
 
-static long time_in_ms(void) {
+static double now_seconds(void) {
     struct timespec t;
-    clock_gettime(CLOCK_REALTIME, &t);
-    return t.tv_sec * 1000 + t.tv_nsec / 1000000;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
 static double cpu_seconds(void) {  // CPU time of the whole process, all threads
@@ -107,10 +112,20 @@ static double cpu_seconds(void) {  // CPU time of the whole process, all threads
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-static double now_seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
+/* xorshift*: the sampler's generator, also used for random models and bench fills. */
+static uint32_t random_u32(uint64_t *state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
+
+// Standard normal numbers (Box-Muller).
+static float random_normal(uint64_t *state) {
+    float u1 = (random_u32(state) + 1.0f) / 4294967296.0f, u2 = random_f32(state);
+    return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
 }
 
 /* ==========================================================================================
@@ -154,6 +169,7 @@ typedef struct {
     Weights w;
     void *file;        // the whole checkpoint, read into memory (huge_alloc)
     size_t file_size;
+    int random;        // a random: model: no file; each compute path makes random weights itself
 } Model;
 
 #define CQKV_MAGIC 0x564B5143u  // "CQKV"
@@ -195,7 +211,14 @@ static void check_config(const Config *c, const char *path) {
         die("%s: unknown chat template %d", path, c->chat_template);
 }
 
+static void parse_random_model(Model *m, const char *spec);
+
 static void load_model(Model *m, const char *path) {
+    memset(m, 0, sizeof *m);
+    if (!strncmp(path, "random:", 7)) {
+        parse_random_model(m, path + 7);
+        return;
+    }
     int fd = open(path, O_RDONLY);
     if (fd < 0) die("cannot open checkpoint %s: %s", path, strerror(errno));
     struct stat st;
@@ -277,6 +300,53 @@ static void load_model(Model *m, const char *path) {
     w->classifier = c->shared_classifier ? w->token_embedding : p;
 }
 
+/* "random:PRESET[,key=value...]": a model of that shape with random weights, for benchmarks of
+   shapes whose checkpoints are large (nothing is read; no tokenizer is needed for -m bench).
+   Presets: smollm2-135m, llama2-7b; keys: dim hidden layers heads kv_heads head_size vocab
+   seq_len theta.  E.g. random:llama2-7b,layers=1,seq_len=131072 for one layer at 128K. */
+static void parse_random_model(Model *m, const char *spec) {
+    Config *c = &m->cfg;
+    char buf[256];
+    if (strlen(spec) >= sizeof buf) die("random model spec too long: '%s'", spec);
+    strcpy(buf, spec);
+    m->random = 1;
+    c->rope_theta = 10000.0f; c->norm_eps = 1e-5f; c->bos_id = 1; c->eos_id = 2;
+    c->shared_classifier = 1;
+    for (char *item = strtok(buf, ","); item; item = strtok(NULL, ",")) {
+        char *eq = strchr(item, '=');
+        if (!eq) {
+            if (!strcmp(item, "smollm2-135m")) {
+                c->dim = 576; c->hidden_dim = 1536; c->n_layers = 30; c->n_heads = 9; c->n_kv_heads = 3;
+                c->vocab_size = 49152; c->seq_len = 8192; c->rope_theta = 100000.0f; c->eos_id = 2;
+            } else if (!strcmp(item, "llama2-7b")) {
+                c->dim = 4096; c->hidden_dim = 11008; c->n_layers = 32; c->n_heads = 32; c->n_kv_heads = 32;
+                c->vocab_size = 32000; c->seq_len = 4096; c->shared_classifier = 0;
+            } else {
+                die("random:%s: unknown preset '%s' (smollm2-135m, llama2-7b)", spec, item);
+            }
+            c->head_size = c->dim / c->n_heads;
+            continue;
+        }
+        *eq = '\0';
+        const char *keys[] = {"dim", "hidden", "layers", "heads", "kv_heads", "head_size", "vocab", "seq_len", "theta"};
+        int *fields[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->head_size,
+                         &c->vocab_size, &c->seq_len, NULL};
+        int k = 0;
+        while (k < 9 && strcmp(item, keys[k])) k++;
+        if (k == 9) die("random:%s: unknown key '%s' (dim hidden layers heads kv_heads head_size vocab seq_len theta)", spec, item);
+        char *end;
+        errno = 0;
+        double v = strtod(eq + 1, &end);
+        if (end == eq + 1 || *end || errno || v <= 0 || v > INT_MAX || (fields[k] && v != (int)v))
+            die("random:%s: %s must be a positive number, got '%s'", spec, item, eq + 1);
+        if (fields[k]) *fields[k] = (int)v;
+        else c->rope_theta = (float)v;
+        if (!strcmp(item, "dim") || !strcmp(item, "heads"))  // head_size follows unless given after
+            c->head_size = c->n_heads > 0 ? c->dim / c->n_heads : 0;
+    }
+    check_config(c, "random model");
+}
+
 static void free_model(Model *m) { huge_free(m->file, m->file_size); }
 
 /* ==========================================================================================
@@ -336,14 +406,14 @@ static int compare_bytes(const char *a, int la, const char *b, int lb) {
 }
 
 static int compare_tokens(const void *a, const void *b) {
-    const TokenIndex *x = a, *y = b;
+    const TokenIndex *x = (const TokenIndex *)a, *y = (const TokenIndex *)b;
     return compare_bytes(x->str, x->len, y->str, y->len);
 }
 
 // Id of the piece with exactly these bytes, or -1.
 static int lookup_piece(const Tokenizer *t, const char *s, int len) {
     TokenIndex key = {s, len, 0};
-    TokenIndex *hit = bsearch(&key, t->sorted, t->vocab_size, sizeof(TokenIndex), compare_tokens);
+    TokenIndex *hit = (TokenIndex *)bsearch(&key, t->sorted, t->vocab_size, sizeof(TokenIndex), compare_tokens);
     return hit ? hit->id : -1;
 }
 
@@ -379,8 +449,8 @@ static void load_bpe_tables(Tokenizer *t, FILE *f, const char *path) {
     int n_merges = read_count(f, path, "merges", 1 << 24);
     t->merge_slots = 64;
     while (t->merge_slots < 2 * n_merges) t->merge_slots *= 2;
-    t->merges = xmalloc(t->merge_slots * sizeof(MergeRule));
-    char *buf = xmalloc(2 * (size_t)t->max_token_length + 1);
+    t->merges = NEW(MergeRule, t->merge_slots);
+    char *buf = NEW(char, 2 * (size_t)t->max_token_length + 1);
     for (int r = 0; r < n_merges; r++) {
         int32_t lr[2];
         read_exact(lr, 4, 2, f, path, "merges");
@@ -392,11 +462,15 @@ static void load_bpe_tables(Tokenizer *t, FILE *f, const char *path) {
         int id = lookup_piece(t, buf, la + lb);
         if (id < 0) die("%s: merge %d (%d, %d) makes a piece that is not in the vocabulary", path, r, lr[0], lr[1]);
         MergeRule *slot = merge_slot(t, pair_key(lr[0], lr[1]));
-        if (!slot->pair) *slot = (MergeRule){pair_key(lr[0], lr[1]), r, id};  // a repeated pair keeps its first rank
+        if (!slot->pair) {  // a repeated pair keeps its first rank
+            slot->pair = pair_key(lr[0], lr[1]);
+            slot->rank = r;
+            slot->id = id;
+        }
     }
     free(buf);
     t->n_specials = read_count(f, path, "special tokens", t->vocab_size);
-    t->specials = xmalloc(t->n_specials * sizeof(int));
+    t->specials = NEW(int, t->n_specials);
     read_exact(t->specials, 4, t->n_specials, f, path, "special tokens");
     for (int i = 0; i < t->n_specials; i++) {
         if (t->specials[i] < 0 || t->specials[i] >= t->vocab_size || t->vocab_len[t->specials[i]] == 0)
@@ -406,7 +480,7 @@ static void load_bpe_tables(Tokenizer *t, FILE *f, const char *path) {
         }
     }
     t->n_ranges = read_count(f, path, "Unicode ranges", 1 << 22);
-    t->ranges = xmalloc(t->n_ranges * sizeof(CodeRange));
+    t->ranges = NEW(CodeRange, t->n_ranges);
     read_exact(t->ranges, sizeof(CodeRange), t->n_ranges, f, path, "Unicode ranges");
     for (int i = 0; i < t->n_ranges; i++)
         if (t->ranges[i].first > t->ranges[i].last || (i && t->ranges[i].first <= t->ranges[i - 1].last) ||
@@ -421,9 +495,9 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
     if (!f) die("cannot open tokenizer %s: %s (use -z to name one)", path, strerror(errno));
     t->kind = kind;
     t->vocab_size = vocab_size;
-    t->vocab = xmalloc(vocab_size * sizeof(char *));
-    t->vocab_len = xmalloc(vocab_size * sizeof(int));
-    t->scores = xmalloc(vocab_size * sizeof(float));
+    t->vocab = NEW(char *, vocab_size);
+    t->vocab_len = NEW(int, vocab_size);
+    t->scores = NEW(float, vocab_size);
     read_exact(&t->max_token_length, 4, 1, f, path, "header");
     if (t->max_token_length == 0 || t->max_token_length > 4096)
         die("%s: max_token_length %u is implausible; is this a tokenizer.bin?", path, t->max_token_length);
@@ -433,14 +507,17 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
             die("%s: truncated at token %d of %d (does the tokenizer belong to this model?)", path, i, vocab_size);
         if (len < 0 || (unsigned)len > t->max_token_length)
             die("%s: token %d has length %d (max %u): corrupt tokenizer", path, i, len, t->max_token_length);
-        t->vocab[i] = xmalloc(len + 1);
+        t->vocab[i] = NEW(char, len + 1);
         if (len > 0 && fread(t->vocab[i], len, 1, f) != 1)
             die("%s: truncated at token %d of %d", path, i, vocab_size);
         t->vocab[i][len] = '\0';
         t->vocab_len[i] = len;
     }
-    t->sorted = xmalloc(vocab_size * sizeof(TokenIndex));
-    for (int i = 0; i < vocab_size; i++) t->sorted[i] = (TokenIndex){t->vocab[i], t->vocab_len[i], i};
+    t->sorted = NEW(TokenIndex, vocab_size);
+    for (int i = 0; i < vocab_size; i++) {
+        TokenIndex entry = {t->vocab[i], t->vocab_len[i], i};
+        t->sorted[i] = entry;
+    }
     qsort(t->sorted, vocab_size, sizeof(TokenIndex), compare_tokens);
     for (int b = 0; b < 256; b++) {
         char name[8] = {(char)b};
@@ -480,7 +557,7 @@ static int cand_before(const MergeCand *x, const MergeCand *y) {
 static void heap_push(MergeHeap *h, MergeCand c) {
     if (h->n == h->cap) {
         h->cap = h->cap ? 2 * h->cap : 64;
-        h->a = realloc(h->a, h->cap * sizeof(MergeCand));
+        h->a = (MergeCand *)realloc(h->a, h->cap * sizeof(MergeCand));
         if (!h->a) die("out of memory in the tokenizer");
     }
     int i = h->n++;
@@ -532,22 +609,23 @@ static void push_pair(const Tokenizer *t, MergeHeap *heap, const Symbols *s, int
         if (id < 0) return;
         priority = t->scores[id];
     }
-    heap_push(heap, (MergeCand){priority, left, s->version[right], s->version[left], id});
+    MergeCand cand = {priority, left, s->version[right], s->version[left], id};
+    heap_push(heap, cand);
 }
 
 // Merges the symbol ids in place (count of them), returns the new count.
 static int bpe_merge(const Tokenizer *t, int *ids, int count) {
     if (count < 2) return count;
     Symbols s;
-    int *mem = xmalloc(3 * (size_t)count * sizeof(int));
+    int *mem = NEW(int, 3 * (size_t)count);
     s.id = ids; s.prev = mem; s.next = mem + count; s.version = mem + 2 * count;
     for (int i = 0; i < count; i++) {
         s.prev[i] = i - 1;
         s.next[i] = i + 1 < count ? i + 1 : -1;
         s.version[i] = 0;
     }
-    char *buf = xmalloc(2 * (size_t)t->max_token_length + 1);
-    MergeHeap heap = {0};
+    char *buf = NEW(char, 2 * (size_t)t->max_token_length + 1);
+    MergeHeap heap = {NULL, 0, 0};
     for (int i = 0; i + 1 < count; i++) push_pair(t, &heap, &s, i, buf);
     while (heap.n > 0) {
         MergeCand c = heap_pop(&heap);
@@ -646,9 +724,9 @@ static int pretoken_end(const uint32_t *cp, const unsigned char *cls, int i, int
 // Byte-level BPE of text without special tokens; appends to tokens.
 static void encode_plain_bytes(const Tokenizer *t, const char *text, size_t len, int *tokens, int *n) {
     if (len == 0) return;
-    uint32_t *cp = xmalloc((len + 1) * sizeof(uint32_t));
-    int *start = xmalloc((len + 1) * sizeof(int));
-    unsigned char *cls = xmalloc(len + 1);
+    uint32_t *cp = NEW(uint32_t, len + 1);
+    int *start = NEW(int, len + 1);
+    unsigned char *cls = NEW(unsigned char, len + 1);
     int count = 0;
     for (size_t i = 0; i < len; count++) {
         start[count] = (int)i;
@@ -745,15 +823,6 @@ typedef struct {
     uint64_t rng_state;
 } Sampler;
 
-static uint32_t random_u32(uint64_t *state) {  // xorshift*
-    *state ^= *state >> 12;
-    *state ^= *state << 25;
-    *state ^= *state >> 27;
-    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
-}
-
-static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
-
 static int argmax(const float *p, int n) {
     int best = 0;
     for (int i = 1; i < n; i++)
@@ -793,7 +862,10 @@ static int sample_topp(const float *probs, int n, float topp, ProbIndex *cand, f
     const float cutoff = (1.0f - topp) / (n - 1);
     int n_cand = 0;
     for (int i = 0; i < n; i++)
-        if (probs[i] >= cutoff) cand[n_cand++] = (ProbIndex){probs[i], i};
+        if (probs[i] >= cutoff) {
+            cand[n_cand].prob = probs[i];
+            cand[n_cand++].index = i;
+        }
     qsort(cand, n_cand, sizeof(ProbIndex), compare_prob_desc);
     float mass = 0.0f;
     int last = n_cand - 1;
@@ -819,7 +891,269 @@ static int sample(Sampler *s, float *logits) {
 }
 
 /* ==========================================================================================
-   4. Math helpers
+   4. What every compute path shares: RoPE angles, KV cache types, CQ codebooks
+   ========================================================================================== */
+
+/* RoPE.  Pair i of a head (channels 2i, 2i+1 in llama2.c's interleaved layout) at position t
+   is rotated by the angle t * theta^(-2i/hs).  The float expressions are llama2.c's, so outputs
+   match it bit for bit; both compute paths read their (cos, sin) from this one table. */
+static void rope_angle(const Config *c, int t, int i, float *cs, float *sn) {
+    float freq = 1.0f / powf(c->rope_theta, (2 * i) / (float)c->head_size);
+    float angle = t * freq;
+    *cs = cosf(angle);
+    *sn = sinf(angle);
+}
+
+// (seq_len, hs): (cos, sin) of every position and pair.
+static float *rope_table(const Config *c) {
+    float *cs = NEW(float, (size_t)c->seq_len * c->head_size);
+    for (int t = 0; t < c->seq_len; t++)
+        for (int i = 0; i < c->head_size / 2; i++)
+            rope_angle(c, t, i, &cs[(size_t)t * c->head_size + 2 * i], &cs[(size_t)t * c->head_size + 2 * i + 1]);
+    return cs;
+}
+
+/* KV cache types and their bits per channel (bits of a stored token / channels):
+     fp32 32    fp16 16
+     q8  8.5    int8 per channel, fp16 scale per block of 32 channels (symmetric)
+     q4  5      4-bit, fp16 scale and minimum per block of 32 channels (asymmetric)
+     q2  3      2-bit, same scheme
+     q1  2      1-bit, same scheme: each channel is its block's minimum or maximum
+     kivi4 5, kivi2 3: keys per channel over blocks of 32 tokens (4 or 2 bits, fp16 scale and
+                minimum per channel and block; the newest tokens of an unfinished block stay
+                fp32 until it fills), values per token as q4 / q2
+     cq<c>c<b>b  b/c: one b-bit code per group of c channels (cq4 = 2c8b, cq2 = 4c8b, cq1 = 8c8b)
+   Keys and values each have a type (-k K:V).  With -w N the newest N tokens are also kept in
+   full precision and read from there. */
+
+typedef enum { KV_FP32, KV_FP16, KV_Q8, KV_Q4, KV_Q2, KV_Q1, KV_KIVI4, KV_KIVI2, KV_CQ } KVKind;
+
+typedef struct {
+    KVKind kind;
+    int c, b;        // CQ only: channels per group, bits per code
+    char name[24];   // as printed
+} KVType;
+
+#define QBLOCK 32    // channels per block (q types), tokens per block (KIVI keys)
+
+static int parse_kv_type(const char *s, KVType *out) {
+    static const struct { const char *name; KVKind kind; int c, b; } named[] = {
+        {"fp32", KV_FP32, 0, 0}, {"fp16", KV_FP16, 0, 0}, {"q8", KV_Q8, 0, 0}, {"q4", KV_Q4, 0, 0},
+        {"q2", KV_Q2, 0, 0}, {"q1", KV_Q1, 0, 0}, {"kivi4", KV_KIVI4, 0, 0}, {"kivi2", KV_KIVI2, 0, 0},
+        {"cq4", KV_CQ, 2, 8}, {"cq2", KV_CQ, 4, 8}, {"cq1", KV_CQ, 8, 8}};
+    memset(out, 0, sizeof *out);
+    for (size_t i = 0; i < sizeof named / sizeof *named; i++)
+        if (!strcmp(s, named[i].name)) {
+            out->kind = named[i].kind; out->c = named[i].c; out->b = named[i].b;
+            snprintf(out->name, sizeof out->name, "%s", s);
+            return 1;
+        }
+    int c, b, used = 0;
+    if (sscanf(s, "cq%dc%db%n", &c, &b, &used) == 2 && used == (int)strlen(s)) {
+        if (c < 1 || (c & (c - 1))) die("-k %s: c must be a power of two", s);
+        if (b < 1 || b > 16) die("-k %s: b must be in [1, 16]", s);
+        out->kind = KV_CQ; out->c = c; out->b = b;
+        snprintf(out->name, sizeof out->name, "%s", s);
+        return 1;
+    }
+    return 0;
+}
+
+// "-k K" or "-k K:V"
+static void parse_kv_spec(const char *spec, KVType *k, KVType *v) {
+    char buf[64];
+    if (strlen(spec) >= sizeof buf) die("-k value too long: '%s'", spec);
+    strcpy(buf, spec);
+    char *colon = strchr(buf, ':');
+    if (colon) *colon = '\0';
+    const char *kname = buf, *vname = colon ? colon + 1 : buf;
+    if (!parse_kv_type(kname, k)) die("unknown KV cache type '%s' (see --help for the types)", kname);
+    if (!parse_kv_type(vname, v)) die("unknown KV cache type '%s' (see --help for the types)", vname);
+}
+
+static double kv_type_bits(const KVType *t) {
+    switch (t->kind) {
+    case KV_FP32: return 32;
+    case KV_FP16: return 16;
+    case KV_Q8: return 8 + 16.0 / QBLOCK;
+    case KV_Q4: case KV_KIVI4: return 4 + 32.0 / QBLOCK;
+    case KV_Q2: case KV_KIVI2: return 2 + 32.0 / QBLOCK;
+    case KV_Q1: return 1 + 32.0 / QBLOCK;
+    case KV_CQ: return (double)t->b / t->c;
+    }
+    return 0;
+}
+
+/* ---- CQ codebooks.  One per (layer, keys or values, group): 2^b centroids of c floats, learned
+   offline by export.py centroids.  Files ("CQCB", format in README.md) hold, after a 64-byte
+   header, float32 codebooks [n_layers][2: keys, values][n_groups][2^b][c], group g being
+   channels g*c .. g*c+c-1 of the kv vector (keys before RoPE). */
+
+typedef struct {
+    int c, b;              // channels per group, bits per code
+    int n_groups;          // G = kv_dim / c
+    int n_centroids;       // K = 2^b
+    float *centroids;      // (L, G, K, c)
+    float *sqnorm;         // (L, G, K): ||C_j||^2, for the nearest-centroid search
+} Codebooks;
+
+typedef struct {           // what the cache keeps: the same on every compute path
+    KVType k, v;           // types of keys and values
+    int window;            // -w: the newest `window` tokens also in fp32 (0: none)
+    Codebooks kcb, vcb;    // CQ sides only
+    int reference;         // --kernels ref: the plain reference attention instead of the fast one
+} CacheSpec;
+
+#define CQCB_MAGIC 0x42435143u  // "CQCB"
+#define CQCB_HEADER_BYTES 64
+
+static size_t codebook_floats(const Codebooks *cb, const Config *c) {
+    return (size_t)c->n_layers * cb->n_groups * cb->n_centroids * cb->c;
+}
+
+static uint64_t model_fingerprint(const float *wk_layer0, size_t n_floats) {
+    uint64_t sum = 0;
+    const uint32_t *words = (const uint32_t *)wk_layer0;
+    for (size_t i = 0; i < n_floats; i++) sum += words[i];
+    return sum;
+}
+
+static void default_centroid_path(char *out, size_t size, const char *checkpoint, const KVType *t) {
+    size_t len = strlen(checkpoint);
+    if (len > 4 && !strcmp(checkpoint + len - 4, ".bin")) len -= 4;
+    snprintf(out, size, "%.*s.%dc%db.cent", (int)len, checkpoint, t->c, t->b);
+}
+
+// Reads the keys' (is_key) or the values' codebooks of `path` after checking its header.
+static void read_centroid_file(Codebooks *cb, const KVType *t, int is_key, const char *path,
+                               const char *checkpoint, const Model *m) {
+    const Config *c = &m->cfg;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        die("no centroids for -k %s at %s (%s); create them with: "
+            "python3 export.py centroids %s -z TOKENIZER --calib TEXT --types %s  (or name a file with -c)",
+            t->name, path, strerror(errno), checkpoint, t->name);
+    int32_t h[10];
+    uint64_t fingerprint;
+    if (fread(h, 4, 10, f) != 10 || fread(&fingerprint, 8, 1, f) != 1) die("%s: truncated centroid header", path);
+    if ((uint32_t)h[0] != CQCB_MAGIC) die("%s is not a centroid file (bad magic)", path);
+    if (h[1] != 1) die("%s: centroid file version %d is not supported", path, h[1]);
+    if (h[2] != c->n_layers || h[3] != c->n_kv_heads || h[4] != c->head_size)
+        die("%s was made for a model with %d layers, %d kv heads, head size %d; this model has %d, %d, %d",
+            path, h[2], h[3], h[4], c->n_layers, c->n_kv_heads, c->head_size);
+    if (h[5] != t->c || h[6] != t->b)
+        die("%s holds CQ-%dc%db centroids, but -k asks for %s (CQ-%dc%db)", path, h[5], h[6], t->name, t->c, t->b);
+    if (m->random) die("%s: a random: model takes no centroid file (its codebooks are random)", path);
+    if (fingerprint != model_fingerprint(m->w.wk, (size_t)kv_dim_of(c) * c->dim))
+        die("%s was learned on another model (fingerprint differs) of the same shape", path);
+    size_t per_side = (size_t)cb->n_groups * cb->n_centroids * t->c;  // floats per layer and K/V
+    if (fseek(f, 0, SEEK_END) != 0) die("cannot seek in %s", path);
+    long size = ftell(f);
+    long want = CQCB_HEADER_BYTES + (long)(4 * per_side * 2 * c->n_layers);
+    if (size != want) die("%s: %ld bytes, expected %ld: truncated or corrupt", path, size, want);
+    for (int l = 0; l < c->n_layers; l++) {
+        long offset = CQCB_HEADER_BYTES + (long)(4 * per_side * (2 * l + (is_key ? 0 : 1)));
+        if (fseek(f, offset, SEEK_SET) != 0 ||
+            fread(cb->centroids + (size_t)l * per_side, 4, per_side, f) != per_side)
+            die("%s: read error", path);
+    }
+    fclose(f);
+    for (size_t i = 0; i < per_side * c->n_layers; i++)
+        if (!is_finite_float(cb->centroids[i])) die("%s: codebook holds a non-finite value", path);
+}
+
+/* The codebooks of one CQ side: from the centroid file (-c, or the default name next to the
+   checkpoint), or random ones for a random: model. */
+static void load_codebooks(Codebooks *cb, const KVType *t, int is_key, const Model *m,
+                           const char *checkpoint, const char *centroid_path) {
+    const Config *c = &m->cfg;
+    if (t->c > c->head_size || c->head_size % t->c)
+        die("-k %s: c = %d must divide the head size %d", t->name, t->c, c->head_size);
+    cb->c = t->c;
+    cb->b = t->b;
+    cb->n_groups = kv_dim_of(c) / t->c;
+    cb->n_centroids = 1 << t->b;
+    size_t n = codebook_floats(cb, c);
+    cb->centroids = (float *)huge_alloc(n * sizeof(float));  // read at random by the key kernel: few TLB entries
+    cb->sqnorm = NEW(float, n / t->c);
+    if (m->random && !centroid_path) {
+        uint64_t rng = 99 + is_key;
+        for (size_t i = 0; i < n; i++) cb->centroids[i] = random_normal(&rng);
+    } else {
+        char path[4096];
+        if (centroid_path) snprintf(path, sizeof path, "%s", centroid_path);
+        else default_centroid_path(path, sizeof path, checkpoint, t);
+        read_centroid_file(cb, t, is_key, path, checkpoint, m);
+    }
+    for (size_t j = 0; j < n / t->c; j++) {
+        const float *cj = cb->centroids + j * t->c;
+        float n2 = 0.0f;
+        for (int i = 0; i < t->c; i++) n2 += cj[i] * cj[i];
+        cb->sqnorm[j] = n2;
+    }
+}
+
+static void free_codebooks(Codebooks *cb, const Config *c) {
+    if (cb->centroids) huge_free(cb->centroids, codebook_floats(cb, c) * sizeof(float));
+    free(cb->sqnorm);
+}
+
+static void cache_spec_init(CacheSpec *s, KVType k, KVType v, int window, int reference, const Model *m,
+                            const char *checkpoint, const char *centroids) {
+    memset(s, 0, sizeof *s);
+    s->k = k;
+    s->v = v;
+    s->window = window;
+    s->reference = reference;
+    if (centroids && k.kind == KV_CQ && v.kind == KV_CQ && (k.c != v.c || k.b != v.b))
+        die("-c names one centroid file, but keys and values use two CQ configurations; "
+            "keep the default file names instead");
+    if (k.kind == KV_CQ) load_codebooks(&s->kcb, &k, 1, m, checkpoint, centroids);
+    if (v.kind == KV_CQ) load_codebooks(&s->vcb, &v, 0, m, checkpoint, centroids);
+}
+
+static void cache_spec_free(CacheSpec *s, const Config *c) {
+    free_codebooks(&s->kcb, c);
+    free_codebooks(&s->vcb, c);
+}
+
+// Bytes one token takes in the cache, keys and values, all layers (codebooks and window excluded).
+static double cache_bytes_per_token(const CacheSpec *s, const Config *c) {
+    return (kv_type_bits(&s->k) + kv_type_bits(&s->v)) / 8.0 * kv_dim_of(c) * c->n_layers;
+}
+
+static void cache_label(char *buf, size_t n, const CacheSpec *s) {
+    if (strcmp(s->k.name, s->v.name) == 0) snprintf(buf, n, "%s", s->k.name);
+    else snprintf(buf, n, "%s:%s", s->k.name, s->v.name);
+}
+
+/* ==========================================================================================
+   5. The Decoder: the one interface between the host program and a compute path
+   ========================================================================================== */
+
+/* Everything above and below this interface is host code, shared by both programs: run.c
+   implements it on the CPU (sections 6-8), run.cu on an NVIDIA GPU.  A Decoder holds a model's
+   weights in its own memory and `batch` KV caches of one CacheSpec; all sequences advance one
+   position per call.  The modes talk to nothing else. */
+typedef struct Decoder Decoder;
+
+static Decoder *decoder_new(Model *m, const CacheSpec *spec, int batch);
+// Runs tokens[b] at position pos of sequence b; returns the logits (batch, V), host memory,
+// valid until the next call.  Every token goes through the cache, the current one included.
+static float *decoder_forward(Decoder *d, const int *tokens, int pos);
+// Bench: positions 0 .. n-1 of every cache hold random keys and values (the work of a step does
+// not depend on them).
+static void decoder_fill(Decoder *d, int n);
+// Bench: milliseconds one step spends in the KV cache (append and attention, all layers).
+static double decoder_cache_ms(Decoder *d);
+// Bench: where the program runs, for the report ("cpu threads=2", the GPU's name).
+static const char *decoder_device(const Decoder *d);
+static void decoder_free(Decoder *d);
+
+#ifndef RUN_HOST_ONLY  // sections 6-8: the CPU's compute (run.cu brings its own)
+
+/* ==========================================================================================
+   6. Math on the CPU
    ========================================================================================== */
 
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
@@ -833,9 +1167,7 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
    The OpenMP fork/join costs a few microseconds, more than a small product takes (stories260K's
    largest is 512 x 64), so only large products are split across threads; products that share x
    are split in one parallel region (each thread takes its share of every product's rows), which
-   saves two fork/joins per layer and lets k and v (192 x 576 on SmolLM2, too small alone) be
-   split too (SmolLM2 shape, fp32, 1K, 2 threads, 3 runs each: 20.7-21.4 against 22.4-22.8 ms a
-   token). */
+   saves fork/joins and lets k and v, too small alone, be split too. */
 #define PARALLEL_MIN_MACS (1 << 17)
 
 typedef struct {
@@ -888,52 +1220,35 @@ static int thread_id(void) {
 #endif
 }
 
-/* RoPE.  Pair i of a head (channels 2i, 2i+1) at position t is rotated by the angle
-   t * theta^(-2i/hs).  The cos/sin of every (position, pair) are computed once, with the same
-   float expressions llama2.c uses so that outputs match it bit for bit: cos_sin (seq_len, hs).
-
-   CQ rotates every cached key when it reads it, and a (seq_len, hs) table is as large as one
-   layer's fp32 keys: streaming it from memory for every layer would cost CQ what it saves.  So
-   CQ builds the rotation of position t = 64a + b from two small tables that stay in cache,
-   e^{i w t} = e^{i w 64a} * e^{i w b} (one complex multiply; within a few float ulps of the
-   direct cos/sin).  They use the layout cos2 = (cos, cos), sin2 = (-sin, sin) per pair, which
-   turns a rotation into the element-wise x * cos2 + swap_pairs(x) * sin2.
-   ROPE_FINE: the CQ key kernel turns the queries by the coarse angle once per ROPE_FINE
-   positions, so larger is fewer query turns but a larger fine table (64 x 64 x 2 floats = 32 KB
-   at head size 64).  SmolLM2 shape, cq1, 16K, 1 thread, 4 runs each: 39.1 ms a token in the
-   cache (median) with 32, 37.4 with 64, 37.4 with 128, 37.3 with 256. */
+/* RoPE on the CPU.  Keys and queries rotate with the exact table of section 4.  The fast CQ key
+   kernel rotates every cached key when it reads it, and a (seq_len, hs) table is as large as one
+   layer's fp32 keys: streaming it for every layer would cost what CQ saves.  So it builds the
+   rotation of position t = 64a + b from two small tables that stay in cache,
+   e^{i w t} = e^{i w 64a} * e^{i w b}: the queries turn back by the coarse angle once per
+   ROPE_FINE positions and each key turns by its fine angle.  Both use the layout
+   cos2 = (cos, cos), sin2 = (-sin, sin) per pair, which makes a rotation the element-wise
+   x * cos2 + swap_pairs(x) * sin2. */
 #define ROPE_FINE 64
 
-static int padded_head_size(int hs) { return (hs + 7) / 8 * 8; }  // whole 8-float vectors (section 5)
+static int padded_head_size(int hs) { return (hs + 7) / 8 * 8; }  // whole 8-float vectors (section 7.3)
 
 typedef struct {
-    float *cos_sin;               // (seq_len, hs): (cos, sin) per pair, exact
+    float *cos_sin;                    // (seq_len, hs): (cos, sin) per pair, exact (rope_table)
     float *coarse_cos2, *coarse_sin2;  // (seq_len / ROPE_FINE + 1, width): positions 0, 64, 128, ...
     float *fine_cos2, *fine_sin2;      // (ROPE_FINE, width): positions 0 .. 63
-    int half;                     // hs / 2
-    int width;                    // hs rounded up to 8; the CQ tables' lanes past hs are zero
+    int half;                          // hs / 2
+    int width;                         // hs rounded up to 8; lanes past hs are zero
 } RopeTable;
 
-static void rope_angle(const Config *c, int t, int i, float *cs, float *sn) {
-    float freq = 1.0f / powf(c->rope_theta, (2 * i) / (float)c->head_size);
-    float angle = t * freq;
-    *cs = cosf(angle);
-    *sn = sinf(angle);
-}
-
 static void rope_init(RopeTable *r, const Config *c) {
-    int hs = c->head_size, n_coarse = c->seq_len / ROPE_FINE + 1;
-    int w = padded_head_size(hs);
-    r->half = hs / 2;
-    r->width = w;  // (xmalloc zeroes, so the padding lanes are 0)
-    r->cos_sin = xmalloc((size_t)c->seq_len * hs * sizeof(float));
-    r->coarse_cos2 = xmalloc((size_t)n_coarse * w * sizeof(float));
-    r->coarse_sin2 = xmalloc((size_t)n_coarse * w * sizeof(float));
-    r->fine_cos2 = xmalloc((size_t)ROPE_FINE * w * sizeof(float));
-    r->fine_sin2 = xmalloc((size_t)ROPE_FINE * w * sizeof(float));
-    for (int t = 0; t < c->seq_len; t++)
-        for (int i = 0; i < r->half; i++)
-            rope_angle(c, t, i, &r->cos_sin[(size_t)t * hs + 2 * i], &r->cos_sin[(size_t)t * hs + 2 * i + 1]);
+    int n_coarse = c->seq_len / ROPE_FINE + 1, w = padded_head_size(c->head_size);
+    r->half = c->head_size / 2;
+    r->width = w;
+    r->cos_sin = rope_table(c);
+    r->coarse_cos2 = NEW(float, (size_t)n_coarse * w);
+    r->coarse_sin2 = NEW(float, (size_t)n_coarse * w);
+    r->fine_cos2 = NEW(float, (size_t)ROPE_FINE * w);
+    r->fine_sin2 = NEW(float, (size_t)ROPE_FINE * w);
     for (int i = 0; i < r->half; i++) {
         float cs, sn;
         for (int a = 0; a < n_coarse; a++) {
@@ -967,41 +1282,23 @@ static void rope_rotate(const RopeTable *r, float *x, int n_heads, int t) {
 }
 
 /* ==========================================================================================
-   5. The KV cache
+   7. The KV cache on the CPU
    ========================================================================================== */
 
-/* The rest of the program sees the cache through four calls:
-     kv_cache_init  - storage for every layer and position, of the chosen types
-     kv_append      - store the key (BEFORE RoPE) and value of the token at `pos`, one layer
-     kv_attend      - attention of all query heads against positions 0..pos of one layer
+/* The forward pass sees the cache through four calls:
+     kv_cache_init  storage for every layer and position, of the CacheSpec's types
+     kv_append      stores the key (BEFORE RoPE) and value of the token at `pos`, one layer
+     kv_attend      attention of all query heads against positions 0..pos of one layer
      kv_cache_free
-   Keys and values each live in a KVStore of their own type, so keys can be kept at more bits
-   than values (-k cq2:cq1).  Every type but CQ stores keys AFTER RoPE, as llama2.c and
-   llama.cpp do; CQ stores them before RoPE, as the paper does, and rotates when it reads.
+   In this order below: 7.1 storage (how each type writes and reads a row; CQ's nearest-centroid
+   encoder), 7.2 the reference attention (--kernels ref: CQ as the paper writes it), 7.3 the
+   fast attention (the default: one pass with an online softmax, and CQ's fused kernels).
+   Every type but CQ stores keys AFTER RoPE, as llama2.c and llama.cpp do; CQ stores them before
+   RoPE and rotates when it reads them. */
 
-   Types and bits per channel (bits of a stored token / channels):
-     fp32 32    fp16 16
-     q8  8.5    int8 per channel, fp16 scale per block of 32 channels (symmetric)
-     q4  5      4-bit, fp16 scale and minimum per block of 32 channels (asymmetric)
-     q2  3      2-bit, same scheme
-     q1  2      1-bit, same scheme: each channel is its block's minimum or maximum
-     kivi4 5, kivi2 3: keys per channel over blocks of 32 tokens (4 or 2 bits, fp16 scale and
-                minimum per channel and block; the newest tokens of an unfinished block stay
-                fp32 until it fills), values per token as q4 / q2
-     cq<c>c<b>b  b/c: one b-bit code per group of c channels (cq4 = 2c8b, cq2 = 4c8b, cq1 = 8c8b)
-   With -w N the newest N tokens are also kept in fp32 and read from there. */
+/* ---- 7.1 Storage */
 
-typedef _Float16 half;  // IEEE binary16: gcc 12+, and clang 15+ on x86-64 (clang 14 has it on arm64 only)
-
-typedef enum { KV_FP32, KV_FP16, KV_Q8, KV_Q4, KV_Q2, KV_Q1, KV_KIVI4, KV_KIVI2, KV_CQ } KVKind;
-
-typedef struct {
-    KVKind kind;
-    int c, b;        // CQ only: channels per group, bits per code
-    char name[24];   // as printed
-} KVType;
-
-#define QBLOCK 32    // channels per block (q types), tokens per block (KIVI keys)
+typedef _Float16 f16;  // IEEE binary16: gcc 12+, and clang 15+ on x86-64
 
 typedef struct {
     KVType type;
@@ -1011,107 +1308,28 @@ typedef struct {
     uint8_t *rows;         // (L, seq_len, row_bytes): every type except KIVI keys
     // KIVI keys: blocks of QBLOCK tokens quantized per channel
     size_t kivi_block_bytes;
-    uint8_t *kivi_blocks;  // (L, seq_len / QBLOCK, kv_dim, kivi_block_bytes)
+    uint8_t *kivi_blocks;  // (L, seq_len / QBLOCK + 1, kv_dim, kivi_block_bytes)
     float *kivi_recent;    // (L, QBLOCK, kv_dim) keys of the unfinished block, after RoPE
-    // CQ: codebooks learned offline by export.py
-    int n_groups;          // G = kv_dim / c
-    int n_centroids;       // K = 2^b
-    float *codebook;       // (L, G, K, c); keys before RoPE
-    float *centroid_sqnorm;// (L, G, K): ||C||^2, for the nearest-centroid search
+    const Codebooks *cb;   // CQ: the CacheSpec's codebooks, (L, G, K, c); keys before RoPE
     // -w: the newest tokens in full precision
     int window;
     float *window_rows;    // (L, window, kv_dim), position t at slot t % window; keys after RoPE
 } KVStore;
 
-typedef enum { CQ_KEYS_AUTO, CQ_KEYS_LUT, CQ_KEYS_DECODE } CQKeyPath;
-
-/* The scores of one chunk of positions live in a small per-thread matrix, att (H, ATTN_CHUNK):
-   position t in column t % ATTN_CHUNK.  kv_attend never lets a chunk straddle a multiple of
-   ATTN_CHUNK, so a chunk's columns are contiguous.  (An (H, seq_len) matrix put the H scores of
-   one position 64 KB apart at 16K, all in one L1 set, and the value sums, which read them
-   position by position, missed L1 for each: fp32 attention at 16K took ~97 ms a token, now ~75.) */
-#define ATTN_CHUNK 256
-
-/* The running maximum of the online softmax moves only when a chunk's maximum exceeds it by more
-   than MAX_LAG: weights up to e^16 (times 16K positions, 1.5e11) are far from float overflow, the
-   result is the same up to rounding, and the sums are rescaled about once per head instead of
-   every time the maximum creeps up. */
-#define MAX_LAG 16.0f
-
-static inline float *att_at(float *att, int h, int t) { return att + (size_t)h * ATTN_CHUNK + t % ATTN_CHUNK; }
-
-/* Per-thread scratch (scores, accumulators, rotated queries) sits in one buffer per kind, one
-   slot per thread.  A slot is rounded up to 128 bytes and 128 more are left free after it, so
-   that no two threads write to one cache line, nor to one pair of lines, which the prefetcher
-   fetches together.  Slots that shared their edge lines cost cq1 about 1 ms a token in the cache
-   with 2 threads (SmolLM2 shape, 16K positions: 15.9 -> 14.8, side by side). */
-static size_t thread_slot(size_t floats) { return (floats + 31) / 32 * 32 + 32; }
-static float *alloc_thread_slots(int n_threads, size_t floats) { return xmalloc(n_threads * thread_slot(floats) * sizeof(float)); }
-// Thread tid's slot of a buffer from alloc_thread_slots(.., floats).
-static float *thread_slot_of(float *buf, size_t floats, int tid) { return buf + (size_t)tid * thread_slot(floats); }
-
 typedef struct {
     KVStore k, v;
     const RopeTable *rope;
     int n_heads;
-    CQKeyPath key_path;
-    int n_threads;
-    float *att;            // per thread: (H, ATTN_CHUNK) the current chunk's scores (att_at)
-    float *lut;            // CQ keys, LUT path: (KVH, hs/c, K, R, c) query-centroid products (cq_build_key_lut_c)
-    float *qpad;           // CQ keys, decode path: (H, hs rounded up to 8) the query, scaled, zero-padded
-    float *qrot;           // per thread: qpad turned back by a coarse RoPE angle (cq_decode_scores_shape)
-    float *acc;            // per thread: running maxima (H), sums (H), partial outputs (H, hs); acc_floats()
-    float *kbuf;           // per thread: one decoded row (kv_dim)
-    double seconds;        // time spent in kv_append + kv_attend (bench reports it)
+    int reference;         // --kernels ref
 } KVCache;
-
-static size_t acc_floats(const KVCache *kv) { return 2 * (size_t)kv->n_heads + (size_t)kv->n_heads * kv->k.head_size; }
-
-static int is_quantized(const KVType *t) { return t->kind != KV_FP32; }
-
-static int parse_kv_type(const char *s, KVType *out) {
-    static const struct { const char *name; KVKind kind; int c, b; } named[] = {
-        {"fp32", KV_FP32, 0, 0}, {"fp16", KV_FP16, 0, 0}, {"q8", KV_Q8, 0, 0}, {"q4", KV_Q4, 0, 0},
-        {"q2", KV_Q2, 0, 0}, {"q1", KV_Q1, 0, 0}, {"kivi4", KV_KIVI4, 0, 0}, {"kivi2", KV_KIVI2, 0, 0},
-        {"cq4", KV_CQ, 2, 8}, {"cq2", KV_CQ, 4, 8}, {"cq1", KV_CQ, 8, 8}};
-    memset(out, 0, sizeof *out);
-    for (size_t i = 0; i < sizeof named / sizeof *named; i++)
-        if (!strcmp(s, named[i].name)) {
-            out->kind = named[i].kind; out->c = named[i].c; out->b = named[i].b;
-            snprintf(out->name, sizeof out->name, "%s", s);
-            return 1;
-        }
-    int c, b, used = 0;
-    if (sscanf(s, "cq%dc%db%n", &c, &b, &used) == 2 && used == (int)strlen(s)) {
-        if (c < 1 || (c & (c - 1))) die("-k %s: c must be a power of two", s);
-        if (b < 1 || b > 16) die("-k %s: b must be in [1, 16]", s);
-        out->kind = KV_CQ; out->c = c; out->b = b;
-        snprintf(out->name, sizeof out->name, "%s", s);
-        return 1;
-    }
-    return 0;
-}
-
-static double kv_type_bits(const KVType *t) {
-    switch (t->kind) {
-    case KV_FP32: return 32;
-    case KV_FP16: return 16;
-    case KV_Q8: return 8 + 16.0 / QBLOCK;
-    case KV_Q4: case KV_KIVI4: return 4 + 32.0 / QBLOCK;
-    case KV_Q2: case KV_KIVI2: return 2 + 32.0 / QBLOCK;
-    case KV_Q1: return 1 + 32.0 / QBLOCK;
-    case KV_CQ: return (double)t->b / t->c;
-    }
-    return 0;
-}
 
 static int scalar_bits(KVKind k) {
     return k == KV_Q4 || k == KV_KIVI4 ? 4 : k == KV_Q2 || k == KV_KIVI2 ? 2 : k == KV_Q1 ? 1 : 8;
 }
 
-/* ---- scalar blocks: the building block of q8/q4/q2/q1 rows and of KIVI's per-channel keys.
-   An asymmetric block of n <= 32 values: half scale, half min, then n codes of `bits` bits
-   packed from the low bits up; x ~= min + code * scale.  q8 is symmetric: half scale, n int8. */
+/* Scalar blocks: the building block of q8/q4/q2/q1 rows and of KIVI's per-channel keys.
+   An asymmetric block of n <= 32 values: f16 scale, f16 min, then n codes of `bits` bits packed
+   from the low bits up; x ~= min + code * scale.  q8 is symmetric: f16 scale, n int8. */
 
 static size_t block_bytes(int bits) { return bits == 8 ? 2 + QBLOCK : 4 + QBLOCK * bits / 8; }
 
@@ -1119,7 +1337,7 @@ static void quantize_block(const float *x, int n, int stride, int bits, uint8_t 
     if (bits == 8) {
         float amax = 0.0f;
         for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i * stride]));
-        half scale = (half)(amax / 127.0f);
+        f16 scale = (f16)(amax / 127.0f);
         float inv = (float)scale > 0 ? 1.0f / (float)scale : 0.0f;
         memcpy(dst, &scale, 2);
         for (int i = 0; i < n; i++) {
@@ -1131,7 +1349,7 @@ static void quantize_block(const float *x, int n, int stride, int bits, uint8_t 
     float lo = x[0], hi = x[0];
     for (int i = 1; i < n; i++) { lo = fminf(lo, x[i * stride]); hi = fmaxf(hi, x[i * stride]); }
     int levels = (1 << bits) - 1;
-    half scale = (half)((hi - lo) / levels), min = (half)lo;
+    f16 scale = (f16)((hi - lo) / levels), min = (f16)lo;
     float inv = (float)scale > 0 ? 1.0f / (float)scale : 0.0f;
     memcpy(dst, &scale, 2);
     memcpy(dst + 2, &min, 2);
@@ -1145,14 +1363,14 @@ static void quantize_block(const float *x, int n, int stride, int bits, uint8_t 
 }
 
 static void dequantize_block(const uint8_t *src, int n, int bits, float *out) {
-    half scale;
+    f16 scale;
     memcpy(&scale, src, 2);
     float s = scale;
     if (bits == 8) {
         for (int i = 0; i < n; i++) out[i] = s * ((const int8_t *)src)[2 + i];
         return;
     }
-    half min;
+    f16 min;
     memcpy(&min, src + 2, 2);
     float m = min;
     const uint8_t *codes = src + 4;
@@ -1161,79 +1379,29 @@ static void dequantize_block(const uint8_t *src, int n, int bits, float *out) {
 }
 
 static float block_value(const uint8_t *src, int i, int bits) {  // one value of an asymmetric block
-    half scale, min;
+    f16 scale, min;
     memcpy(&scale, src, 2);
     memcpy(&min, src + 2, 2);
     int q = (src[4 + i * bits / 8] >> (i * bits % 8)) & ((1 << bits) - 1);
     return (float)min + (float)scale * q;
 }
 
-/* ---- 8-float vectors, for the CQ encoder and the attention kernels below.  GCC's and clang's
-   vector extension: + and * work lane by lane and an f32x8 lives in one AVX register (two NEON
-   registers on arm64).  Plain loops left the compiler one horizontal sum per dot product, which
-   cost more than the multiplications themselves; with vectors, 8 dot products share one
-   transposed sum (lane_sums8). */
-#define CQ_INLINE static inline __attribute__((always_inline))
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef float f32x2 __attribute__((vector_size(8)));
-
-static inline f32x8 load8(const float *p) { f32x8 v; memcpy(&v, p, sizeof v); return v; }
-static inline f32x8 swap_pairs(f32x8 x) { return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6); }
-
-// (sum of v[0]'s lanes, ..., sum of v[7]'s lanes).  Each round adds the two halves of every
-// vector and packs two vectors into one: 8 -> 4 -> 2 -> 1 vectors, 7 additions in all.
-static inline f32x8 lane_sums8(const f32x8 v[8]) {
-    f32x8 a[4], b[2];
-    for (int k = 0; k < 4; k++)  // a[k]: v[2k]'s half sums in lanes 0-3, v[2k+1]'s in lanes 4-7
-        a[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
-               __builtin_shufflevector(v[2 * k], v[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-    for (int k = 0; k < 2; k++)  // b[k] lanes hold v[4k], v[4k], v[4k+2], v[4k+2], v[4k+1], v[4k+1], v[4k+3], v[4k+3]
-        b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-               __builtin_shufflevector(a[2 * k], a[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-    f32x8 s = __builtin_shufflevector(b[0], b[1], 0, 8, 2, 10, 4, 12, 6, 14) +  // lanes: v0 v4 v2 v6 v1 v5 v3 v7
-              __builtin_shufflevector(b[0], b[1], 1, 9, 3, 11, 5, 13, 7, 15);
-    return __builtin_shufflevector(s, s, 0, 4, 2, 6, 1, 5, 3, 7);
-}
-
-/* ---- CQ: nearest centroid.  ||x - C_j||^2 = ||C_j||^2 - 2 x.C_j + ||x||^2, and the last term
-   is the same for every j, so the code is argmin_j (||C_j||^2 - 2 x.C_j); first index on ties.
-   With c a compile-time constant the loop over the K centroids vectorizes even though the
-   codebook is stored centroid by centroid, (K, c).  A transposed copy, (c, K), encoded about
-   1.3x faster, but it is a second copy to bring into the caches for every layer and token:
-   at 1K positions that cost more than the encoding itself.
-   For c a multiple of 8 (cq1 and wider groups) one centroid's c products fill whole vectors, and
-   8 centroids' sums come out of one lane_sums8: cq1 on SmolLM2's shape at 1K positions, 1 thread,
-   2.60 -> 2.43 ms a token in the cache (the encoder's share of a step 3.9 % -> 3.0 %, by perf).
-   Encoding reads the layer's codebooks from memory, so it gains less than its arithmetic. */
-
-#define CQ_ENCODE_CHUNK 256  // centroids whose distances are held at once (on the stack)
-
-CQ_INLINE int cq_encode_group_c(const float *x, const float *cb, const float *sqnorm, int K, const int c) {
-    float m[c];
-    for (int i = 0; i < c; i++) m[i] = -2.0f * x[i];
+/* CQ's encoder: the nearest centroid.  ||x - C_j||^2 = ||C_j||^2 - 2 x.C_j + ||x||^2, and the
+   last term is the same for every j, so the code is argmin_j (||C_j||^2 - 2 x.C_j); the first
+   index on ties.  With c a compile-time constant (cq_encode_group) the loop over the K
+   centroids vectorizes though the codebook is stored centroid by centroid, (K, c). */
+static inline int cq_encode_group_c(const float *x, const float *cb, const float *sqnorm, int K, const int c) {
+    float mm[c];  // -2x
+    for (int i = 0; i < c; i++) mm[i] = -2.0f * x[i];
     int best = 0;  // stays 0 only when x holds NaNs
     float best_d = INFINITY;
-    for (int j0 = 0; j0 < K; j0 += CQ_ENCODE_CHUNK) {
-        int n = K - j0 < CQ_ENCODE_CHUNK ? K - j0 : CQ_ENCODE_CHUNK;
-        float dist[CQ_ENCODE_CHUNK];
-        if (c % 8 == 0 && n % 8 == 0) {  // 8 centroids at a time, each one's products lane by lane
-            for (int j = 0; j < n; j += 8) {
-                f32x8 prod[8];
-                for (int k = 0; k < 8; k++) {
-                    const float *cj = cb + (size_t)(j0 + j + k) * c;
-                    prod[k] = load8(m) * load8(cj);
-                    for (int i = 8; i < c; i += 8) prod[k] += load8(m + i) * load8(cj + i);
-                }
-                f32x8 d = load8(sqnorm + j0 + j) + lane_sums8(prod);
-                memcpy(dist + j, &d, sizeof d);
-            }
-        } else {
-            for (int j = 0; j < n; j++) {
-                float d = sqnorm[j0 + j];
-                for (int i = 0; i < c; i++) d += m[i] * cb[(size_t)(j0 + j) * c + i];
-                dist[j] = d;
-            }
+    for (int j0 = 0; j0 < K; j0 += 256) {  // 256 distances at a time, on the stack
+        int n = K - j0 < 256 ? K - j0 : 256;
+        float dist[256];
+        for (int j = 0; j < n; j++) {
+            float d = sqnorm[j0 + j];
+            for (int i = 0; i < c; i++) d += mm[i] * cb[(size_t)(j0 + j) * c + i];
+            dist[j] = d;
         }
         float min = dist[0];  // two passes, both vectorize: the minimum, then its first index
         for (int j = 1; j < n; j++) min = fminf(min, dist[j]);
@@ -1245,7 +1413,7 @@ CQ_INLINE int cq_encode_group_c(const float *x, const float *cb, const float *sq
 }
 
 static int cq_encode_group(const float *x, const float *cb, const float *sqnorm, int K, int c) {
-    switch (c) {  // a constant c lets the compiler keep the c partial products in registers
+    switch (c) {  // a constant c lets the compiler keep the c products in registers
     case 2: return cq_encode_group_c(x, cb, sqnorm, K, 2);
     case 4: return cq_encode_group_c(x, cb, sqnorm, K, 4);
     case 8: return cq_encode_group_c(x, cb, sqnorm, K, 8);
@@ -1256,77 +1424,6 @@ static int cq_encode_group(const float *x, const float *cb, const float *sqnorm,
 // Code g of a row: one byte for b <= 8, two above (wide).
 static inline int cq_code(const uint8_t *row, int g, int wide) { return wide ? ((const uint16_t *)row)[g] : row[g]; }
 
-// The codes of one (layer, position) row as ints; they are bytes for b <= 8, else uint16.
-static void cq_read_codes(const KVStore *s, const uint8_t *row, int *codes) {
-    for (int g = 0; g < s->n_groups; g++) codes[g] = cq_code(row, g, s->type.b > 8);
-}
-
-/* ---- centroid files (written by export.py centroids; format in README.md) */
-
-#define CQCB_MAGIC 0x42435143u  // "CQCB"
-#define CQCB_HEADER_BYTES 64
-
-static uint64_t model_fingerprint(const float *wk_layer0, size_t n_floats) {
-    uint64_t sum = 0;
-    const uint32_t *words = (const uint32_t *)wk_layer0;
-    for (size_t i = 0; i < n_floats; i++) sum += words[i];
-    return sum;
-}
-
-static void default_centroid_path(char *out, size_t size, const char *checkpoint, const KVType *t) {
-    size_t len = strlen(checkpoint);
-    if (len > 4 && !strcmp(checkpoint + len - 4, ".bin")) len -= 4;
-    snprintf(out, size, "%.*s.%dc%db.cent", (int)len, checkpoint, t->c, t->b);
-}
-
-// Loads the keys' or the values' codebooks of `path` into s->codebook after checking the header.
-static void load_centroids(KVStore *s, const char *path, const char *checkpoint, const Model *m) {
-    const Config *c = &m->cfg;
-    const KVType *t = &s->type;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        die("no centroids for -k %s at %s (%s); create them with: "
-            "python3 export.py centroids %s -z TOKENIZER --calib TEXT --types %s  (or name a file with -c)",
-            t->name, path, strerror(errno), checkpoint, t->name);
-    int32_t h[10];
-    uint64_t fingerprint;
-    if (fread(h, 4, 10, f) != 10 || fread(&fingerprint, 8, 1, f) != 1) die("%s: truncated centroid header", path);
-    if ((uint32_t)h[0] != CQCB_MAGIC) die("%s is not a centroid file (bad magic)", path);
-    if (h[1] != 1) die("%s: centroid file version %d is not supported", path, h[1]);
-    if (h[2] != c->n_layers || h[3] != c->n_kv_heads || h[4] != c->head_size)
-        die("%s was made for a model with %d layers, %d kv heads, head size %d; this model has %d, %d, %d",
-            path, h[2], h[3], h[4], c->n_layers, c->n_kv_heads, c->head_size);
-    if (h[5] != t->c || h[6] != t->b)
-        die("%s holds CQ-%dc%db centroids, but -k asks for %s (CQ-%dc%db)", path, h[5], h[6], t->name, t->c, t->b);
-    size_t wk_floats = (size_t)kv_dim_of(c) * c->dim;
-    if (fingerprint != model_fingerprint(m->w.wk, wk_floats))
-        die("%s was learned on another model (fingerprint differs) of the same shape", path);
-    size_t per_side = (size_t)s->n_groups * s->n_centroids * t->c;  // floats per layer and K/V
-    if (fseek(f, 0, SEEK_END) != 0) die("cannot seek in %s", path);
-    long size = ftell(f);
-    long want = CQCB_HEADER_BYTES + (long)(4 * per_side * 2 * c->n_layers);
-    if (size != want) die("%s: %ld bytes, expected %ld: truncated or corrupt", path, size, want);
-    for (int l = 0; l < c->n_layers; l++) {
-        long offset = CQCB_HEADER_BYTES + (long)(4 * per_side * (2 * l + (s->is_key ? 0 : 1)));
-        if (fseek(f, offset, SEEK_SET) != 0 ||
-            fread(s->codebook + (size_t)l * per_side, 4, per_side, f) != per_side)
-            die("%s: read error", path);
-    }
-    fclose(f);
-    for (size_t i = 0; i < per_side * c->n_layers; i++)
-        if (!is_finite_float(s->codebook[i])) die("%s: codebook holds a non-finite value", path);
-    int K = s->n_centroids;
-    for (size_t lg = 0; lg < (size_t)c->n_layers * s->n_groups; lg++)
-        for (int j = 0; j < K; j++) {
-            const float *cj = s->codebook + (lg * K + j) * t->c;
-            float n2 = 0.0f;
-            for (int i = 0; i < t->c; i++) n2 += cj[i] * cj[i];
-            s->centroid_sqnorm[lg * K + j] = n2;
-        }
-}
-
-/* ---- one store (keys or values) */
-
 static size_t kivi_blocks_size(const KVStore *s) {  // bytes of the KIVI key blocks, all layers
     return (size_t)s->n_layers * (s->seq_len / QBLOCK + 1) * s->kv_dim * s->kivi_block_bytes;
 }
@@ -1335,13 +1432,7 @@ static size_t rows_size(const KVStore *s) {  // bytes of the cache rows, all lay
     return (size_t)s->n_layers * s->seq_len * s->row_bytes;
 }
 
-static size_t codebook_size(const KVStore *s) {  // bytes of the CQ codebooks, all layers
-    return (size_t)s->n_layers * s->n_groups * s->n_centroids * s->type.c * sizeof(float);
-}
-
-static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const Model *m,
-                          const char *checkpoint, const char *centroid_path) {
-    const Config *c = &m->cfg;
+static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const Codebooks *cb, const Config *c) {
     memset(s, 0, sizeof *s);
     s->type = type;
     s->is_key = is_key;
@@ -1350,31 +1441,17 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
     s->head_size = c->head_size;
     s->kv_dim = kv_dim_of(c);
     s->seq_len = c->seq_len;
-    s->window = is_quantized(&type) ? window : 0;
+    s->window = type.kind != KV_FP32 ? window : 0;
     size_t L = s->n_layers, KD = s->kv_dim, n_blocks = (KD + QBLOCK - 1) / QBLOCK;
     switch (type.kind) {
     case KV_FP32: s->row_bytes = KD * 4; break;
     case KV_FP16: s->row_bytes = KD * 2; break;
-    case KV_CQ:
-        if (type.c > c->head_size || c->head_size % type.c)
-            die("-k %s: c = %d must divide the head size %d", type.name, type.c, c->head_size);
-        s->n_groups = (int)(KD / type.c);
-        s->n_centroids = 1 << type.b;
-        s->row_bytes = (size_t)s->n_groups * (type.b <= 8 ? 1 : 2);
-        s->codebook = huge_alloc(codebook_size(s));  // read at random by the key kernel: few TLB entries
-        s->centroid_sqnorm = xmalloc(L * s->n_groups * s->n_centroids * sizeof(float));
-        {
-            char path[4096];
-            if (centroid_path) snprintf(path, sizeof path, "%s", centroid_path);
-            else default_centroid_path(path, sizeof path, checkpoint, &type);
-            load_centroids(s, path, checkpoint, m);
-        }
-        break;
+    case KV_CQ: s->cb = cb; s->row_bytes = (size_t)cb->n_groups * (type.b <= 8 ? 1 : 2); break;
     case KV_KIVI4: case KV_KIVI2:
         if (is_key) {
             s->kivi_block_bytes = block_bytes(scalar_bits(type.kind));
-            s->kivi_blocks = huge_alloc(kivi_blocks_size(s));
-            s->kivi_recent = xmalloc(L * QBLOCK * KD * sizeof(float));
+            s->kivi_blocks = (uint8_t *)huge_alloc(kivi_blocks_size(s));
+            s->kivi_recent = NEW(float, L * QBLOCK * KD);
         } else {  // KIVI values are quantized per token like q4 / q2
             s->row_bytes = n_blocks * block_bytes(scalar_bits(type.kind));
         }
@@ -1382,25 +1459,23 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
     default:
         s->row_bytes = n_blocks * block_bytes(scalar_bits(type.kind));
     }
-    if (s->row_bytes) s->rows = huge_alloc(rows_size(s));
-    if (s->window) s->window_rows = xmalloc(L * s->window * KD * sizeof(float));
+    if (s->row_bytes) s->rows = (uint8_t *)huge_alloc(rows_size(s));
+    if (s->window) s->window_rows = NEW(float, L * s->window * KD);
 }
 
 static void kv_store_free(KVStore *s) {
     huge_free(s->rows, rows_size(s));
     huge_free(s->kivi_blocks, kivi_blocks_size(s));
     free(s->kivi_recent);
-    huge_free(s->codebook, codebook_size(s));
-    free(s->centroid_sqnorm); free(s->window_rows);
+    free(s->window_rows);
 }
 
 static uint8_t *store_row(const KVStore *s, int layer, int t) {
     return s->rows + ((size_t)layer * s->seq_len + t) * s->row_bytes;
 }
 
-// Bytes one token takes in this store, over all layers (codebooks and window excluded).
-static double kv_store_bytes_per_token(const KVStore *s) {
-    return kv_type_bits(&s->type) / 8.0 * s->kv_dim * s->n_layers;
+static const float *layer_codebook(const KVStore *s, int layer) {  // (G, K, c) of one layer
+    return s->cb->centroids + (size_t)layer * s->cb->n_groups * s->cb->n_centroids * s->type.c;
 }
 
 // Stores x (kv_dim) for position pos.  Keys arrive rotated, except for CQ: see kv_append.
@@ -1410,12 +1485,12 @@ static void store_put(KVStore *s, int layer, int pos, const float *x) {
     uint8_t *row = s->rows ? store_row(s, layer, pos) : NULL;
     switch (s->type.kind) {
     case KV_FP32: memcpy(row, x, KD * sizeof(float)); break;
-    case KV_FP16: for (int i = 0; i < KD; i++) ((half *)row)[i] = (half)x[i]; break;
-    case KV_CQ: {
-        int c = s->type.c, K = s->n_centroids;
-        for (int g = 0; g < s->n_groups; g++) {
-            size_t lg = (size_t)layer * s->n_groups + g;
-            int code = cq_encode_group(x + g * c, s->codebook + lg * K * c, s->centroid_sqnorm + lg * K, K, c);
+    case KV_FP16: for (int i = 0; i < KD; i++) ((f16 *)row)[i] = (f16)x[i]; break;
+    case KV_CQ: {  // one code per group: the nearest of the group's centroids
+        int c = s->type.c, K = s->cb->n_centroids, G = s->cb->n_groups;
+        for (int g = 0; g < G; g++) {
+            size_t lg = (size_t)layer * G + g;
+            int code = cq_encode_group(x + g * c, s->cb->centroids + lg * K * c, s->cb->sqnorm + lg * K, K, c);
             if (s->type.b <= 8) row[g] = (uint8_t)code;
             else ((uint16_t *)row)[g] = (uint16_t)code;
         }
@@ -1438,21 +1513,22 @@ static void store_put(KVStore *s, int layer, int pos, const float *x) {
     }
 }
 
-/* The stored vector of position t as floats (keys: after RoPE), for the types read row by row
-   (every type except CQ's fused path).  Returns a pointer into the cache or into buf (kv_dim).
-   `pos` is the newest position: it says which KIVI blocks are finished. */
+/* The stored vector of position t as floats (keys: after RoPE).  Returns a pointer into the
+   cache or into buf (kv_dim).  `pos` is the newest position: it says which KIVI blocks are
+   finished and which tokens the window holds.  For CQ this is the decoding the fast kernels
+   avoid: gather the centroids the codes name, and rotate a key to its position. */
 static const float *store_get(const KVStore *s, const RopeTable *rope, int layer, int t, int pos, float *buf) {
     int KD = s->kv_dim;
     if (s->window && t > pos - s->window) return s->window_rows + ((size_t)layer * s->window + t % s->window) * KD;
     const uint8_t *row = s->rows ? store_row(s, layer, t) : NULL;
     switch (s->type.kind) {
     case KV_FP32: return (const float *)row;
-    case KV_FP16: for (int i = 0; i < KD; i++) buf[i] = ((const half *)row)[i]; return buf;
+    case KV_FP16: for (int i = 0; i < KD; i++) buf[i] = ((const f16 *)row)[i]; return buf;
     case KV_CQ: {
-        int c = s->type.c, K = s->n_centroids, codes[s->n_groups];
-        cq_read_codes(s, row, codes);
-        for (int g = 0; g < s->n_groups; g++)
-            memcpy(buf + g * c, s->codebook + (((size_t)layer * s->n_groups + g) * K + codes[g]) * c, c * sizeof(float));
+        int c = s->type.c, K = s->cb->n_centroids;
+        const float *cb = layer_codebook(s, layer);
+        for (int g = 0; g < s->cb->n_groups; g++)  // x_g = C_g[code_g]
+            memcpy(buf + g * c, cb + ((size_t)g * K + cq_code(row, g, s->type.b > 8)) * c, c * sizeof(float));
         if (s->is_key) rope_rotate(rope, buf, s->n_kv_heads, t);  // CQ keys were stored before RoPE
         return buf;
     }
@@ -1472,41 +1548,67 @@ static const float *store_get(const KVStore *s, const RopeTable *rope, int layer
     }
 }
 
-/* ---- the cache */
+/* ---- The cache, and the scratch its attention works in */
 
-static void kv_cache_init(KVCache *kv, KVType ktype, KVType vtype, int window, CQKeyPath key_path,
-                          const Model *m, const RopeTable *rope, const char *checkpoint, const char *centroids) {
-    const Config *c = &m->cfg;
+/* Per-thread scratch: one slot per thread in one buffer.  A slot is rounded up to 128 bytes and
+   128 more are left free after it, so that no two threads write to one cache line, nor to one
+   pair of lines, which the prefetcher fetches together. */
+typedef struct {
+    float *base;
+    size_t stride;         // floats from one thread's slot to the next
+} Slots;
+
+static Slots slots_new(int n_threads, size_t floats) {
+    Slots s = {NULL, (floats + 31) / 32 * 32 + 32};
+    s.base = NEW(float, n_threads * s.stride);
+    return s;
+}
+
+static float *slot(Slots s, int tid) { return s.base + (size_t)tid * s.stride; }
+
+#define ATTN_CHUNK 256  // positions whose scores are live at once in the fast path (7.3)
+
+typedef struct {           // what kv_append and kv_attend work in; the Decoder owns it
+    int n_threads;
+    Slots att;             // per thread: (H, ATTN_CHUNK) the current chunk's scores (att_at)
+    Slots acc;             // per thread: running maxima (H), sums (H), partial outputs (H, hs)
+    Slots row;             // per thread: one decoded or rotated row (kv_dim)
+    Slots qrot;            // per thread: (H, hsv) qpad turned back by a coarse RoPE angle (CQ keys)
+    float *qpad;           // (H, hsv): the query scaled by 1/sqrt(hs), zero-padded (CQ keys)
+    float *scores;         // (H, seq_len): the reference path's scores
+} KVScratch;
+
+static void kv_scratch_init(KVScratch *sc, const Config *c) {
+    int H = c->n_heads, hs = c->head_size, hsv = padded_head_size(hs);
+    sc->n_threads = max_threads();
+    sc->att = slots_new(sc->n_threads, (size_t)H * ATTN_CHUNK);
+    sc->acc = slots_new(sc->n_threads, 2 * (size_t)H + (size_t)H * hs);
+    sc->row = slots_new(sc->n_threads, kv_dim_of(c));
+    sc->qrot = slots_new(sc->n_threads, (size_t)H * hsv);
+    sc->qpad = NEW(float, (size_t)H * hsv);
+    sc->scores = NEW(float, (size_t)H * c->seq_len);
+}
+
+static void kv_scratch_free(KVScratch *sc) {
+    free(sc->att.base); free(sc->acc.base); free(sc->row.base); free(sc->qrot.base); free(sc->qpad); free(sc->scores);
+}
+
+static void kv_cache_init(KVCache *kv, const CacheSpec *spec, const Config *c, const RopeTable *rope) {
     memset(kv, 0, sizeof *kv);
-    if (centroids && ktype.kind == KV_CQ && vtype.kind == KV_CQ && (ktype.c != vtype.c || ktype.b != vtype.b))
-        die("-c names one centroid file, but keys and values use two CQ configurations; "
-            "keep the default file names instead");
-    kv_store_init(&kv->k, ktype, 1, window, m, checkpoint, centroids);
-    kv_store_init(&kv->v, vtype, 0, window, m, checkpoint, centroids);
+    kv_store_init(&kv->k, spec->k, 1, spec->window, &spec->kcb, c);
+    kv_store_init(&kv->v, spec->v, 0, spec->window, &spec->vcb, c);
     kv->rope = rope;
     kv->n_heads = c->n_heads;
-    kv->n_threads = max_threads();
-    int H = c->n_heads, hs = c->head_size;
-    kv->att = alloc_thread_slots(kv->n_threads, (size_t)H * ATTN_CHUNK);
-    kv->key_path = key_path;
-    if (key_path == CQ_KEYS_LUT && ktype.kind == KV_CQ && ktype.c % 2 == 0)  // only the lut path needs it
-        kv->lut = xmalloc((size_t)H * hs * kv->k.n_centroids * sizeof(float));
-    if (ktype.kind == KV_CQ) {
-        kv->qpad = xmalloc((size_t)H * padded_head_size(hs) * sizeof(float));
-        kv->qrot = alloc_thread_slots(kv->n_threads, (size_t)H * padded_head_size(hs));
-    }
-    kv->acc = alloc_thread_slots(kv->n_threads, acc_floats(kv));
-    kv->kbuf = alloc_thread_slots(kv->n_threads, kv_dim_of(c));
+    kv->reference = spec->reference;
 }
 
 static void kv_cache_free(KVCache *kv) {
     kv_store_free(&kv->k);
     kv_store_free(&kv->v);
-    free(kv->att); free(kv->lut); free(kv->qpad); free(kv->qrot); free(kv->acc); free(kv->kbuf);
 }
 
-// k: (kv_dim) before RoPE, v: (kv_dim).  kbuf is scratch for the rotated key.
-static void put_key(KVCache *kv, int layer, int pos, const float *k) {
+// k: (kv_dim) before RoPE.  buf: scratch for the rotated key.
+static void put_key(KVCache *kv, int layer, int pos, const float *k, float *buf) {
     KVStore *ks = &kv->k;
     if (ks->type.kind == KV_CQ) {
         store_put(ks, layer, pos, k);  // CQ codes the key before RoPE ...
@@ -1515,82 +1617,119 @@ static void put_key(KVCache *kv, int layer, int pos, const float *k) {
             rope_rotate(kv->rope, w, ks->n_kv_heads, pos);
         }
     } else {
-        float *rotated = thread_slot_of(kv->kbuf, ks->kv_dim, thread_id());
-        memcpy(rotated, k, ks->kv_dim * sizeof(float));
-        rope_rotate(kv->rope, rotated, ks->n_kv_heads, pos);
-        store_put(ks, layer, pos, rotated);
+        memcpy(buf, k, ks->kv_dim * sizeof(float));
+        rope_rotate(kv->rope, buf, ks->n_kv_heads, pos);
+        store_put(ks, layer, pos, buf);
     }
 }
 
-static void kv_append(KVCache *kv, int layer, int pos, const float *k, const float *v) {
+static void kv_append(KVCache *kv, int layer, int pos, const float *k, const float *v, KVScratch *sc) {
 #ifdef _OPENMP
     /* CQ encoding (K x c multiply-adds per group) is the one costly part of appending: with two
-       threads, the key and the value are coded side by side.  Not from inside a parallel region
-       (bench fills the layers in parallel), where kbuf's slot is that of the calling thread. */
-    if (kv->k.type.kind == KV_CQ && kv->v.type.kind == KV_CQ && kv->n_threads > 1 && !omp_in_parallel()) {
+       threads, the key and the value are coded side by side (not from inside a parallel region:
+       the bench fill appends to the layers in parallel). */
+    if (kv->k.type.kind == KV_CQ && kv->v.type.kind == KV_CQ && sc->n_threads > 1 && !omp_in_parallel()) {
 #pragma omp parallel sections num_threads(2)
         {
 #pragma omp section
-            put_key(kv, layer, pos, k);
+            put_key(kv, layer, pos, k, slot(sc->row, thread_id()));
 #pragma omp section
             store_put(&kv->v, layer, pos, v);
         }
         return;
     }
 #endif
-    put_key(kv, layer, pos, k);
+    put_key(kv, layer, pos, k, slot(sc->row, thread_id()));
     store_put(&kv->v, layer, pos, v);
 }
 
-/* CQ keys, fused path.  With q already rotated to its own position and the key's RoPE pairs
-   written as complex numbers, the contribution of group g of token t to q.k is
-       Re( sum over pairs p of g:  conj(q_p) * C_g[code][p] * e^{i theta_p t} ).
-   Two ways to compute it (kv_attend picks one, with the figures): the decode path gathers
-   C_g[code], rotates it and takes the dot product; the LUT path builds conj(q_p) * C_g[j][p]
-   for every centroid once per query and needs no rotation per key.  In both, `c` and the head
-   size are compile-time constants in the calls below (see CQ_SHAPES), so loops unroll. */
-
-/* Scores for t in [t0, t1): CQ decode path.  In blocks of CQ_BLOCK tokens.  Per token: its fine
-   (cos, sin) row, loaded once for all kv heads; per kv head, the key before RoPE gathered from
-   the centroids and rotated, then one dot product with each of the R query heads of the group.
-   The lane-wise products are summed for the whole block at the end (lane_sums8).  Nothing is
-   built per query, and the rotation is shared by the R query heads.
-   The rotation is split as in rope_init, t = ROPE_FINE a + b:  q . R(t) k = (R(-ROPE_FINE a) q) . (R(b) k).
-   The queries are turned back by the coarse angle once per ROPE_FINE positions (qrot) and each
-   key is turned by its fine angle straight from the small fine table, so no (cos, sin) row is
-   computed per position (that took about an eighth of the key scoring's time).
-   The (cos, sin) row and the key stay in registers: they are fixed-size arrays of KEY_PIECE
-   vectors, which the compiler keeps in registers once the loops are unrolled (it cannot do so
-   for arrays sized by the head), and a longer head is taken KEY_PIECE vectors at a time.  The
-   previous version went kv head by kv head through a block, stored the 8 rotated keys and
-   reloaded them for every query head, and reloaded the (cos, sin) row for every kv head.
-   SmolLM2 shape, 16K positions, ms a token in the cache (./run -m bench -l 16384 -k T, the two
-   builds side by side, medians of 3-6 rounds): cq1 34.4 -> 31.0 with 1 thread, 19.2 -> 17.4
-   with 2; cq2 65.5 -> 52.0; cq4 99.7 -> 87.2.  At 1K, cq1 with 2 threads: 2.71 -> 2.41.
-   What bounds it is the instructions, not the misses: with the codes masked to 16 centroids,
-   so that every centroid read hits L1 (a timing-only build), cq1 at 16K took 27.9-28.7 ms a
-   token in the cache against 27.1-28.6 unmasked.
-   hsv is the head size rounded up to 8 lanes: kv->qpad holds the query heads, scaled by
-   1/sqrt(hs), with zeros in the padding, so padded lanes add nothing. */
-#define CQ_BLOCK 8   // divides ROPE_FINE, so an aligned block has one coarse angle
-#define KEY_PIECE 8  // vectors of a head held in registers at once (64 channels)
-
-// Stores the scores of the nb <= CQ_BLOCK positions tb .. tb+nb-1 of head h.
-static inline void store_block_scores(float *att, int h, int tb, int nb, f32x8 scores) {
-    float *dst = att_at(att, h, tb);
-    if (nb == CQ_BLOCK) memcpy(dst, &scores, sizeof scores);  // a constant size: one store
-    else memcpy(dst, &scores, nb * sizeof(float));
+/* ---- 7.2 The reference attention (--kernels ref): every type, and for CQ the paper's formulas
+   read literally.  A stored CQ key of kv head j at position t is the concatenation of the
+   centroids its codes name, in the layer's codebooks of j's groups g (keys before RoPE):
+       k_t  = [ C_g[code_{t,g}] ]_g                     gather
+       s_ht = q_h . RoPE_t(k_t) / sqrt(hs)              rotate, dot
+       p_h  = softmax_t(s_h),  t = 0 .. pos
+       out_h = sum_t p_ht v_t,  v_t = [ C'_g[code'_{t,g}] ]_g    gather, weighted sum
+   store_get does the gathering and the rotation (and every other type's decoding).  q is
+   already rotated to its own position; h's kv head is h / R (grouped-query attention).  The
+   fast path (7.3) computes the same sums without ever writing k_t or v_t out; the tests check
+   it against this one for every CQ shape. */
+static void attend_reference(const KVCache *kv, int layer, int pos, const float *q, float *out, KVScratch *sc) {
+    const KVStore *ks = &kv->k, *vs = &kv->v;
+    int H = kv->n_heads, hs = ks->head_size, R = H / ks->n_kv_heads, n = pos + 1;
+    float *s = sc->scores, *buf = slot(sc->row, 0);  // s: (H, n)
+    for (int t = 0; t < n; t++) {
+        const float *k = store_get(ks, kv->rope, layer, t, pos, buf);
+        for (int h = 0; h < H; h++) s[(size_t)h * n + t] = dot(q + (size_t)h * hs, k + (size_t)(h / R) * hs, hs) / sqrtf((float)hs);
+    }
+    for (int h = 0; h < H; h++) softmax(s + (size_t)h * n, n);
+    memset(out, 0, (size_t)H * hs * sizeof(float));
+    for (int t = 0; t < n; t++) {
+        const float *v = store_get(vs, kv->rope, layer, t, pos, buf);
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < hs; i++) out[(size_t)h * hs + i] += s[(size_t)h * n + t] * v[(size_t)(h / R) * hs + i];
+    }
 }
 
-/* Channels i .. i+7 of a kv head, looked up by its codes in a table that holds, per group, one
-   c-float entry per centroid, `stride` floats apart: the codebook (stride c; the key before
-   RoPE) or the LUT (stride R*c).  One group's entry (or part of it) for c >= 8, 8/c entries for
-   c = 2 or 4, put together in registers (writing them to memory and reading them back as one
-   vector stalled on store forwarding: a load that spans several smaller stores waits for them
-   to reach the cache).  Zeros past the head size. */
-CQ_INLINE f32x8 group_lanes(const float *table, const uint8_t *codes, int i, int hs, int K, const int c, int stride,
-                            const int wide_codes) {
-#define CENTROID(gl) (table + ((size_t)(gl) * K + cq_code(codes, (gl), wide_codes)) * stride)
+/* ---- 7.3 The fast attention (the default).
+
+   One pass over the positions, in chunks of ATTN_CHUNK, with an online softmax (as flash
+   attention does): per head a running maximum m and sum s of exp(score - m); a chunk's scores
+   become exp(score - m) at once and are added into the value sums, which are rescaled by
+   exp(m_old - m_new) when the maximum grows.  Only one chunk of scores is live at a time, so
+   scores, codes and codebooks stay in cache.  Threads take chunks as they come (a dynamic
+   schedule: on a shared machine one core is often slower than the other), each with its own
+   (m, s, sums), merged at the end.  CQ reads its codes in place: keys through
+   cq_key_scores, values through cq_value_sums; every other type (and the -w window) decodes
+   rows with store_get.
+
+   A chunk's scores live in a small per-thread matrix, att (H, ATTN_CHUNK): position t in column
+   t % ATTN_CHUNK (an (H, seq_len) matrix put the H scores of a position one L1 set apart).
+   Chunks never straddle a multiple of ATTN_CHUNK, so a chunk's columns are contiguous. */
+static inline float *att_at(float *att, int h, int t) { return att + (size_t)h * ATTN_CHUNK + t % ATTN_CHUNK; }
+
+/* The running maximum moves only when a chunk's maximum exceeds it by more than MAX_LAG: weights
+   up to e^16 are far from float overflow, and the sums are rescaled about once per head instead
+   of every time the maximum creeps up. */
+#define MAX_LAG 16.0f
+
+/* 8-float vectors (GCC's and clang's vector extension: + and * lane by lane; an f32x8 lives in
+   one AVX register).  Plain loops left the compiler one horizontal sum per dot product, which
+   cost more than the multiplications themselves; with vectors, the scores of 8 positions share
+   one transposed sum (lane_sums8). */
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
+#define CQ_INLINE static inline __attribute__((always_inline))
+
+static inline f32x8 load8(const float *p) { f32x8 v; memcpy(&v, p, sizeof v); return v; }
+static inline f32x8 zero8(void) { f32x8 z = {0, 0, 0, 0, 0, 0, 0, 0}; return z; }
+static inline f32x8 swap_pairs(f32x8 x) { return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6); }
+
+// (sum of v[0]'s lanes, ..., sum of v[7]'s lanes).  Each round adds the two halves of every
+// vector and packs two vectors into one: 8 -> 4 -> 2 -> 1 vectors, 7 additions in all.
+static inline f32x8 lane_sums8(const f32x8 v[8]) {
+    f32x8 a[4], b[2];
+    for (int k = 0; k < 4; k++)  // a[k]: v[2k]'s half sums in lanes 0-3, v[2k+1]'s in lanes 4-7
+        a[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+               __builtin_shufflevector(v[2 * k], v[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int k = 0; k < 2; k++)  // b[k] lanes hold v[4k], v[4k], v[4k+2], v[4k+2], v[4k+1], v[4k+1], v[4k+3], v[4k+3]
+        b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(a[2 * k], a[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    f32x8 s = __builtin_shufflevector(b[0], b[1], 0, 8, 2, 10, 4, 12, 6, 14) +  // lanes: v0 v4 v2 v6 v1 v5 v3 v7
+              __builtin_shufflevector(b[0], b[1], 1, 9, 3, 11, 5, 13, 7, 15);
+    return __builtin_shufflevector(s, s, 0, 4, 2, 6, 1, 5, 3, 7);
+}
+
+#define CQ_BLOCK 8   // positions scored together (one lane_sums8); divides ROPE_FINE
+#define KEY_PIECE 8  // vectors of a head held in registers at once (64 channels)
+
+/* Channels i .. i+7 of a kv head, gathered by its codes from the codebook (c floats per
+   centroid): one centroid (or part of it) for c >= 8, 8/c centroids for c = 2 or 4, put together
+   in registers (writing them to memory and reading them back as one vector stalled on store
+   forwarding).  Zeros past the head size. */
+CQ_INLINE f32x8 group_lanes(const float *cb, const uint8_t *codes, int i, int hs, int K, const int c, const int wide) {
+#define CENTROID(gl) (cb + ((size_t)(gl) * K + cq_code(codes, (gl), wide)) * c)
     if (c % 8 == 0) return load8(CENTROID(i / c) + i % c);
     if (i + 8 <= hs && c == 4) {
         f32x4 a, b;
@@ -1607,16 +1746,16 @@ CQ_INLINE f32x8 group_lanes(const float *table, const uint8_t *codes, int i, int
         return __builtin_shufflevector(__builtin_shufflevector(a, b, 0, 1, 2, 3), __builtin_shufflevector(d, e, 0, 1, 2, 3),
                                        0, 1, 2, 3, 4, 5, 6, 7);
     }
-    float lanes[8] = {0};  // the last vector of a head whose size is not a multiple of 8 (c is 2 or 4 here)
+    float lanes[8] = {0};  // the last vector of a head whose size is not a multiple of 8 (c is 1, 2 or 4 here)
     for (int j = 0; j < 8 && i + j < hs; j += c) memcpy(lanes + j, CENTROID((i + j) / c), (c & 7) * sizeof(float));
     return load8(lanes);
 #undef CENTROID
 }
 
-/* Calls kernel(args..., hsv, c, wide_codes) with the padded head size and c as compile-time
-   constants for the shapes most models have (head sizes 64 and 128, c = 2, 4, 8), so that the
-   loops over a head and a group unroll (about 2x faster than the general case on SmolLM2's
-   shape for the key kernel); the general case otherwise.  All three CQ kernels go through it. */
+/* Calls kernel(args..., hsv, c, wide) with the padded head size and c as compile-time constants
+   for the shapes most models have (head sizes 64 and 128, c = 2, 4, 8), so that the loops over a
+   head and a group unroll (about 2x faster than the general case); the general case otherwise.
+   The one shape dispatch of both CQ kernels. */
 #define CQ_SHAPES(type, hsv, kernel, ...)                                              \
     do {                                                                               \
         int c_ = (type).c;                                                             \
@@ -1630,12 +1769,23 @@ CQ_INLINE f32x8 group_lanes(const float *table, const uint8_t *codes, int i, int
         else kernel(__VA_ARGS__, hsv, c_, 0);                                          \
     } while (0)
 
-CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c,
-                                      const int wide_codes) {
-    const KVStore *s = &kv->k;
-    const RopeTable *rope = kv->rope;
-    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, nv = hsv / 8;
-    float *qrot = thread_slot_of(kv->qrot, (size_t)kv->n_heads * hsv, thread_id());  // (H, hsv)
+/* CQ keys: scores of positions [t0, t1) straight from the codes.  With q rotated to its own
+   position and a RoPE pair written as a complex number, group g of position t adds
+       Re( sum over pairs p of g:  conj(q_p) * C_g[code][p] * e^{i theta_p t} )
+   to q . k_t: the reference's gather, rotate and dot, fused, in blocks of CQ_BLOCK positions.
+   Per position: its fine (cos, sin) row, loaded once for all kv heads; per kv head, the key
+   gathered from the centroids and turned by the fine angle, then one dot product with each of
+   the R query heads of the group (the rotation is shared by them).  The queries were turned back
+   by the block's coarse angle (qrot, once per ROPE_FINE positions):
+       q . R(t) k = (R(-ROPE_FINE a) q) . (R(b) k),   t = ROPE_FINE a + b.
+   The lane-wise products are summed for the whole block at the end (lane_sums8).  The (cos, sin)
+   row and the key stay in registers: fixed-size arrays of KEY_PIECE vectors, which the compiler
+   keeps there once the loops unroll; a longer head goes KEY_PIECE vectors at a time.
+   qpad: (H, hsv) the query heads scaled by 1/sqrt(hs), zeros in the padding; qrot: (H, hsv). */
+CQ_INLINE void cq_key_scores_shape(const KVStore *s, const RopeTable *rope, int H, int layer, int t0, int t1,
+                                   const float *qpad, float *qrot, float *att, const int hsv, const int c, const int wide) {
+    int K = s->cb->n_centroids, hs = s->head_size, gh = hs / c, R = H / s->n_kv_heads, nv = hsv / 8;
+    const float *codebook = layer_codebook(s, layer);
     int coarse = -1;
     for (int tb = t0, te; tb < t1; tb = te) {
         te = (tb / CQ_BLOCK + 1) * CQ_BLOCK;  // blocks end at multiples of CQ_BLOCK
@@ -1644,193 +1794,87 @@ CQ_INLINE void cq_decode_scores_shape(KVCache *kv, int layer, int t0, int t1, fl
         if (tb / ROPE_FINE != coarse) {  // turn the queries back by the block's coarse angle
             coarse = tb / ROPE_FINE;
             const float *cos2 = rope->coarse_cos2 + (size_t)coarse * hsv, *sin2 = rope->coarse_sin2 + (size_t)coarse * hsv;
-            for (int h = 0; h < kv->n_heads; h++)
+            for (int h = 0; h < H; h++)
                 for (int m = 0; m < nv; m++) {
-                    f32x8 x = load8(kv->qpad + (size_t)h * hsv + 8 * m);
+                    f32x8 x = load8(qpad + (size_t)h * hsv + 8 * m);
                     f32x8 y = x * load8(cos2 + 8 * m) - swap_pairs(x) * load8(sin2 + 8 * m);
                     memcpy(qrot + (size_t)h * hsv + 8 * m, &y, sizeof y);
                 }
         }
-        f32x8 dots[kv->n_heads][CQ_BLOCK];  // lane-wise products; dots[h][j]'s lanes sum to the score
-        for (int h = 0; h < kv->n_heads; h++)
-            for (int j = nb; j < CQ_BLOCK; j++) dots[h][j] = (f32x8){0};  // past the end of a short block
+        f32x8 dots[H][CQ_BLOCK];  // lane-wise products; dots[h][j]'s lanes sum to the score
+        for (int h = 0; h < H; h++)
+            for (int j = nb; j < CQ_BLOCK; j++) dots[h][j] = zero8();  // past the end of a short block
         for (int j = 0; j < nb; j++) {
             const float *fine_cos2 = rope->fine_cos2 + (size_t)((tb + j) % ROPE_FINE) * hsv;
             const float *fine_sin2 = rope->fine_sin2 + (size_t)((tb + j) % ROPE_FINE) * hsv;
             const uint8_t *row = store_row(s, layer, tb + j);
             for (int m0 = 0; m0 < nv; m0 += KEY_PIECE) {  // one piece of the head: vectors m0 .. m0+np-1
                 int np = nv - m0 < KEY_PIECE ? nv - m0 : KEY_PIECE;
-                f32x8 cos2[KEY_PIECE], sin2[KEY_PIECE];  // the token's fine angle, for every kv head
+                f32x8 cos2[KEY_PIECE], sin2[KEY_PIECE];  // the position's fine angle, for every kv head
                 for (int m = 0; m < np; m++) {
                     cos2[m] = load8(fine_cos2 + 8 * (m0 + m));
                     sin2[m] = load8(fine_sin2 + 8 * (m0 + m));
                 }
                 for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
-                    const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
-                    const uint8_t *codes = row + (size_t)kvh * gh * (1 + wide_codes);  // this kv head's codes
+                    const float *cb = codebook + (size_t)kvh * gh * K * c;  // this kv head's groups
+                    const uint8_t *codes = row + (size_t)kvh * gh * (1 + wide);
                     f32x8 key[KEY_PIECE];  // this piece of the key, turned by its fine angle
-                    // without the pragma GCC kept this loop rolled for c = 2 (cq4: 147 ms a token in the cache, not 87)
 #pragma GCC unroll 8
-                    for (int m = 0; m < np; m++) {
-                        f32x8 x = group_lanes(cb, codes, 8 * (m0 + m), hs, K, c, c, wide_codes);
+                    for (int m = 0; m < np; m++) {  // (without the pragma GCC kept it rolled for c = 2)
+                        f32x8 x = group_lanes(cb, codes, 8 * (m0 + m), hs, K, c, wide);
                         key[m] = x * cos2[m] + swap_pairs(x) * sin2[m];
                     }
                     for (int r = 0; r < R; r++) {
                         const float *qh = qrot + (size_t)(kvh * R + r) * hsv + 8 * m0;
-                        f32x8 acc = m0 ? dots[kvh * R + r][j] : (f32x8){0};
+                        f32x8 acc = m0 ? dots[kvh * R + r][j] : zero8();
                         for (int m = 0; m < np; m++) acc += load8(qh + 8 * m) * key[m];
                         dots[kvh * R + r][j] = acc;
                     }
                 }
             }
         }
-        for (int h = 0; h < kv->n_heads; h++) store_block_scores(att, h, tb, nb, lane_sums8(dots[h]));
-    }
-}
-
-static void cq_key_scores_decode(KVCache *kv, int layer, int t0, int t1, float *att) {
-    int hsv = padded_head_size(kv->k.head_size);
-    CQ_SHAPES(kv->k.type, hsv, cq_decode_scores_shape, kv, layer, t0, t1, att);
-}
-
-/* ---- LUT path.  lut holds conj(q_p) * C_g[j][p] for every centroid j, stored as (re, -im) so
-   that a token costs one c-float dot product per group and head with the (cos, sin) row of its
-   position.  Layout (KVH, hs/c, K, R, c) where R = H/KVH: the R query heads that share a kv
-   head sit side by side, so one code reads one contiguous block for all of them.  1/sqrt(hs)
-   is folded in. */
-CQ_INLINE void cq_build_key_lut_c(KVCache *kv, int layer, const float *q, int h, const int c) {
-    const KVStore *s = &kv->k;
-    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads;
-    int kvh = h / R, r = h % R;
-    float scale = 1.0f / sqrtf((float)hs);
-    for (int gl = 0; gl < gh; gl++) {
-        const float *qg = q + (size_t)h * hs + gl * c;
-        const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh + gl) * K * c;
-        float *out = kv->lut + ((size_t)(kvh * gh + gl) * K * R + r) * c;
-        for (int j = 0; j < K; j++, out += R * c)
-            for (int p = 0; p < c; p += 2) {
-                float qr = qg[p], qi = qg[p + 1], cr = cb[j * c + p], ci = cb[j * c + p + 1];
-                out[p] = scale * (qr * cr + qi * ci);
-                out[p + 1] = scale * (qi * cr - qr * ci);
-            }
-    }
-}
-
-static void cq_build_key_lut(KVCache *kv, int layer, const float *q, int h) {
-    switch (kv->k.type.c) {
-    case 2: cq_build_key_lut_c(kv, layer, q, h, 2); break;
-    case 4: cq_build_key_lut_c(kv, layer, q, h, 4); break;
-    case 8: cq_build_key_lut_c(kv, layer, q, h, 8); break;
-    default: cq_build_key_lut_c(kv, layer, q, h, kv->k.type.c);
-    }
-}
-
-/* Scores for t in [t0, t1): LUT path.  Per token, its position's (cos, sin) row, one vector
-   per 8 lanes: the coarse row times the fine row (one complex product per pair, written as
-   cos2 * fine + sin2 * swap_pairs(fine)), shared by every head.  Then per query head one
-   multiply-add per vector with the LUT entry of the vector's code, left as lane-wise sums and
-   finished for 8 tokens at once (lane_sums8).  No rotation per key.
-   LUT entries are read as the decode path reads centroids (group_lanes), R*c floats apart. */
-CQ_INLINE void cq_lut_scores_shape(KVCache *kv, int layer, int t0, int t1, float *att, const int hsv, const int c,
-                                   const int wide_codes) {
-    const KVStore *s = &kv->k;
-    const RopeTable *rope = kv->rope;
-    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, nv = hsv / 8;
-    for (int tb = t0, te; tb < t1; tb = te) {
-        te = (tb / CQ_BLOCK + 1) * CQ_BLOCK;
-        if (te > t1) te = t1;
-        int nb = te - tb;
-        f32x8 dots[kv->n_heads][CQ_BLOCK];  // lane-wise products; dots[h][j]'s lanes sum to the score
-        for (int j = 0; j < CQ_BLOCK; j++) {
-            if (j >= nb) {
-                for (int h = 0; h < kv->n_heads; h++) dots[h][j] = (f32x8){0};
-                continue;
-            }
-            int t = tb + j;
-            const float *cc = rope->coarse_cos2 + (size_t)(t / ROPE_FINE) * hsv, *sc = rope->coarse_sin2 + (size_t)(t / ROPE_FINE) * hsv;
-            const float *fc = rope->fine_cos2 + (size_t)(t % ROPE_FINE) * hsv, *fs = rope->fine_sin2 + (size_t)(t % ROPE_FINE) * hsv;
-            f32x8 cs[nv];  // (cos, sin) of each pair at position t; zeros in the padding lanes
-            for (int m = 0; m < nv; m++) {
-                f32x8 fine = __builtin_shufflevector(load8(fc + 8 * m), load8(fs + 8 * m), 0, 9, 2, 11, 4, 13, 6, 15);
-                cs[m] = load8(cc + 8 * m) * fine + load8(sc + 8 * m) * swap_pairs(fine);
-            }
-            const uint8_t *row = store_row(s, layer, t);
-            for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
-                const float *lut = kv->lut + (size_t)kvh * gh * K * R * c;  // (gh, K, R, c)
-                const uint8_t *codes = row + (size_t)kvh * gh * (1 + wide_codes);  // this kv head's codes
-                for (int r = 0; r < R; r++) {
-                    f32x8 acc = {0};
-                    for (int m = 0; m < nv; m++) acc += group_lanes(lut + (size_t)r * c, codes, 8 * m, hs, K, c, R * c, wide_codes) * cs[m];
-                    dots[kvh * R + r][j] = acc;
-                }
-            }
-        }
-        for (int h = 0; h < kv->n_heads; h++) store_block_scores(att, h, tb, nb, lane_sums8(dots[h]));
-    }
-}
-
-static void cq_key_scores_lut(KVCache *kv, int layer, int t0, int t1, float *att) {
-    int hsv = padded_head_size(kv->k.head_size);
-    CQ_SHAPES(kv->k.type, hsv, cq_lut_scores_shape, kv, layer, t0, t1, att);
-}
-
-// Scores for t in [t0, t1) from whole key rows (every other type, CQ's decode path, the window).
-static void row_key_scores(KVCache *kv, int layer, int pos, const float *q, int t0, int t1, float *att, float *buf) {
-    const KVStore *s = &kv->k;
-    int hs = s->head_size, group = kv->n_heads / s->n_kv_heads;
-    float scale = 1.0f / sqrtf((float)hs);
-    for (int t = t0; t < t1; t++) {
-        const float *row = store_get(s, kv->rope, layer, t, pos, buf);
-        for (int h = 0; h < kv->n_heads; h++) {
-            const float *kt = row + (size_t)(h / group) * hs, *qh = q + (size_t)h * hs;
-            float score = 0.0f;
-            for (int i = 0; i < hs; i++) score += qh[i] * kt[i];
-            *att_at(att, h, t) = score * scale;
+        for (int h = 0; h < H; h++) {  // the block's scores of head h (a whole block: one store)
+            f32x8 scores = lane_sums8(dots[h]);
+            if (nb == CQ_BLOCK) memcpy(att_at(att, h, tb), &scores, sizeof scores);
+            else memcpy(att_at(att, h, tb), &scores, nb * sizeof(float));
         }
     }
 }
 
-/* CQ values: out_h += sum_t p_t C[code_t] for the query heads h of each kv head, gathered from
-   the codebook by code straight into registers and never written out as a row.
-   Per kv head, a set of up to VALUE_HEADS query heads and a piece of KEY_PIECE vectors of the
-   head: their sums (3 x 8 vectors: 24 of AVX-512's 32 registers) stay in registers over all the
-   tokens, and each centroid vector, once gathered, serves every head of the set.
-   CQ.md's other way, a histogram of the weights per group (sum of p_t over the tokens whose code
-   is j), then one 2^b x c product per group, costs fewer operations past 2^b tokens, and run.c
-   used it up to commit d93f5f8 (4-float bins holding R = 3 heads side by side).  It measured
-   slower: each token and group is a load-add-store at a random bin of a table (98 KB a layer
-   for cq1) that does not fit L1, and it slows down further when nearby tokens share a code (a
-   load that waits for the store before it: codes masked to 32 centroids, a timing-only hack,
-   took cq1 from 28 to 43 ms a token in the cache).  The speed of the sums does not depend on
-   which codes occur.  ms a token in the cache, both builds side by side, best of 3 runs,
-   1 thread (./run -m bench -k T; SmolLM2's shape at 16K positions, and random 4-layer models
-   at 8K with R query heads per kv head, head size 64), histogram -> sums:
-       SmolLM2 (R = 3)  cq1 28.0 -> 27.5, cq2 44.9 -> 39.9, cq4 82.9 -> 60.3
-       R = 1            cq1 4.69 -> 4.02, cq4 15.3 -> 11.4
-       R = 2            cq1 5.77 -> 5.32, cq4 16.7 -> 12.4
-       R = 4            cq1 3.74 -> 4.18, cq4 8.22 -> 8.34 (the one shape where the bins won)
-       R = 8            cq1 7.24 -> 6.61, cq4 16.2 -> 11.8 */
+static void cq_key_scores(const KVCache *kv, int layer, int t0, int t1, const float *qpad, float *qrot, float *att) {
+    int hsv = padded_head_size(kv->k.head_size);
+    CQ_SHAPES(kv->k.type, hsv, cq_key_scores_shape, &kv->k, kv->rope, kv->n_heads, layer, t0, t1, qpad, qrot, att);
+}
+
+/* CQ values: out_h += sum_t p_t C[code_t] for the query heads h of each kv head: the
+   reference's gather and weighted sum, with each centroid vector gathered by its code straight
+   into registers and never written out as a row.  Per kv head, a set of up to VALUE_HEADS query
+   heads and a piece of KEY_PIECE vectors of the head: their sums (3 x 8 vectors: 24 of
+   AVX-512's 32 registers) stay in registers over all the positions, and each gathered centroid
+   vector serves every head of the set.  (Per-group histograms of the weights, then one 2^b x c
+   product per group, do fewer operations past 2^b positions, but measured slower here: a
+   load-add-store at a random bin per position and group; docs/PERF.md.) */
 #define VALUE_HEADS 3
 
-CQ_INLINE void cq_value_sums_shape(const KVCache *kv, int layer, int t0, int t1, float *att, float *out, const int nr,
-                                   const int hsv, const int c, const int wide_codes) {
-    const KVStore *s = &kv->v;
-    int K = s->n_centroids, hs = s->head_size, gh = hs / c, R = kv->n_heads / s->n_kv_heads, nv = hsv / 8;
+CQ_INLINE void cq_value_sums_shape(const KVStore *s, int H, int layer, int t0, int t1, float *att, float *out,
+                                   const int nr, const int hsv, const int c, const int wide) {
+    int K = s->cb->n_centroids, hs = s->head_size, gh = hs / c, R = H / s->n_kv_heads, nv = hsv / 8;
+    const float *codebook = layer_codebook(s, layer);
     for (int kvh = 0; kvh < s->n_kv_heads; kvh++) {
-        const float *cb = s->codebook + ((size_t)layer * s->n_groups + kvh * gh) * K * c;
+        const float *cb = codebook + (size_t)kvh * gh * K * c;
         for (int r0 = 0; r0 < R; r0 += nr)  // query heads r0 .. r0+nr-1 of the kv head (zero weights past R)
             for (int m0 = 0; m0 < nv; m0 += KEY_PIECE) {  // vectors m0 .. m0+np-1 of the head
                 int np = nv - m0 < KEY_PIECE ? nv - m0 : KEY_PIECE;
                 f32x8 sums[VALUE_HEADS][KEY_PIECE];  // fixed sizes, so that they can live in registers
                 for (int r = 0; r < nr; r++)
-                    for (int m = 0; m < KEY_PIECE; m++) sums[r][m] = (f32x8){0};
+                    for (int m = 0; m < KEY_PIECE; m++) sums[r][m] = zero8();
                 for (int t = t0; t < t1; t++) {
-                    const uint8_t *codes = store_row(s, layer, t) + (size_t)kvh * gh * (1 + wide_codes);
+                    const uint8_t *codes = store_row(s, layer, t) + (size_t)kvh * gh * (1 + wide);
                     float p[VALUE_HEADS];
                     for (int r = 0; r < nr; r++) p[r] = r0 + r < R ? *att_at(att, kvh * R + r0 + r, t) : 0.0f;
 #pragma GCC unroll 8
                     for (int m = 0; m < np; m++) {
-                        f32x8 x = group_lanes(cb, codes, 8 * (m0 + m), hs, K, c, c, wide_codes);
+                        f32x8 x = group_lanes(cb, codes, 8 * (m0 + m), hs, K, c, wide);
                         for (int r = 0; r < nr; r++) sums[r][m] += p[r] * x;
                     }
                 }
@@ -1843,77 +1887,59 @@ CQ_INLINE void cq_value_sums_shape(const KVCache *kv, int layer, int t0, int t1,
     }
 }
 
-CQ_INLINE void cq_value_sums_heads(const KVCache *kv, int layer, int t0, int t1, float *att, float *out,
-                                   const int nr) {
-    int hsv = padded_head_size(kv->v.head_size);
-    CQ_SHAPES(kv->v.type, hsv, cq_value_sums_shape, kv, layer, t0, t1, att, out, nr);
-}
-
 // out_h += sum over t in [t0, t1) of p_t v_t, from CQ codes.  att: the chunk's weights; out: (H, hs)
 static void cq_value_sums(const KVCache *kv, int layer, int t0, int t1, float *att, float *out) {
-    // query heads per pass: up to VALUE_HEADS, the last pass padded with zero weights (R = 8
-    // in passes of 2 took 7.0 ms, and 13.6 with cq4, against 6.6 and 11.8 in passes of 3)
-    int R = kv->n_heads / kv->v.n_kv_heads, nr = R < VALUE_HEADS ? R : VALUE_HEADS;
-    if (nr == 1) cq_value_sums_heads(kv, layer, t0, t1, att, out, 1);
-    else if (nr == 2) cq_value_sums_heads(kv, layer, t0, t1, att, out, 2);
-    else cq_value_sums_heads(kv, layer, t0, t1, att, out, 3);
+    // query heads per pass: up to VALUE_HEADS, the last pass padded with zero weights
+    int R = kv->n_heads / kv->v.n_kv_heads, nr = R < VALUE_HEADS ? R : VALUE_HEADS, hsv = padded_head_size(kv->v.head_size);
+    if (nr == 1) CQ_SHAPES(kv->v.type, hsv, cq_value_sums_shape, &kv->v, kv->n_heads, layer, t0, t1, att, out, 1);
+    else if (nr == 2) CQ_SHAPES(kv->v.type, hsv, cq_value_sums_shape, &kv->v, kv->n_heads, layer, t0, t1, att, out, 2);
+    else CQ_SHAPES(kv->v.type, hsv, cq_value_sums_shape, &kv->v, kv->n_heads, layer, t0, t1, att, out, 3);
+}
+
+// Scores for t in [t0, t1) from whole key rows (every type but CQ, and the window).
+static void row_key_scores(const KVCache *kv, int layer, int pos, const float *q, int t0, int t1, float *att, float *buf) {
+    const KVStore *s = &kv->k;
+    int hs = s->head_size, R = kv->n_heads / s->n_kv_heads;
+    float scale = 1.0f / sqrtf((float)hs);
+    for (int t = t0; t < t1; t++) {
+        const float *row = store_get(s, kv->rope, layer, t, pos, buf);
+        for (int h = 0; h < kv->n_heads; h++)
+            *att_at(att, h, t) = dot(q + (size_t)h * hs, row + (size_t)(h / R) * hs, hs) * scale;
+    }
 }
 
 // out_h += sum over t in [t0, t1) of p_t v_t, from whole value rows.  out: (H, hs)
 static void row_value_sum(const KVCache *kv, int layer, int pos, int t0, int t1, float *att, float *out, float *buf) {
     const KVStore *s = &kv->v;
-    int hs = s->head_size, group = kv->n_heads / s->n_kv_heads;
+    int hs = s->head_size, R = kv->n_heads / s->n_kv_heads;
     for (int t = t0; t < t1; t++) {
         const float *row = store_get(s, kv->rope, layer, t, pos, buf);
         for (int h = 0; h < kv->n_heads; h++) {
-            const float *vt = row + (size_t)(h / group) * hs;
+            const float *vt = row + (size_t)(h / R) * hs;
             float p = *att_at(att, h, t), *oh = out + (size_t)h * hs;
             for (int i = 0; i < hs; i++) oh[i] += p * vt[i];
         }
     }
 }
 
-/* Attention for one layer: q (H, hs) already rotated to `pos`; out (H, hs).
-
-   One pass over the positions, in chunks of ATTN_CHUNK, with an online softmax (as flash
-   attention does): per head a running maximum m and sum s of exp(score - m); a chunk's scores
-   become exp(score - m) at once and are added into the value sums, which are rescaled by
-   exp(m_old - m_new) when the maximum grows (by more than MAX_LAG).  Only one chunk of scores
-   is live at a time, so scores, codes and codebooks stay in cache: with all 16K positions'
-   scores written before the softmax, CQ's codebooks fell out of L2 and its key scoring got 4x
-   slower from 8K to 16K.  Threads take chunks as they come (a dynamic schedule: on a shared
-   machine one core is often slower than the other, and fixed halves left the fast thread
-   waiting for up to a fifth of the time), each with its own (m, s, sums); the threads are
-   merged at the end.  The value sums are plain rows (H, hs) for every cache type. */
-
-static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *out) {
+// Attention for one layer: q (H, hs) already rotated to `pos`; out (H, hs).
+static void attend_fast(const KVCache *kv, int layer, int pos, const float *q, float *out, KVScratch *sc) {
     const KVStore *ks = &kv->k, *vs = &kv->v;
     int H = kv->n_heads, hs = ks->head_size, n = pos + 1;
     // positions below n_codes_k (n_codes_v) are read through codes; the rest from the window
     int n_codes_k = ks->window ? (n - ks->window > 0 ? n - ks->window : 0) : n;
     int n_codes_v = vs->window ? (n - vs->window > 0 ? n - vs->window : 0) : n;
     int cq_keys = ks->type.kind == KV_CQ && ks->type.c >= 2;  // c = 1 splits RoPE pairs: row path
-    /* Keys: decode+rotate+dot unless --cq-keys lut.  Measured on a SmolLM2-shaped model, 1 thread
-       (./run -m bench -l L -k cq1 --cq-keys lut|decode, side by side, two runs each), ms per token
-       in the cache: 16K 45.9-55.1 (lut) against 30.4-30.8 (decode), 4K 13.8-14.3 against 8.6-8.8,
-       1K 5.4-5.6 against 3.3-3.4.  The LUT (H x hs x 2^b floats, 590 KB a layer, R = 3 times the
-       codebook) is read at random, R x c floats per group and token; decoding reads c floats
-       and rotates them once for the R query heads, and that arithmetic costs less than the
-       LUT's R reads.  Not only for the traffic: with the codes masked to 16 centroids, so that
-       the LUT stayed in L1, 16K took 41-42 ms, against 46 unmasked and 34-37 for the decode
-       path of the time.  (Prefetching the LUT entries a few tokens ahead made it slower.) */
-    int key_lut = cq_keys && kv->lut && kv->key_path == CQ_KEYS_LUT;
     int cq_values = vs->type.kind == KV_CQ;
-    int parallel = kv->n_threads > 1 && (long)n * H * hs >= PARALLEL_MIN_MACS / 4;
-    if (cq_keys && !key_lut) {
+    int parallel = sc->n_threads > 1 && (long)n * H * hs >= PARALLEL_MIN_MACS / 4;
+    if (cq_keys) {
         int hsv = padded_head_size(hs);
         float scale = 1.0f / sqrtf((float)hs);
         for (int h = 0; h < H; h++)
-            for (int i = 0; i < hsv; i++) kv->qpad[(size_t)h * hsv + i] = i < hs ? scale * q[(size_t)h * hs + i] : 0.0f;
+            for (int i = 0; i < hsv; i++) sc->qpad[(size_t)h * hsv + i] = i < hs ? scale * q[(size_t)h * hs + i] : 0.0f;
     }
-
 #ifdef _OPENMP
-#pragma omp parallel num_threads(parallel ? kv->n_threads : 1)
+#pragma omp parallel num_threads(parallel ? sc->n_threads : 1)
 #else
     (void)parallel;
 #endif
@@ -1922,42 +1948,19 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
 #ifdef _OPENMP
         nth = omp_get_num_threads();
 #endif
-        float *buf = thread_slot_of(kv->kbuf, ks->kv_dim, tid);
-        // this thread's running maxima (H), sums (H) and value sums (H, hs)
-        size_t acc_n = acc_floats(kv);
-        float *mx = thread_slot_of(kv->acc, acc_n, tid), *sum = mx + H, *rows = sum + H;
+        float *buf = slot(sc->row, tid), *att = slot(sc->att, tid), *qrot = slot(sc->qrot, tid);
+        float *mx = slot(sc->acc, tid), *sum = mx + H, *rows = sum + H;  // running maxima, sums, value sums (H, hs)
         for (int h = 0; h < H; h++) { mx[h] = -FLT_MAX; sum[h] = 0.0f; }
         memset(rows, 0, (size_t)H * hs * sizeof(float));
-        if (key_lut) {
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (int h = 0; h < H; h++) cq_build_key_lut(kv, layer, q, h);
-        }
-        if (cq_keys && !key_lut) {
-            /* The decode path reads the layer's codebook at random, and the weights that stream
-               through the caches between two tokens have evicted it.  The thread that has just
-               encoded the new key read it in order already; every other thread would miss on
-               most lines at short contexts, so it asks for them in order first (SmolLM2 shape,
-               cq1, 1K, 2 threads: 2.4-2.9 ms a token in the cache with this, 2.7-3.0 without;
-               1 thread: no difference). */
-            const char *cb = (const char *)(ks->codebook + (size_t)layer * ks->n_groups * ks->n_centroids * ks->type.c);
-            size_t bytes = (size_t)ks->n_groups * ks->n_centroids * ks->type.c * sizeof(float);
-            for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(cb + i);
-        }
-        float *att = thread_slot_of(kv->att, (size_t)H * ATTN_CHUNK, tid);
         int n_chunks = (n + ATTN_CHUNK - 1) / ATTN_CHUNK;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic) nowait
 #endif
         for (int chunk = 0; chunk < n_chunks; chunk++) {
-            int a = chunk * ATTN_CHUNK, b = a + ATTN_CHUNK < n ? a + ATTN_CHUNK : n;  // (see att_at)
+            int a = chunk * ATTN_CHUNK, b = a + ATTN_CHUNK < n ? a + ATTN_CHUNK : n;
             // 1. scores of positions a..b-1
             int coded = cq_keys ? (b < n_codes_k ? b : n_codes_k) : a;  // [a, coded) through codes
-            if (coded > a) {
-                if (key_lut) cq_key_scores_lut(kv, layer, a, coded, att);
-                else cq_key_scores_decode(kv, layer, a, coded, att);
-            }
+            if (coded > a) cq_key_scores(kv, layer, a, coded, sc->qpad, qrot, att);
             if (b > coded) row_key_scores(kv, layer, pos, q, coded > a ? coded : a, b, att, buf);
             // 2. online softmax: att becomes exp(score - running max)
             for (int h = 0; h < H; h++) {
@@ -1989,15 +1992,12 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
 #endif
         for (int h = 0; h < H; h++) {  // merge the threads: weight of thread th = e^(m_th - m) / total
             float m = -FLT_MAX, total = 0.0f;
-            for (int th = 0; th < nth; th++) m = fmaxf(m, thread_slot_of(kv->acc, acc_n, th)[h]);
-            for (int th = 0; th < nth; th++) {
-                const float *a = thread_slot_of(kv->acc, acc_n, th);
-                total += a[H + h] * expf(a[h] - m);
-            }
+            for (int th = 0; th < nth; th++) m = fmaxf(m, slot(sc->acc, th)[h]);
+            for (int th = 0; th < nth; th++) total += slot(sc->acc, th)[H + h] * expf(slot(sc->acc, th)[h] - m);
             float *o = out + (size_t)h * hs;
             for (int i = 0; i < hs; i++) o[i] = 0.0f;
             for (int th = 0; th < nth; th++) {
-                const float *a = thread_slot_of(kv->acc, acc_n, th);
+                const float *a = slot(sc->acc, th);
                 float w = a[H + h] > 0.0f ? expf(a[h] - m) / total : 0.0f;
                 const float *r = a + 2 * H + (size_t)h * hs;
                 for (int i = 0; i < hs; i++) o[i] += w * r[i];
@@ -2006,8 +2006,13 @@ static void kv_attend(KVCache *kv, int layer, int pos, const float *q, float *ou
     }
 }
 
+static void kv_attend(const KVCache *kv, int layer, int pos, const float *q, float *out, KVScratch *sc) {
+    if (kv->reference) attend_reference(kv, layer, pos, q, out, sc);
+    else attend_fast(kv, layer, pos, q, out, sc);
+}
+
 /* ==========================================================================================
-   6. The forward pass
+   8. The forward pass and the CPU Decoder
    ========================================================================================== */
 
 typedef struct {       // activations of the current token
@@ -2017,31 +2022,42 @@ typedef struct {       // activations of the current token
     float *hb, *hb2;   // (F)
     float *q;          // (H*hs)
     float *k, *v;      // (KVH*hs), k before RoPE
-    float *logits;     // (V)
 } RunState;
 
 static void run_state_init(RunState *s, const Config *c) {
     int wide = c->dim > q_dim_of(c) ? c->dim : q_dim_of(c);
-    s->x = xmalloc(c->dim * sizeof(float));
-    s->xb = xmalloc(wide * sizeof(float));
-    s->xb2 = xmalloc(c->dim * sizeof(float));
-    s->hb = xmalloc(c->hidden_dim * sizeof(float));
-    s->hb2 = xmalloc(c->hidden_dim * sizeof(float));
-    s->q = xmalloc(q_dim_of(c) * sizeof(float));
-    s->k = xmalloc(kv_dim_of(c) * sizeof(float));
-    s->v = xmalloc(kv_dim_of(c) * sizeof(float));
-    s->logits = xmalloc(c->vocab_size * sizeof(float));
+    s->x = NEW(float, c->dim);
+    s->xb = NEW(float, wide);
+    s->xb2 = NEW(float, c->dim);
+    s->hb = NEW(float, c->hidden_dim);
+    s->hb2 = NEW(float, c->hidden_dim);
+    s->q = NEW(float, q_dim_of(c));
+    s->k = NEW(float, kv_dim_of(c));
+    s->v = NEW(float, kv_dim_of(c));
 }
 
 static void run_state_free(RunState *s) {
-    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2);
-    free(s->q); free(s->k); free(s->v); free(s->logits);
+    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->k); free(s->v);
 }
 
-// Runs `token` at position `pos` through the model, reading and extending `kv`.  Returns logits (V).
-static float *forward(const Model *m, RunState *s, KVCache *kv, const RopeTable *rope, int token, int pos) {
-    const Config *c = &m->cfg;
-    const Weights *w = &m->w;
+struct Decoder {
+    const Model *model;
+    RopeTable rope;
+    int batch;
+    KVCache *caches;       // one per sequence
+    RunState state;        // the sequences run one after another
+    KVScratch scratch;
+    float *logits;         // (batch, V)
+    double cache_seconds;  // time in kv_append + kv_attend, and forward steps, since decoder_cache_ms
+    int steps;
+    char device[64];
+};
+
+// Runs `token` at position `pos` through the model, reading and extending `kv`; logits (V).
+static void forward(Decoder *d, KVCache *kv, int token, int pos, float *logits) {
+    const Config *c = &d->model->cfg;
+    const Weights *w = &d->model->w;
+    RunState *s = &d->state;
     int D = c->dim, F = c->hidden_dim, QD = q_dim_of(c), KD = kv_dim_of(c);
     memcpy(s->x, w->token_embedding + (size_t)token * D, D * sizeof(float));
 
@@ -2051,11 +2067,11 @@ static float *forward(const Model *m, RunState *s, KVCache *kv, const RopeTable 
         Product qkv[3] = {{s->q, w->wq + (size_t)l * QD * D, QD}, {s->k, w->wk + (size_t)l * KD * D, KD},
                           {s->v, w->wv + (size_t)l * KD * D, KD}};
         matmuls(s->xb, D, qkv, 3);
-        rope_rotate(rope, s->q, c->n_heads, pos);
+        rope_rotate(&d->rope, s->q, c->n_heads, pos);
         double t0 = now_seconds();
-        kv_append(kv, l, pos, s->k, s->v);  // the current token, too, is read back through the cache
-        kv_attend(kv, l, pos, s->q, s->xb);
-        kv->seconds += now_seconds() - t0;
+        kv_append(kv, l, pos, s->k, s->v, &d->scratch);  // the current token, too, is read back through the cache
+        kv_attend(kv, l, pos, s->q, s->xb, &d->scratch);
+        d->cache_seconds += now_seconds() - t0;
         matmul(s->xb2, s->xb, w->wo + (size_t)l * D * QD, QD, D);
         for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
 
@@ -2071,12 +2087,103 @@ static float *forward(const Model *m, RunState *s, KVCache *kv, const RopeTable 
         for (int i = 0; i < D; i++) s->x[i] += s->xb[i];
     }
     rmsnorm(s->x, s->x, w->final_norm, D, c->norm_eps);
-    matmul(s->logits, s->x, w->classifier, D, c->vocab_size);
-    return s->logits;
+    matmul(logits, s->x, w->classifier, D, c->vocab_size);
 }
 
+/* The random weights of a random: model in host memory (the CPU path; run.cu makes its own on
+   the device): matrices N(0, 1/in), norms 1, embeddings N(0, 1). */
+static void make_random_weights(Model *m) {
+    const Config *c = &m->cfg;
+    uint64_t floats = weight_floats(c);
+    m->file_size = 4 * floats;
+    float *p = (float *)huge_alloc(m->file_size);
+    m->file = p;
+    uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size;
+    uint64_t QD = q_dim_of(c), KD = kv_dim_of(c);
+    Weights *w = &m->w;
+    struct { float **dst; uint64_t n; float scale; } parts[] = {
+        {&w->token_embedding, V * D, 1.0f}, {&w->attn_norm, L * D, 0.0f}, {&w->wq, L * QD * D, 1.0f / sqrtf((float)D)},
+        {&w->wk, L * KD * D, 1.0f / sqrtf((float)D)}, {&w->wv, L * KD * D, 1.0f / sqrtf((float)D)},
+        {&w->wo, L * D * QD, 1.0f / sqrtf((float)QD)}, {&w->ffn_norm, L * D, 0.0f},
+        {&w->w1, L * F * D, 1.0f / sqrtf((float)D)}, {&w->w2, L * D * F, 1.0f / sqrtf((float)F)},
+        {&w->w3, L * F * D, 1.0f / sqrtf((float)D)}, {&w->final_norm, D, 0.0f},
+        {&w->classifier, c->shared_classifier ? 0 : V * D, 1.0f / sqrtf((float)D)}};
+    uint64_t rng = 1234;
+    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) {
+        *parts[i].dst = p;
+        for (uint64_t j = 0; j < parts[i].n; j++) p[j] = parts[i].scale > 0 ? parts[i].scale * random_normal(&rng) : 1.0f;
+        p += parts[i].n;
+    }
+    if (c->shared_classifier) w->classifier = w->token_embedding;
+}
+
+static Decoder *decoder_new(Model *m, const CacheSpec *spec, int batch) {
+    const Config *c = &m->cfg;
+    if (m->random && !m->file) make_random_weights(m);
+    Decoder *d = NEW(Decoder, 1);
+    d->model = m;
+    d->batch = batch;
+    rope_init(&d->rope, c);
+    d->caches = NEW(KVCache, batch);
+    for (int b = 0; b < batch; b++) kv_cache_init(&d->caches[b], spec, c, &d->rope);
+    run_state_init(&d->state, c);
+    kv_scratch_init(&d->scratch, c);
+    d->logits = NEW(float, (size_t)batch * c->vocab_size);
+    snprintf(d->device, sizeof d->device, "cpu threads=%d", max_threads());
+    return d;
+}
+
+static float *decoder_forward(Decoder *d, const int *tokens, int pos) {
+    for (int b = 0; b < d->batch; b++)
+        forward(d, &d->caches[b], tokens[b], pos, d->logits + (size_t)b * d->model->cfg.vocab_size);
+    d->steps++;
+    return d->logits;
+}
+
+static void decoder_fill(Decoder *d, int n) {
+    const Config *c = &d->model->cfg;
+    int KD = kv_dim_of(c);
+    for (int b = 0; b < d->batch; b++) {
+        // layers are independent, so they are filled in parallel, each from its own random stream
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic)
+#endif
+        for (int l = 0; l < c->n_layers; l++) {
+            uint64_t rng = 42 + l + (uint64_t)b * c->n_layers;
+            float *k = NEW(float, KD), *v = NEW(float, KD);
+            for (int pos = 0; pos < n; pos++) {
+                for (int i = 0; i < KD; i++) { k[i] = random_normal(&rng); v[i] = random_normal(&rng); }
+                kv_append(&d->caches[b], l, pos, k, v, &d->scratch);
+            }
+            free(k); free(v);
+            if (thread_id() == 0) fprintf(stderr, "\rbench: filling the cache, layer %d/%d", l + 1, c->n_layers);
+        }
+    }
+}
+
+static double decoder_cache_ms(Decoder *d) {  // measured inside forward, over the steps since the last call
+    double ms = d->steps ? 1000 * d->cache_seconds / d->steps : 0.0;
+    d->cache_seconds = 0;
+    d->steps = 0;
+    return ms;
+}
+
+static const char *decoder_device(const Decoder *d) { return d->device; }
+
+static void decoder_free(Decoder *d) {
+    for (int b = 0; b < d->batch; b++) kv_cache_free(&d->caches[b]);
+    free(d->caches);
+    rope_free(&d->rope);
+    run_state_free(&d->state);
+    kv_scratch_free(&d->scratch);
+    free(d->logits);
+    free(d);
+}
+
+#endif  // RUN_HOST_ONLY
+
 /* ==========================================================================================
-   7. Generation, chat, perplexity, benchmark
+   9. Generation, chat, perplexity, benchmark
    ========================================================================================== */
 
 typedef struct {           // everything the command line chooses
@@ -2084,22 +2191,16 @@ typedef struct {           // everything the command line chooses
     const char *kv_spec, *centroids, *text_file, *logits_file;
     float temperature, topp;
     long long seed;
-    int steps, window, length;
-    int ids_input, kl, lines;
+    int steps, window, length, batch;
+    int ids_input, kl, lines, reference;
     int steps_given;
-    CQKeyPath cq_key_path;
 } Options;
 
-typedef struct {           // a model ready to run: weights, RoPE table, one cache and its state
+typedef struct {           // a model ready to run: weights, tokenizer, what its cache keeps
     Model model;
-    RopeTable rope;
     Tokenizer tok;
-    KVType ktype, vtype;
+    CacheSpec spec;
 } Runtime;
-
-static void new_cache(const Runtime *rt, const Options *o, KVCache *kv, KVType k, KVType v) {
-    kv_cache_init(kv, k, v, o->window, o->cq_key_path, &rt->model, &rt->rope, o->checkpoint, o->centroids);
-}
 
 static FILE *open_logits(const Options *o) {
     if (!o->logits_file) return NULL;
@@ -2113,22 +2214,17 @@ static void write_logits(FILE *f, const float *logits, int n) {
 }
 
 static int *encode_prompt(const Runtime *rt, const char *text, int *n) {
-    int *ids = xmalloc((strlen(text) + 3) * sizeof(int));
+    int *ids = NEW(int, strlen(text) + 3);
     encode(&rt->tok, text, rt->model.cfg.bos_id, 1, ids, n);
     return ids;
 }
 
-static void kv_type_label(char *buf, size_t n, const KVType *k, const KVType *v) {
-    if (strcmp(k->name, v->name) == 0) snprintf(buf, n, "%s", k->name);
-    else snprintf(buf, n, "%s:%s", k->name, v->name);
-}
-
 // One line on stderr: what the cache held, against an fp32 cache of the same positions.
-static void report_kv_memory(const KVCache *kv, const Config *c, int positions) {
-    double bytes = kv_store_bytes_per_token(&kv->k) + kv_store_bytes_per_token(&kv->v);
-    double fp32 = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
+static void report_kv_memory(const Runtime *rt, int positions) {
+    const Config *c = &rt->model.cfg;
+    double bytes = cache_bytes_per_token(&rt->spec, c), fp32 = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
     char label[64];
-    kv_type_label(label, sizeof label, &kv->k.type, &kv->v.type);
+    cache_label(label, sizeof label, &rt->spec);
     fprintf(stderr, "KV cache %s: %.0f bytes per token, %.1f KB for %d positions; fp32 would take %.0f bytes "
             "per token (%.1fx more)\n", label, bytes, bytes * positions / 1024, positions, fp32, fp32 / bytes);
 }
@@ -2140,17 +2236,12 @@ static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
     int *prompt_ids = encode_prompt(rt, prompt, &n_prompt);
     if (n_prompt > c->seq_len)
         die("the prompt is %d tokens long but the model's context is %d", n_prompt, c->seq_len);
-    int steps = o->steps;
-    RunState s;
-    KVCache kv;
-    run_state_init(&s, c);
-    new_cache(rt, o, &kv, rt->ktype, rt->vtype);
+    Decoder *d = decoder_new(&rt->model, &rt->spec, 1);
     FILE *logits_out = open_logits(o);
-
-    long start = 0;
+    double start = 0;
     int token = prompt_ids[0], pos = 0;
-    while (pos < steps) {
-        float *logits = forward(&rt->model, &s, &kv, &rt->rope, token, pos);
+    while (pos < o->steps) {
+        float *logits = decoder_forward(d, &token, pos);
         write_logits(logits_out, logits, c->vocab_size);
         // inside the prompt the next token is forced, after it the model chooses
         int next = pos < n_prompt - 1 ? prompt_ids[pos + 1] : sample(sampler, logits);
@@ -2160,18 +2251,14 @@ static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
         print_piece(&rt->tok, c->bos_id, token, next);
         fflush(stdout);
         token = next;
-        if (start == 0) start = time_in_ms();  // the first step is excluded: it warms up
+        if (start == 0) start = now_seconds();  // the first step is excluded: it warms up
     }
     printf("\n");
-    if (pos > 1) {
-        long end = time_in_ms();
-        fprintf(stderr, "achieved tok/s: %f\n", (pos - 1) / (double)(end - start) * 1000);
-    }
-    report_kv_memory(&kv, c, pos);
+    if (pos > 1) fprintf(stderr, "achieved tok/s: %f\n", (pos - 1) / (now_seconds() - start));
+    report_kv_memory(rt, pos);
     if (logits_out) fclose(logits_out);
     free(prompt_ids);
-    run_state_free(&s);
-    kv_cache_free(&kv);
+    decoder_free(d);
 }
 
 // Reads a line from stdin into buf without the newline; returns 0 at end of input.
@@ -2185,8 +2272,8 @@ static int read_line(const char *guide, char *buf, size_t size) {
 }
 
 // Renders one user turn with the checkpoint's chat template.
-static void render_turn(char *out, size_t size, int template, int first, const char *sys, const char *user) {
-    if (template == 1) {  // ChatML
+static void render_turn(char *out, size_t size, int chat_template, int first, const char *sys, const char *user) {
+    if (chat_template == 1) {  // ChatML
         if (first && sys[0])
             snprintf(out, size, "<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys, user);
         else
@@ -2202,15 +2289,11 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
     const Config *c = &rt->model.cfg;
     enum { BUF = 1152 };
     char system_prompt[BUF] = "", user_prompt[BUF] = "", rendered[3 * BUF + 256];
-    int *prompt_ids = xmalloc((sizeof rendered + 3) * sizeof(int));
+    int *prompt_ids = NEW(int, sizeof rendered + 3);
     int n_prompt = 0, user_idx = 0, user_turn = 1, next = 0, token, pos = 0;
-    RunState s;
-    KVCache kv;
-    run_state_init(&s, c);
-    new_cache(rt, o, &kv, rt->ktype, rt->vtype);
-    int steps = o->steps;
+    Decoder *d = decoder_new(&rt->model, &rt->spec, 1);
     double chat_start = 0;  // tok/s counts the time after the first step, as in generate
-    while (pos < steps) {
+    while (pos < o->steps) {
         if (pos == 1) chat_start = now_seconds();
         if (user_turn) {
             if (pos == 0) {
@@ -2234,7 +2317,7 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
         int from_prompt = user_idx < n_prompt;
         token = from_prompt ? prompt_ids[user_idx++] : next;
         if (!from_prompt && token == c->eos_id) user_turn = 1;  // ChatML prompts contain eos themselves
-        float *logits = forward(&rt->model, &s, &kv, &rt->rope, token, pos);
+        float *logits = decoder_forward(d, &token, pos);
         next = sample(sampler, logits);
         pos++;
         if (user_idx >= n_prompt && next != c->eos_id) {
@@ -2245,22 +2328,21 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
     }
     printf("\n");
     if (chat_start > 0 && pos > 1) fprintf(stderr, "achieved tok/s: %f\n", (pos - 1) / (now_seconds() - chat_start));
-    report_kv_memory(&kv, c, pos);
+    report_kv_memory(rt, pos);
     free(prompt_ids);
-    run_state_free(&s);
-    kv_cache_free(&kv);
+    decoder_free(d);
 }
 
 static char *read_file(const char *path, size_t *len_out) {
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot open %s: %s", path, strerror(errno));
     size_t cap = 1 << 16, len = 0, got;
-    char *buf = xmalloc(cap + 1);
+    char *buf = NEW(char, cap + 1);
     while ((got = fread(buf + len, 1, cap - len, f)) > 0) {
         len += got;
         if (len == cap) {
             cap *= 2;
-            buf = realloc(buf, cap + 1);
+            buf = (char *)realloc(buf, cap + 1);
             if (!buf) die("out of memory reading %s", path);
         }
     }
@@ -2276,7 +2358,7 @@ static char *read_file(const char *path, size_t *len_out) {
 static int *read_eval_tokens(const Runtime *rt, const Options *o, int *n_out) {
     size_t len;
     char *text = read_file(o->text_file, &len);
-    int *ids = xmalloc((len + 3) * sizeof(int)), n = 0;
+    int *ids = NEW(int, len + 3), n = 0;
     if (o->ids_input) {
         char *p = text, *end;
         for (;;) {
@@ -2298,7 +2380,7 @@ static int *read_eval_tokens(const Runtime *rt, const Options *o, int *n_out) {
     return ids;
 }
 
-// log p(target) from logits, and KL(p_ref || p) when ref is given; in double.
+// log p(target) from logits, in double.
 static double log_prob(const float *logits, int n, int target) {
     double max = logits[0], sum = 0.0;
     for (int i = 1; i < n; i++) if (logits[i] > max) max = logits[i];
@@ -2306,6 +2388,7 @@ static double log_prob(const float *logits, int n, int target) {
     return logits[target] - max - log(sum);
 }
 
+// KL(p_ref || p) from two rows of logits, in double.
 static double kl_divergence(const float *ref, const float *logits, int n) {
     double mr = ref[0], ml = logits[0], sr = 0.0, sl = 0.0, kl = 0.0;
     for (int i = 1; i < n; i++) { if (ref[i] > mr) mr = ref[i]; if (logits[i] > ml) ml = logits[i]; }
@@ -2318,25 +2401,21 @@ static double kl_divergence(const float *ref, const float *logits, int n) {
     return kl;
 }
 
-
 static void perplexity(Runtime *rt, const Options *o) {
     const Config *c = &rt->model.cfg;
     int n_tokens;
     int *ids = read_eval_tokens(rt, o, &n_tokens);
     int window = o->length > 0 ? o->length : c->seq_len;
     int chunk = window - 1;
-    RunState s, ref_s;
-    KVCache kv, ref_kv;
-    KVType fp32;
-    parse_kv_type("fp32", &fp32);
-    run_state_init(&s, c);
-    new_cache(rt, o, &kv, rt->ktype, rt->vtype);
+    Decoder *d = decoder_new(&rt->model, &rt->spec, 1), *ref = NULL;
+    CacheSpec fp32;  // --kl: an fp32 cache runs side by side
     if (o->kl) {
-        run_state_init(&ref_s, c);
-        new_cache(rt, o, &ref_kv, fp32, fp32);
+        KVType t;
+        parse_kv_type("fp32", &t);
+        cache_spec_init(&fp32, t, t, 0, rt->spec.reference, &rt->model, NULL, NULL);
+        ref = decoder_new(&rt->model, &fp32, 1);
     }
     FILE *logits_out = open_logits(o);
-
     double nll = 0.0, kl = 0.0;
     long scored = 0;
     double t0 = now_seconds(), last_report = t0;
@@ -2345,15 +2424,12 @@ static void perplexity(Runtime *rt, const Options *o) {
         // window: bos, ids[start .. start+len-1]; step j predicts ids[start + j]
         int token = c->bos_id;
         for (int j = 0; j <= len; j++) {
-            float *logits = forward(&rt->model, &s, &kv, &rt->rope, token, j);
+            float *logits = decoder_forward(d, &token, j);
             write_logits(logits_out, logits, c->vocab_size);
             if (j == len) break;  // the last token's prediction lies outside the window
             int target = ids[start + j];
             nll -= log_prob(logits, c->vocab_size, target);
-            if (o->kl) {
-                float *ref = forward(&rt->model, &ref_s, &ref_kv, &rt->rope, token, j);
-                kl += kl_divergence(ref, logits, c->vocab_size);
-            }
+            if (ref) kl += kl_divergence(decoder_forward(ref, &token, j), logits, c->vocab_size);
             scored++;
             token = target;
         }
@@ -2366,109 +2442,53 @@ static void perplexity(Runtime *rt, const Options *o) {
     }
     fprintf(stderr, "\n");
     char label[64];
-    kv_type_label(label, sizeof label, &rt->ktype, &rt->vtype);
-    double bytes = kv_store_bytes_per_token(&kv.k) + kv_store_bytes_per_token(&kv.v);
-    double fp32_bytes = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
+    cache_label(label, sizeof label, &rt->spec);
+    double bytes = cache_bytes_per_token(&rt->spec, c), fp32_bytes = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
     printf("type=%s bits_per_channel=%.3f kv_bytes_per_token=%.1f ratio_fp32=%.4f tokens=%ld nll=%.6f ppl=%.6f",
-           label, (kv_type_bits(&rt->ktype) + kv_type_bits(&rt->vtype)) / 2, bytes, bytes / fp32_bytes,
+           label, (kv_type_bits(&rt->spec.k) + kv_type_bits(&rt->spec.v)) / 2, bytes, bytes / fp32_bytes,
            scored, nll / scored, exp(nll / scored));
     if (o->kl) printf(" kl=%.6f", fmax(kl / scored, 0.0));  // KL >= 0; rounding can leave -1e-12
     printf("\n");
     if (logits_out) fclose(logits_out);
     free(ids);
-    run_state_free(&s);
-    kv_cache_free(&kv);
-    if (o->kl) { run_state_free(&ref_s); kv_cache_free(&ref_kv); }
+    decoder_free(d);
+    if (ref) { decoder_free(ref); cache_spec_free(&fp32, c); }
 }
 
-// Standard normal numbers from the xorshift* generator (Box-Muller), for filling caches.
-static float random_normal(uint64_t *state) {
-    float u1 = (random_u32(state) + 1.0f) / 4294967296.0f, u2 = random_f32(state);
-    return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
-}
-
-/* Round trip of one cache line between threads 0 and 1, in ns (0 without two threads).  On a
-   virtual machine the host may put the two virtual CPUs on neighbouring cores or far apart, and
-   that moves the 2-thread figures (README.md, "Two placements"); bench prints it so that each run
-   says which placement it had.  Gives up after a second (a thread that never gets a CPU). */
-static double core_round_trip_ns(void) {
-    double ns = 0.0;
-#ifdef _OPENMP
-    if (omp_get_max_threads() < 2) return ns;
-    static int ball, give_up;
-    const int trips = 20000;
-    ball = give_up = 0;
-#pragma omp parallel num_threads(2)
-    if (omp_get_num_threads() == 2) {
-        int me = omp_get_thread_num();
-        double t0 = omp_get_wtime();
-        for (int i = 0; i < trips; i++) {
-            if (me == 0) __atomic_store_n(&ball, 2 * i + 1, __ATOMIC_RELEASE);  // serve ...
-            int want = me == 0 ? 2 * i + 2 : 2 * i + 1;                         // ... and wait for the return
-            for (long spin = 1; __atomic_load_n(&ball, __ATOMIC_ACQUIRE) != want; spin++)
-                if (spin % 4096 == 0 && (__atomic_load_n(&give_up, __ATOMIC_RELAXED) || omp_get_wtime() - t0 > 1.0)) {
-                    __atomic_store_n(&give_up, 1, __ATOMIC_RELAXED);
-                    break;
-                }
-            if (__atomic_load_n(&give_up, __ATOMIC_RELAXED)) break;
-            if (me == 1) __atomic_store_n(&ball, 2 * i + 2, __ATOMIC_RELEASE);
-        }
-        if (me == 0 && !__atomic_load_n(&give_up, __ATOMIC_RELAXED)) ns = 1e9 * (omp_get_wtime() - t0) / trips;
-    }
-#endif
-    return ns;
-}
-
-/* Decode speed at context L: positions 0 .. L-n-1 are filled with random keys and values
-   (the cache's content does not change the work a step does), then n decode steps run at
-   positions L-n .. L-1 and are timed; the last step attends to all L positions. */
+/* Decode speed at context L: positions 0 .. L-n-1 of every sequence's cache are filled with
+   random keys and values (not timed), then n decode steps run at positions L-n .. L-1 and are
+   timed; the last step attends to all L positions.  -b B runs B sequences side by side. */
 static void benchmark(Runtime *rt, const Options *o) {
     const Config *c = &rt->model.cfg;
     int context = o->length > 0 ? o->length : (c->seq_len < 1024 ? c->seq_len : 1024);
-    int steps = o->steps_given ? o->steps : 16;
+    int steps = o->steps_given ? o->steps : 16, B = o->batch;
     if (steps < 1 || steps > context) die("bench: -n must be in [1, %d] for a context of %d", context, context);
-    RunState s;
-    KVCache kv;
-    run_state_init(&s, c);
-    new_cache(rt, o, &kv, rt->ktype, rt->vtype);
-    int KD = kv_dim_of(c), fill = context - steps;
+    Decoder *d = decoder_new(&rt->model, &rt->spec, B);
+    int fill = context - steps;
     double t0 = now_seconds();
-    // layers are independent, so they are filled in parallel, each from its own random stream
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic)
-#endif
-    for (int l = 0; l < c->n_layers; l++) {
-        uint64_t rng = 42 + l;
-        float *k = xmalloc(KD * sizeof(float)), *v = xmalloc(KD * sizeof(float));
-        for (int pos = 0; pos < fill; pos++) {
-            for (int i = 0; i < KD; i++) { k[i] = random_normal(&rng); v[i] = random_normal(&rng); }
-            kv_append(&kv, l, pos, k, v);
-        }
-        free(k); free(v);
-        if (thread_id() == 0) fprintf(stderr, "\rbench: filling the cache, layer %d/%d", l + 1, c->n_layers);
+    if (fill > 0) {
+        decoder_fill(d, fill);
+        fprintf(stderr, "\rbench: filled %d positions in %.1f s\n", fill, now_seconds() - t0);
     }
-    double fill_time = now_seconds() - t0;
-    kv.seconds = 0;
-    if (fill > 0) fprintf(stderr, "\rbench: filled %d positions in %.1f s\n", fill, fill_time);
-    int token = c->bos_id;
-    double rtt_before = core_round_trip_ns();
+    int *tokens = NEW(int, B);
+    for (int b = 0; b < B; b++) tokens[b] = c->bos_id;
+    decoder_forward(d, tokens, fill);  // a warm-up step, not timed (the same position again below)
+    decoder_cache_ms(d);
     double start = now_seconds(), cpu_start = cpu_seconds();
     for (int pos = fill; pos < context; pos++) {
-        float *logits = forward(&rt->model, &s, &kv, &rt->rope, token, pos);
-        token = argmax(logits, c->vocab_size);
+        float *logits = decoder_forward(d, tokens, pos);
+        for (int b = 0; b < B; b++) tokens[b] = argmax(logits + (size_t)b * c->vocab_size, c->vocab_size);
     }
     double elapsed = now_seconds() - start, cpu = cpu_seconds() - cpu_start;
-    double rtt_after = core_round_trip_ns();
     char label[64];
-    kv_type_label(label, sizeof label, &rt->ktype, &rt->vtype);
-    double bytes = kv_store_bytes_per_token(&kv.k) + kv_store_bytes_per_token(&kv.v);
-    int threads = max_threads();
-    printf("type=%s threads=%d context=%d steps=%d tok_per_s=%.2f ms_per_token=%.3f attention_ms=%.3f "
-           "cpu_ms_per_token=%.3f kv_bytes_per_token=%.1f kv_bytes_total=%.0f core_rtt_ns=%.0f,%.0f\n",
-           label, threads, context, steps, steps / elapsed, 1000 * elapsed / steps, 1000 * kv.seconds / steps,
-           1000 * cpu / steps, bytes, bytes * context, rtt_before, rtt_after);
-    run_state_free(&s);
-    kv_cache_free(&kv);
+    cache_label(label, sizeof label, &rt->spec);
+    double bytes = cache_bytes_per_token(&rt->spec, c);
+    printf("type=%s device=%s context=%d batch=%d steps=%d tok_per_s=%.2f ms_per_step=%.3f cache_ms=%.3f "
+           "cpu_ms_per_step=%.3f kv_bytes_per_token=%.1f kv_bytes_total=%.0f\n",
+           label, decoder_device(d), context, B, steps, B * steps / elapsed, 1000 * elapsed / steps,
+           decoder_cache_ms(d), 1000 * cpu / steps, bytes, bytes * context * B);
+    free(tokens);
+    decoder_free(d);
 }
 
 // -m decode: prints the text of the ids in -f (whitespace-separated), as generation prints it.
@@ -2484,7 +2504,7 @@ static void print_decoding(Runtime *rt, const Options *o) {
 static void print_encoding(Runtime *rt, const Options *o) {
     size_t len;
     char *text = o->text_file ? read_file(o->text_file, &len) : strdup(o->prompt ? o->prompt : "");
-    int *ids = xmalloc((strlen(text) + 3) * sizeof(int)), n;
+    int *ids = NEW(int, strlen(text) + 3), n;
     char *line = text;
     do {
         char *newline = o->lines ? strchr(line, '\n') : NULL;
@@ -2499,7 +2519,7 @@ static void print_encoding(Runtime *rt, const Options *o) {
 }
 
 /* ==========================================================================================
-   8. Command line
+   10. Command line
    ========================================================================================== */
 
 static void usage(FILE *f) {
@@ -2522,13 +2542,17 @@ static void usage(FILE *f) {
         "  -c <path>   CQ centroid file, default <checkpoint minus .bin>.<c>c<b>b.cent\n"
         "  -f <path>   ppl/encode: input text file; decode: token ids\n"
         "  -l <int>    ppl: window length (default the model's context); bench: context length\n"
+        "  -b <int>    bench: sequences decoded side by side, default 1\n"
         "  --ids       ppl: -f holds whitespace-separated token ids instead of text\n"
         "  --kl        ppl: also report mean KL(p_fp32 || p_type) over scored tokens\n"
         "  --lines     encode: encode each line of -f on its own, print one line of ids each\n"
         "  --logits <path>  write the float32 logits of every forward step to a file\n"
-        "  --cq-keys auto|lut|decode  how CQ keys are scored: precomputed query-centroid\n"
-        "              products (lut) or decode+rotate+dot (decode; auto = decode, measured faster)\n"
-        "  -h, --help  this text\n");
+        "  --kernels fast|ref  attention through the fast kernels (default) or the plain\n"
+        "              reference path (decode every row, then softmax and sums)\n"
+        "  -h, --help  this text\n"
+        "The checkpoint random:PRESET[,key=value...] is a model with random weights, for -m bench\n"
+        "(presets smollm2-135m, llama2-7b; keys dim hidden layers heads kv_heads head_size vocab\n"
+        "seq_len theta; e.g. random:llama2-7b,layers=1,seq_len=65536).\n");
 }
 
 static int parse_int(const char *flag, const char *s) {
@@ -2557,8 +2581,14 @@ static float parse_float(const char *flag, const char *s) {
 }
 
 static void parse_args(int argc, char **argv, Options *o) {
-    *o = (Options){.tokenizer = "tokenizer.bin", .mode = "generate", .kv_spec = "fp32",
-                   .temperature = 1.0f, .topp = 0.9f, .steps = 256};
+    memset(o, 0, sizeof *o);
+    o->tokenizer = "tokenizer.bin";
+    o->mode = "generate";
+    o->kv_spec = "fp32";
+    o->temperature = 1.0f;
+    o->topp = 0.9f;
+    o->steps = 256;
+    o->batch = 1;
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { usage(stdout); exit(0); }
     if (argc < 2) { usage(stderr); die("no checkpoint given"); }
     o->checkpoint = argv[1];
@@ -2569,16 +2599,15 @@ static void parse_args(int argc, char **argv, Options *o) {
         if (!strcmp(a, "--ids")) { o->ids_input = 1; continue; }
         if (!strcmp(a, "--kl")) { o->kl = 1; continue; }
         if (!strcmp(a, "--lines")) { o->lines = 1; continue; }
-        int takes_value = !strcmp(a, "--logits") || !strcmp(a, "--cq-keys") || (a[0] == '-' && a[1] && !a[2] && strchr("tpsnizmykwcfl", a[1]));
+        int takes_value = !strcmp(a, "--logits") || !strcmp(a, "--kernels") ||
+                          (a[0] == '-' && a[1] && !a[2] && strchr("tpsnizmykwcflb", a[1]));
         if (!takes_value) die("unknown option '%s' (see --help)", a);
         if (i + 1 >= argc) die("option %s needs a value", a);
         const char *v = argv[++i];
         if (!strcmp(a, "--logits")) { o->logits_file = v; continue; }
-        if (!strcmp(a, "--cq-keys")) {
-            if (!strcmp(v, "auto")) o->cq_key_path = CQ_KEYS_AUTO;
-            else if (!strcmp(v, "lut")) o->cq_key_path = CQ_KEYS_LUT;
-            else if (!strcmp(v, "decode")) o->cq_key_path = CQ_KEYS_DECODE;
-            else die("--cq-keys expects auto, lut or decode, got '%s'", v);
+        if (!strcmp(a, "--kernels")) {
+            if (strcmp(v, "fast") && strcmp(v, "ref")) die("--kernels expects fast or ref, got '%s'", v);
+            o->reference = !strcmp(v, "ref");
             continue;
         }
         switch (a[1]) {
@@ -2595,6 +2624,7 @@ static void parse_args(int argc, char **argv, Options *o) {
         case 'c': o->centroids = v; break;
         case 'f': o->text_file = v; break;
         case 'l': o->length = parse_int(a, v); break;
+        case 'b': o->batch = parse_int(a, v); break;
         }
     }
     const char *modes[] = {"generate", "chat", "ppl", "bench", "encode", "decode"};
@@ -2607,22 +2637,12 @@ static void parse_args(int argc, char **argv, Options *o) {
     if (o->topp < 0 || o->topp > 1) die("-p must be in [0, 1], got %g", o->topp);
     if (o->steps < 0) die("-n must be >= 0, got %d", o->steps);
     if (o->window < 0) die("-w must be >= 0, got %d", o->window);
+    if (o->batch < 1) die("-b must be >= 1, got %d", o->batch);
+    if (o->batch > 1 && strcmp(o->mode, "bench")) die("-b only applies to -m bench");
     if (!strcmp(o->mode, "ppl") && !o->text_file) die("-m ppl needs -f FILE");
     if (o->ids_input && strcmp(o->mode, "ppl") && strcmp(o->mode, "decode")) die("--ids only applies to -m ppl");
     if (o->kl && strcmp(o->mode, "ppl")) die("--kl only applies to -m ppl");
     if (o->lines && (strcmp(o->mode, "encode") || !o->text_file)) die("--lines only applies to -m encode -f FILE");
-}
-
-// "-k K" or "-k K:V"
-static void parse_kv_spec(const char *spec, KVType *k, KVType *v) {
-    char buf[64];
-    if (strlen(spec) >= sizeof buf) die("-k value too long: '%s'", spec);
-    strcpy(buf, spec);
-    char *colon = strchr(buf, ':');
-    if (colon) *colon = '\0';
-    const char *kname = buf, *vname = colon ? colon + 1 : buf;
-    if (!parse_kv_type(kname, k)) die("unknown KV cache type '%s' (see --help for the types)", kname);
-    if (!parse_kv_type(vname, v)) die("unknown KV cache type '%s' (see --help for the types)", vname);
 }
 
 int main(int argc, char **argv) {
@@ -2630,15 +2650,17 @@ int main(int argc, char **argv) {
     parse_args(argc, argv, &o);
     Runtime rt;
     memset(&rt, 0, sizeof rt);
-    parse_kv_spec(o.kv_spec, &rt.ktype, &rt.vtype);
+    KVType ktype, vtype;
+    parse_kv_spec(o.kv_spec, &ktype, &vtype);
     load_model(&rt.model, o.checkpoint);
     const Config *c = &rt.model.cfg;
     if (o.steps == 0 || o.steps > c->seq_len) o.steps = c->seq_len;
+    if (o.window > c->seq_len) o.window = c->seq_len;  // a window longer than the context is the context
     if (o.length && (o.length < 2 || o.length > c->seq_len))
         die("-l must be in [2, %d] (the model's context), got %d", c->seq_len, o.length);
     int needs_tokenizer = strcmp(o.mode, "bench") && !(strcmp(o.mode, "ppl") == 0 && o.ids_input);
     if (needs_tokenizer) load_tokenizer(&rt.tok, o.tokenizer, c->vocab_size, c->tokenizer_kind);
-    rope_init(&rt.rope, c);
+    cache_spec_init(&rt.spec, ktype, vtype, o.window, o.reference, &rt.model, o.checkpoint, o.centroids);
 
     if (!strcmp(o.mode, "encode")) {
         print_encoding(&rt, &o);
@@ -2649,13 +2671,13 @@ int main(int argc, char **argv) {
     } else if (!strcmp(o.mode, "bench")) {
         benchmark(&rt, &o);
     } else {
-        Sampler sampler = {c->vocab_size, xmalloc(c->vocab_size * sizeof(ProbIndex)), o.temperature, o.topp,
+        Sampler sampler = {c->vocab_size, NEW(ProbIndex, c->vocab_size), o.temperature, o.topp,
                            o.seed > 0 ? (uint64_t)o.seed : (uint64_t)time(NULL)};
         if (!strcmp(o.mode, "generate")) generate(&rt, &sampler, &o);
         else chat(&rt, &sampler, &o);
         free(sampler.candidates);
     }
-    rope_free(&rt.rope);
+    cache_spec_free(&rt.spec, c);
     free_tokenizer(&rt.tok);
     free_model(&rt.model);
     return 0;

@@ -1,4 +1,4 @@
-"""Tests of the quantized KV cache types (-k, -w, -c, --cq-keys, --kl) of ./run.
+"""Tests of the quantized KV cache types (-k, -w, -c, --kernels, --kl) of ./run.
 
 The expected logits come from tests/cache_reference.py: an independent numpy decode loop
 (float64 model, float32 quantizers written from README.md, ../shared/docs/CQ.md and the cache
@@ -24,8 +24,10 @@ Tests
      head_size; b = 3, 4, 8, 10), MHA / GQA, with and without -w, one or two ppl windows;
      test_rounding_ties_go_away_from_zero, test_window_covering_everything_is_fp32,
      test_parallel_attention (kv_attend split among 3 threads)
-  2. test_cq_key_paths: --cq-keys lut / decode / auto; test_decode_path_shapes and
-     test_value_sums_query_heads: the kernels' shapes (head sizes, c, query heads per kv head)
+  2. the fast kernels against the reference path (--kernels fast / ref, which share the
+     encoder, so only float rounding may differ) and both against the numpy reference:
+     test_fast_kernels_match_reference, test_decode_path_shapes, test_value_sums_query_heads,
+     test_cq1_smollm_head_shape: every kernel shape (head sizes, c, query heads per kv head)
   3. test_codebook_with_every_vector_reproduces_fp32; test_cq_ties_take_the_first_centroid
   4. centroid file and -k validation (test_bad_centroid_file, test_bad_kv_spec, ...)
   5. test_bits_and_bytes
@@ -104,7 +106,7 @@ def parse_kv(line):
 _counter = [0]
 
 
-def run_ppl(run, tmp, model, ids, spec, window=0, length=None, cent=None, keys=None,
+def run_ppl(run, tmp, model, ids, spec, window=0, length=None, cent=None, kernels=None,
             kl=False, vocab=None):
     """./run MODEL -m ppl --ids ...: returns (key=value dict, logits rows float64)."""
     _counter[0] += 1
@@ -118,8 +120,8 @@ def run_ppl(run, tmp, model, ids, spec, window=0, length=None, cent=None, keys=N
         args += ["-l", length]
     if cent is not None:
         args += ["-c", cent]
-    if keys:
-        args += ["--cq-keys", keys]
+    if kernels:
+        args += ["--kernels", kernels]
     if kl:
         args += ["--kl"]
     r = run(*args, check=True)
@@ -128,6 +130,22 @@ def run_ppl(run, tmp, model, ids, spec, window=0, length=None, cent=None, keys=N
     rows = np.fromfile(lf, dtype="<f4").astype(np.float64)
     assert rows.size % vocab == 0
     return parse_kv(lines[0]), rows.reshape(-1, vocab)
+
+
+def fast_and_ref(run, tmp, model, ids, spec, cfg, what, check, window=0, length=None, tol=TOL_CQ_PATHS):
+    """./run with --kernels fast and with --kernels ref, each checked against the numpy reference
+    by check(rows, what), which returns the near-tie decisions it had to flip.  The two paths
+    share the encoder, but from the second layer on their keys and values differ by rounding,
+    so a decision within float noise of its boundary may go different ways in the two runs;
+    unless one did, the runs must also agree with each other to tol."""
+    out, flips = {}, []
+    for kernels in ("fast", "ref"):
+        _, out[kernels] = run_ppl(run, tmp, model, ids, spec, window=window, length=length,
+                                  kernels=kernels, vocab=cfg["vocab_size"])
+        flips += check(out[kernels], "%s --kernels %s" % (what, kernels))
+    if not flips:
+        err = CR.row_errors(out["fast"], out["ref"]).max()
+        assert err <= tol, "%s: fast kernels differ from the reference path by %.3g" % (what, err)
 
 
 def cq_configs(spec):
@@ -260,7 +278,7 @@ def test_window_covering_everything_is_fp32(run, tmp):
     for spec in ["fp16", "q8", "q1", "kivi2", "cq2c4b", "cq1c3b:q2", "fp32:cq16c4b"]:
         cbs, cent = install_codebooks(path, cfg, w, spec, 7)
         for win in (31, 80):
-            _, got = run_ppl(run, tmp, path, ids, spec, window=win, keys="lut",
+            _, got = run_ppl(run, tmp, path, ids, spec, window=win, kernels="ref",
                              vocab=cfg["vocab_size"])
             err = CR.row_errors(got, ref).max()
             assert err <= 1e-6, "-k %s -w %d differs from fp32 by %.3g" % (spec, win, err)
@@ -270,10 +288,9 @@ WIDE_KW = dict(dim=64, hidden_dim=96, n_layers=2, n_heads=8, n_kv_heads=2, head_
                vocab_size=64, seq_len=80)
 
 
-@pytest.mark.parametrize("spec,window,keys", [("q4", 0, None), ("kivi2", 9, None),
-                                              ("cq2c4b", 0, "lut"), ("cq4c3b:cq2c4b", 0, "decode"),
-                                              ("cq8c4b", 10, "lut"), ("q8:cq4c4b", 0, "auto")])
-def test_parallel_attention(run, tmp, monkeypatch, spec, window, keys):
+@pytest.mark.parametrize("spec,window", [("q4", 0), ("kivi2", 9), ("cq2c4b", 0), ("cq4c3b:cq2c4b", 0),
+                                         ("cq8c4b", 10), ("q8:cq4c4b", 0)])
+def test_parallel_attention(run, tmp, monkeypatch, spec, window):
     """Heads x head_size x positions large enough for kv_attend to split the positions among
     threads (3 threads: uneven ranges); the per-thread accumulators are added up."""
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
@@ -285,7 +302,7 @@ def test_parallel_attention(run, tmp, monkeypatch, spec, window, keys):
     R.write_checkpoint(path, cfg, w)
     cbs, _ = install_codebooks(path, cfg, w, spec, 17)
     ids = stream(cfg, 72, seed=21)
-    _, got = run_ppl(run, tmp, path, ids, spec, window=window, keys=keys, vocab=cfg["vocab_size"])
+    _, got = run_ppl(run, tmp, path, ids, spec, window=window, vocab=cfg["vocab_size"])
     compare(got, cfg, w, w64, rope, ids, spec, window, None, cbs,
             what="wide -k %s -w %d (3 threads)" % (spec, window))
 
@@ -301,11 +318,11 @@ DECODE_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("keys", ["decode", "lut"])
 @pytest.mark.parametrize("head_size,spec", DECODE_SHAPES, ids=["hs%d-%s" % s for s in DECODE_SHAPES])
-def test_decode_path_shapes(run, tmp, head_size, spec, keys):
-    """--cq-keys decode and lut on every kernel shape (keys and values), GQA with 3 query heads
-    per kv head, 40 positions (5 blocks of 8) and 37 (a partial block)."""
+def test_decode_path_shapes(run, tmp, head_size, spec):
+    """The fast CQ kernels on every shape they are compiled for (keys and values), GQA with 3
+    query heads per kv head, 40 positions (5 blocks of 8) and 37 (a partial block): equal to the
+    reference path and to the numpy reference."""
     key = "shape%d" % head_size
     if key not in _models:
         cfg, w = R.random_model(300 + head_size, dim=24, hidden_dim=32, n_layers=2, n_heads=6,
@@ -317,9 +334,9 @@ def test_decode_path_shapes(run, tmp, head_size, spec, keys):
     cbs, _ = install_codebooks(path, cfg, w, spec, 23)
     for n in (40, 37):
         ids = stream(cfg, n - 1, seed=n)
-        _, got = run_ppl(run, tmp, path, ids, spec, keys=keys, vocab=cfg["vocab_size"])
-        compare(got, cfg, w, w64, rope, ids, spec, 0, None, cbs, tol=TOL_CQ_PATHS,
-                what="head_size %d -k %s --cq-keys %s, %d positions" % (head_size, spec, keys, n))
+        fast_and_ref(run, tmp, path, ids, spec, cfg, "head_size %d -k %s, %d positions" % (head_size, spec, n),
+                     lambda got, what: compare(got, cfg, w, w64, rope, ids, spec, 0, None, cbs,
+                                               tol=TOL_CQ_PATHS, what=what)[1])
 
 
 VALUE_HEAD_CASES = [
@@ -347,13 +364,13 @@ def test_value_sums_query_heads(run, tmp, n_heads, n_kv_heads, head_size, spec):
     R.write_checkpoint(path, cfg, w)
     cbs, _ = install_codebooks(path, cfg, w, spec, 37)
     ids = stream(cfg, 36, seed=3)
-    _, got = run_ppl(run, tmp, path, ids, spec, keys="decode", vocab=cfg["vocab_size"])
-    compare(got, cfg, w, w64, rope, ids, spec, 0, None, cbs, tol=TOL_CQ_PATHS,
-            what="%d query heads, %d kv heads, head_size %d, -k %s" % (n_heads, n_kv_heads, head_size, spec))
+    what = "%d query heads, %d kv heads, head_size %d, -k %s" % (n_heads, n_kv_heads, head_size, spec)
+    fast_and_ref(run, tmp, path, ids, spec, cfg, what,
+                 lambda got, what: compare(got, cfg, w, w64, rope, ids, spec, 0, None, cbs,
+                                           tol=TOL_CQ_PATHS, what=what)[1])
 
 
-@pytest.mark.parametrize("keys", ["decode", "lut"])
-def test_cq1_smollm_head_shape(run, tmp, keys):
+def test_cq1_smollm_head_shape(run, tmp):
     """cq1 (8c8b) with SmolLM2's head shape (64 channels, 3 query heads per kv head) past 256
     positions (two chunks of kv_attend): the kernels specialised for that shape (64/8 for keys
     and values)."""
@@ -366,9 +383,9 @@ def test_cq1_smollm_head_shape(run, tmp, keys):
     R.write_checkpoint(path, cfg, w)
     cbs, _ = install_codebooks(path, cfg, w, "cq1", 29)
     ids = stream(cfg, 289, seed=5)
-    _, got = run_ppl(run, tmp, path, ids, "cq1", keys=keys, vocab=cfg["vocab_size"])
-    compare(got, cfg, w, w64, rope, ids, "cq1", 0, None, cbs, tol=TOL_CQ_PATHS,
-            what="head_size 64, R = 3, -k cq1 --cq-keys %s, 290 positions" % keys)
+    fast_and_ref(run, tmp, path, ids, "cq1", cfg, "head_size 64, R = 3, -k cq1, 290 positions",
+                 lambda got, what: compare(got, cfg, w, w64, rope, ids, "cq1", 0, None, cbs,
+                                           tol=TOL_CQ_PATHS, what=what)[1])
 
 
 @pytest.mark.parametrize("spec", ["fp32", "q4", "cq8c4b", "cq2c4b:cq4c4b"])
@@ -387,12 +404,13 @@ def test_long_context_online_softmax(run, tmp, spec):
     R.write_checkpoint(path, cfg, w)
     cbs, _ = install_codebooks(path, cfg, w, spec, 31, key_scale=6.0)  # CQ keys as large as the model's
     ids = stream(cfg, 599, seed=12)
-    _, got = run_ppl(run, tmp, path, ids, spec, keys="decode", vocab=cfg["vocab_size"])
-    compare(got, cfg, w, w64, rope, ids, spec, 0, None, cbs, what="600 positions -k %s" % spec)
+    fast_and_ref(run, tmp, path, ids, spec, cfg, "600 positions -k %s" % spec,
+                 lambda got, what: compare(got, cfg, w, w64, rope, ids, spec, 0, None, cbs, what=what)[1],
+                 tol=TOL)  # scores of +-100: their rounding moves the weights by more than 1e-5
 
 
 # ------------------------------------------------------------------------------------------
-# 2. CQ key paths: fused look-up table and decode, both equal to the reference
+# 2. the fast kernels and the reference path, both equal to the numpy reference
 
 PATH_CASES = [
     ("mha", "cq2c4b", 0), ("mha", "cq8c4b", 0), ("mha", "cq4", 0), ("mha", "cq2c10b", 0),
@@ -404,27 +422,19 @@ PATH_CASES = [
 
 @pytest.mark.parametrize("model,spec,window", PATH_CASES,
                          ids=["%s-%s-w%d" % c for c in PATH_CASES])
-def test_cq_key_paths(run, tmp, model, spec, window):
-    """Keys through --cq-keys lut, decode and auto; values through codes, and through the
-    full-precision window where there is one (up to 71 positions)."""
+def test_fast_kernels_match_reference(run, tmp, model, spec, window):
+    """--kernels fast and ref: keys and values through codes, and through the full-precision
+    window where there is one (up to 71 positions), equal to each other and to numpy."""
     cfg, w, w64, rope = get_model(model)
     path = tmp / "model.bin"
     R.write_checkpoint(path, cfg, w)
     cbs, cent = install_codebooks(path, cfg, w, spec, SEEDS[model] + 1)
     ids = stream(cfg, seed=9)
     length = LENGTH[model]
-    out, flips = {}, []
-    for keys in ("lut", "decode", "auto"):
-        _, out[keys] = run_ppl(run, tmp, path, ids, spec, window=window, length=length,
-                               keys=keys, vocab=cfg["vocab_size"])
-        flips += compare(out[keys], cfg, w, w64, rope, ids, spec, window, length, cbs,
-                         tol=TOL_CQ_PATHS, exact=is_exact(model),
-                         what="%s -k %s -w %d --cq-keys %s" % (model, spec, window, keys))[1]
-    # the two paths against each other; a near-tie decision may go one way in one run and
-    # the other way in the other (it was explained above), then the runs legitimately differ
-    if not flips:
-        err = CR.row_errors(out["lut"], out["decode"]).max()
-        assert err <= TOL_CQ_PATHS, "lut and decode paths differ by %.3g" % err
+    fast_and_ref(run, tmp, path, ids, spec, cfg, "%s -k %s -w %d" % (model, spec, window),
+                 lambda got, what: compare(got, cfg, w, w64, rope, ids, spec, window, length, cbs,
+                                           tol=TOL_CQ_PATHS, exact=is_exact(model), what=what)[1],
+                 window=window, length=length)
 
 
 # ------------------------------------------------------------------------------------------
@@ -492,11 +502,11 @@ def test_codebook_with_every_vector_reproduces_fp32(run, tmp, model, c, b, n, us
     cent = tmp / "every.cent" if use_c else CR.default_centroid_path(path, c, b)
     CR.write_centroids(cent, cfg, w, c, b, cb)
     _, ref = run_ppl(run, tmp, path, ids, "fp32", length=length, vocab=cfg["vocab_size"])
-    for keys in ("lut", "decode"):
-        _, got = run_ppl(run, tmp, path, ids, spec, length=length, keys=keys,
+    for kernels in ("fast", "ref"):
+        _, got = run_ppl(run, tmp, path, ids, spec, length=length, kernels=kernels,
                          cent=cent if use_c else None, vocab=cfg["vocab_size"])
         err = CR.row_errors(got, ref).max()
-        assert err <= 1e-5, "-k %s --cq-keys %s: logits differ from -k fp32 by %.3g" % (spec, keys, err)
+        assert err <= 1e-5, "-k %s --kernels %s: logits differ from -k fp32 by %.3g" % (spec, kernels, err)
 
 
 @pytest.mark.parametrize("c,b", [(2, 5), (4, 5), (2, 9)])
@@ -534,10 +544,10 @@ def test_cq_ties_take_the_first_centroid(run, tmp, c, b):
     ref, dec, _ = CR.ppl_logits(cfg, w, ids, spec, L=16, codebooks=cb, w64=w64, rope=rope)
     ties = sum(1 for m, _, _ in dec.near if m == 0)
     assert ties >= 16 * G, "every group should be a tie (%d)" % ties
-    for keys in ("lut", "decode"):
-        _, got = run_ppl(run, tmp, path, ids, spec, length=16, keys=keys, vocab=cfg["vocab_size"])
+    for kernels in ("fast", "ref"):
+        _, got = run_ppl(run, tmp, path, ids, spec, length=16, kernels=kernels, vocab=cfg["vocab_size"])
         compare(got, cfg, w, w64, rope, ids, spec, 0, 16, cb, exact=True,
-                what="ties -k %s --cq-keys %s" % (spec, keys))
+                what="ties -k %s --kernels %s" % (spec, kernels))
 
 
 # ------------------------------------------------------------------------------------------
