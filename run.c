@@ -170,6 +170,7 @@ typedef struct {
     void *file;        // the whole checkpoint, read into memory (huge_alloc)
     size_t file_size;
     int random;        // a random: model: no file; each compute path makes random weights itself
+    int bf16;          // random: models: the GPU keeps the weights in bf16 (for the batched bench)
 } Model;
 
 #define CQKV_MAGIC 0x564B5143u  // "CQKV"
@@ -303,7 +304,8 @@ static void load_model(Model *m, const char *path) {
 /* "random:PRESET[,key=value...]": a model of that shape with random weights, for benchmarks of
    shapes whose checkpoints are large (nothing is read; no tokenizer is needed for -m bench).
    Presets: smollm2-135m, llama2-7b; keys: dim hidden layers heads kv_heads head_size vocab
-   seq_len theta.  E.g. random:llama2-7b,layers=1,seq_len=131072 for one layer at 128K. */
+   seq_len theta; the flag bf16 (GPU only) keeps the weights in bf16 instead of fp32.
+   E.g. random:llama2-7b,layers=1,seq_len=131072 for one layer at 128K. */
 static void parse_random_model(Model *m, const char *spec) {
     Config *c = &m->cfg;
     char buf[256];
@@ -321,8 +323,11 @@ static void parse_random_model(Model *m, const char *spec) {
             } else if (!strcmp(item, "llama2-7b")) {
                 c->dim = 4096; c->hidden_dim = 11008; c->n_layers = 32; c->n_heads = 32; c->n_kv_heads = 32;
                 c->vocab_size = 32000; c->seq_len = 4096; c->shared_classifier = 0;
+            } else if (!strcmp(item, "bf16")) {
+                m->bf16 = 1;
+                continue;
             } else {
-                die("random:%s: unknown preset '%s' (smollm2-135m, llama2-7b)", spec, item);
+                die("random:%s: unknown preset '%s' (smollm2-135m, llama2-7b, or bf16)", spec, item);
             }
             c->head_size = c->dim / c->n_heads;
             continue;
@@ -1139,8 +1144,9 @@ typedef struct Decoder Decoder;
 
 static Decoder *decoder_new(Model *m, const CacheSpec *spec, int batch);
 // Runs tokens[b] at position pos of sequence b; returns the logits (batch, V), host memory,
-// valid until the next call.  Every token goes through the cache, the current one included.
-static float *decoder_forward(Decoder *d, const int *tokens, int pos);
+// valid until the next call (NULL unless want_logits: the batched bench needs none).  Every
+// token goes through the cache, the current one included.
+static float *decoder_forward(Decoder *d, const int *tokens, int pos, int want_logits);
 // Bench: positions 0 .. n-1 of every cache hold random keys and values (the work of a step does
 // not depend on them).
 static void decoder_fill(Decoder *d, int n);
@@ -2119,6 +2125,7 @@ static void make_random_weights(Model *m) {
 
 static Decoder *decoder_new(Model *m, const CacheSpec *spec, int batch) {
     const Config *c = &m->cfg;
+    if (m->bf16) die("random:...,bf16: bf16 weights are kept by the GPU path only (./runcu)");
     if (m->random && !m->file) make_random_weights(m);
     Decoder *d = NEW(Decoder, 1);
     d->model = m;
@@ -2133,11 +2140,11 @@ static Decoder *decoder_new(Model *m, const CacheSpec *spec, int batch) {
     return d;
 }
 
-static float *decoder_forward(Decoder *d, const int *tokens, int pos) {
+static float *decoder_forward(Decoder *d, const int *tokens, int pos, int want_logits) {
     for (int b = 0; b < d->batch; b++)
         forward(d, &d->caches[b], tokens[b], pos, d->logits + (size_t)b * d->model->cfg.vocab_size);
     d->steps++;
-    return d->logits;
+    return want_logits ? d->logits : NULL;
 }
 
 static void decoder_fill(Decoder *d, int n) {
@@ -2241,7 +2248,7 @@ static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
     double start = 0;
     int token = prompt_ids[0], pos = 0;
     while (pos < o->steps) {
-        float *logits = decoder_forward(d, &token, pos);
+        float *logits = decoder_forward(d, &token, pos, 1);
         write_logits(logits_out, logits, c->vocab_size);
         // inside the prompt the next token is forced, after it the model chooses
         int next = pos < n_prompt - 1 ? prompt_ids[pos + 1] : sample(sampler, logits);
@@ -2317,7 +2324,7 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
         int from_prompt = user_idx < n_prompt;
         token = from_prompt ? prompt_ids[user_idx++] : next;
         if (!from_prompt && token == c->eos_id) user_turn = 1;  // ChatML prompts contain eos themselves
-        float *logits = decoder_forward(d, &token, pos);
+        float *logits = decoder_forward(d, &token, pos, 1);
         next = sample(sampler, logits);
         pos++;
         if (user_idx >= n_prompt && next != c->eos_id) {
@@ -2424,12 +2431,12 @@ static void perplexity(Runtime *rt, const Options *o) {
         // window: bos, ids[start .. start+len-1]; step j predicts ids[start + j]
         int token = c->bos_id;
         for (int j = 0; j <= len; j++) {
-            float *logits = decoder_forward(d, &token, j);
+            float *logits = decoder_forward(d, &token, j, 1);
             write_logits(logits_out, logits, c->vocab_size);
             if (j == len) break;  // the last token's prediction lies outside the window
             int target = ids[start + j];
             nll -= log_prob(logits, c->vocab_size, target);
-            if (ref) kl += kl_divergence(decoder_forward(ref, &token, j), logits, c->vocab_size);
+            if (ref) kl += kl_divergence(decoder_forward(ref, &token, j, 1), logits, c->vocab_size);
             scored++;
             token = target;
         }
@@ -2457,7 +2464,9 @@ static void perplexity(Runtime *rt, const Options *o) {
 
 /* Decode speed at context L: positions 0 .. L-n-1 of every sequence's cache are filled with
    random keys and values (not timed), then n decode steps run at positions L-n .. L-1 and are
-   timed; the last step attends to all L positions.  -b B runs B sequences side by side. */
+   timed; the last step attends to all L positions.  One sequence feeds back its greedy token;
+   -b B runs B sequences side by side, each fed BOS (the tokens do not change the work, and
+   B rows of logits need not come back to the host). */
 static void benchmark(Runtime *rt, const Options *o) {
     const Config *c = &rt->model.cfg;
     int context = o->length > 0 ? o->length : (c->seq_len < 1024 ? c->seq_len : 1024);
@@ -2472,12 +2481,12 @@ static void benchmark(Runtime *rt, const Options *o) {
     }
     int *tokens = NEW(int, B);
     for (int b = 0; b < B; b++) tokens[b] = c->bos_id;
-    decoder_forward(d, tokens, fill);  // a warm-up step, not timed (the same position again below)
+    decoder_forward(d, tokens, fill, B == 1);  // a warm-up step, not timed (the same position again below)
     decoder_cache_ms(d);
     double start = now_seconds(), cpu_start = cpu_seconds();
     for (int pos = fill; pos < context; pos++) {
-        float *logits = decoder_forward(d, tokens, pos);
-        for (int b = 0; b < B; b++) tokens[b] = argmax(logits + (size_t)b * c->vocab_size, c->vocab_size);
+        float *logits = decoder_forward(d, tokens, pos, B == 1);
+        if (B == 1) tokens[0] = argmax(logits, c->vocab_size);
     }
     double elapsed = now_seconds() - start, cpu = cpu_seconds() - cpu_start;
     char label[64];

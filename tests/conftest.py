@@ -1,7 +1,8 @@
 """Shared fixtures for the tests of ./run.
 
 The binary under test is $RUN_BIN, or <repo>/run.  Shared test data lives next to the
-repository in <repo>/../shared (models/, data/); tests that need it skip when it is absent.
+repository in <repo>/../shared (models/, data/), or where $CQ_SHARED says; tests that need it
+skip when it is absent.
 """
 
 import os
@@ -13,7 +14,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("CQ_SHARED", str(REPO.parent / "shared")))  # a copy elsewhere: CQ_SHARED
 MODELS = SHARED / "models"
 DATA = SHARED / "data"
 STORIES = MODELS / "stories260K.bin"
@@ -40,6 +41,22 @@ needs_wikitext = pytest.mark.skipif(
 
 def binary_path():
     return Path(os.environ.get("RUN_BIN", str(REPO / "run")))
+
+
+# The GPU program (RUN_BIN=./runcu) runs the same suite.  Its cache types are fp32, fp16 and CQ;
+# for the CPU-only ones it must give a clean error instead.  --kernels ref (the reference
+# attention) is the CPU's: tests that compare against it run ./run (REF_BIN) for that side.
+GPU = binary_path().name.startswith("runcu")
+CPU_ONLY_TYPES = {"q8", "q4", "q2", "q1", "kivi4", "kivi2"}
+
+
+def reference_binary():
+    return Path(os.environ.get("REF_BIN", str(REPO / "run")))
+
+
+def cpu_only(spec):
+    """True when -k spec names a type the GPU program does not have."""
+    return any(t in CPU_ONLY_TYPES for t in spec.split(":"))
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import R, assert_clean_error
+from conftest import GPU, R, Runner, assert_clean_error, cpu_only, reference_binary
 import cache_reference as CR
 
 TOL = 1e-4          # logits, relative (row max |diff| / row max |ref|)
@@ -124,6 +124,13 @@ def run_ppl(run, tmp, model, ids, spec, window=0, length=None, cent=None, kernel
         args += ["--kernels", kernels]
     if kl:
         args += ["--kl"]
+    if GPU and cpu_only(spec):
+        r = run(*args)
+        assert_clean_error(r)
+        assert b"not on the GPU path" in r.stderr, r.stderr
+        pytest.skip("-k %s is CPU-only: the GPU program's clean error was checked" % spec)
+    if GPU and kernels == "ref":
+        run = Runner(reference_binary())
     r = run(*args, check=True)
     lines = r.stdout.decode().strip().splitlines()
     assert len(lines) == 1, r.stdout

@@ -487,14 +487,14 @@ def test_bench(run, rand_tok_model, monkeypatch, threads, batch):
     what the program computes is checked, never how fast the machine was.)"""
     monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
     model, _, _, _, _ = rand_tok_model
-    r = run(model, "-m", "bench", "-l", 64, "-n", 8, "-b", batch, "-k", "q8", check=True)
+    r = run(model, "-m", "bench", "-l", 64, "-n", 8, "-b", batch, "-k", "fp16", check=True)
     f = dict(kv.split("=", 1) for kv in r.stdout.decode().split())
     assert int(f["steps"]) == 8 and int(f["context"]) == 64 and int(f["batch"]) == batch, f
     tok_s, ms = float(f["tok_per_s"]), float(f["ms_per_step"])
     assert tok_s > 0 and abs(1000 * batch / tok_s - ms) < 1e-3 * ms + 0.002, f
     assert 0 <= float(f["cache_ms"]) <= ms, f
     cfg = R.read_checkpoint(model)[0]
-    bytes_per_token = 2 * 8.5 / 8 * cfg["n_kv_heads"] * cfg["head_size"] * cfg["n_layers"]
+    bytes_per_token = 2 * 2 * cfg["n_kv_heads"] * cfg["head_size"] * cfg["n_layers"]  # fp16
     assert abs(float(f["kv_bytes_per_token"]) - bytes_per_token) < 0.1, f
     assert abs(float(f["kv_bytes_total"]) - bytes_per_token * 64 * batch) < 1, f
 

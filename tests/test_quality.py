@@ -16,13 +16,15 @@ import sys
 
 import pytest
 
-from conftest import MODELS, REPO, needs_stories
+from conftest import GPU, MODELS, REPO, needs_stories
 
 sys.path.insert(0, str(REPO / "scripts"))
 import stories_quality as sq  # noqa: E402
 
 pytestmark = [needs_stories, pytest.mark.skipif(os.environ.get("CQ_SKIP_SLOW") == "1",
-                                                reason="slow (export.py centroids); runs in the first pass")]
+                                                reason="slow (export.py centroids); runs in the first pass"),
+              pytest.mark.skipif(GPU, reason="compares with CPU-only types; the GPU program's agreement "
+                                             "with ./run is tests/test_cuda.py's")]
 
 NOISE = 1.002  # perplexities agree to 0.2 % between equivalent caches (fp16 vs fp32 here: 0.0 %)
 

@@ -1,0 +1,149 @@
+"""The GPU program against the CPU program (RUN_BIN=./runcu, REF_BIN=./run): both compute the
+same function, so their outputs must agree to float rounding.  Skipped for the CPU binary.
+
+  * --logits with the fp32 cache: every row within 1e-4 of ./run's (relative to the row's
+    largest logit), on stories260K and, where it is present ($CQ_SMOLLM: a converted
+    SmolLM2-135M checkpoint, with its tokenizer beside it as .tok), on SmolLM2;
+  * greedy generation: ./run's tokens for 200 steps on stories260K and 100 on SmolLM2, with
+    fp32, fp16 and cq4;
+  * -m ppl for every GPU cache type (and K:V mixes, -w) within 0.1 % of ./run on stories260K;
+    on a SmolLM2 window of 2048 tokens within the spread ./run itself shows between 1 and 2
+    threads (twice that spread, or 1e-4 relative where the spread is smaller).
+CQ codebooks are random (cache_reference.random_codebooks): agreement does not need good ones.
+"""
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import GPU, STORIES, TOK512, R, Runner, reference_binary, needs_stories
+
+import cache_reference as CR
+
+pytestmark = pytest.mark.skipif(not GPU, reason="GPU-vs-CPU agreement: RUN_BIN=./runcu only")
+
+SMOLLM = Path(os.environ.get("CQ_SMOLLM", "models/smollm2-135m-instruct.bin"))
+needs_smollm = pytest.mark.skipif(not SMOLLM.is_file(), reason="no SmolLM2 checkpoint at %s ($CQ_SMOLLM)" % SMOLLM)
+
+GPU_TYPES = ["fp32", "fp16", "cq4", "cq2", "cq1", "cq8c10b", "cq2:cq1", "fp16:cq4", "cq4:fp32"]
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    ref = reference_binary()
+    if not ref.is_file():
+        pytest.fail("the CPU program %s is missing (make run, or set REF_BIN)" % ref)
+    return Runner(ref)
+
+
+def model_dir(tmp_path_factory, src, name):
+    """A copy of the checkpoint src with random codebooks for every CQ configuration used here."""
+    d = tmp_path_factory.mktemp(name)
+    model = d / "model.bin"
+    os.symlink(os.path.abspath(src), model)
+    cfg, w = R.read_checkpoint(src)
+    for seed, (c, b) in enumerate([(2, 8), (4, 8), (8, 8), (8, 10)]):
+        CR.write_centroids(CR.default_centroid_path(model, c, b), cfg, w, c, b,
+                           CR.random_codebooks(cfg, c, b, 100 + seed, scale=0.3))
+    return model, cfg
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    if not STORIES.is_file():
+        pytest.skip("shared test data absent: %s" % STORIES)
+    return model_dir(tmp_path_factory, STORIES, "stories")
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory):
+    if not SMOLLM.is_file():
+        pytest.skip("no SmolLM2 checkpoint at %s ($CQ_SMOLLM)" % SMOLLM)
+    return model_dir(tmp_path_factory, SMOLLM, "smollm")
+
+
+def logits_of(runner, model, cfg, ids, spec, tmp, tag, window=0, threads=None):
+    f, lf = tmp / ("ids_%s.txt" % tag), tmp / ("logits_%s.bin" % tag)
+    f.write_text(" ".join(map(str, ids)))
+    args = [model, "-m", "ppl", "-f", f, "--ids", "--logits", lf, "-k", spec] + (["-w", window] if window else [])
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    cmd = [str(runner.binary)] + [str(a) for a in args]
+    r = subprocess.run(cmd, capture_output=True, env=env, timeout=1800)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    line = dict(kv.split("=", 1) for kv in r.stdout.decode().split())
+    return line, np.fromfile(lf, "<f4").reshape(-1, cfg["vocab_size"]).astype(np.float64)
+
+
+def row_error(a, b):
+    return (np.abs(a - b).max(axis=1) / np.abs(b).max(axis=1)).max()
+
+
+def sample_ids(cfg, n, seed):
+    return np.random.default_rng(seed).integers(3, cfg["vocab_size"], size=n).tolist()
+
+
+@pytest.mark.parametrize("which,n", [("stories", 300), ("smollm", 64)])
+def test_fp32_logits_agree(run, cpu, request, tmp, which, n):
+    model, cfg = request.getfixturevalue(which)
+    ids = sample_ids(cfg, n, 1)
+    _, gpu = logits_of(run, model, cfg, ids, "fp32", tmp, "gpu")
+    _, ref = logits_of(cpu, model, cfg, ids, "fp32", tmp, "cpu")
+    assert gpu.shape == ref.shape
+    err = row_error(gpu, ref)
+    assert err <= 1e-4, "%s: --logits -k fp32 differ from ./run by %.3g" % (which, err)
+
+
+@pytest.mark.parametrize("spec", ["fp32", "fp16", "cq4"])
+@pytest.mark.parametrize("which,steps,tok", [("stories", 200, None), ("smollm", 100, "tok")])
+def test_greedy_tokens_agree(run, cpu, request, which, steps, tok, spec):
+    model, cfg = request.getfixturevalue(which)
+    tokenizer = str(TOK512) if tok is None else str(SMOLLM)[:-4] + ".tok"
+    prompt = "Once upon a time" if tok is None else "The history of the city begins"
+    args = [model, "-z", tokenizer, "-t", 0, "-n", steps, "-i", prompt, "-k", spec]
+    g, c = run(*args, check=True), cpu(*args, check=True)
+    assert g.stdout == c.stdout, "%s -k %s: ./runcu generated\n%r\n./run\n%r" % (which, spec, g.stdout, c.stdout)
+
+
+@pytest.mark.parametrize("spec,window", [(t, 0) for t in GPU_TYPES] + [("cq1", 32), ("cq2:fp16", 16), ("fp16", 8)])
+def test_stories_ppl_agrees(run, cpu, stories, tmp, spec, window):
+    model, cfg = stories
+    ids = sample_ids(cfg, 1500, 2)  # three windows of 512
+    g, _ = logits_of(run, model, cfg, ids, spec, tmp, "gpu", window)
+    c, _ = logits_of(cpu, model, cfg, ids, spec, tmp, "cpu", window)
+    rel = abs(float(g["ppl"]) - float(c["ppl"])) / float(c["ppl"])
+    assert rel <= 1e-3, "-k %s -w %d: ppl %s on the GPU, %s on the CPU" % (spec, window, g["ppl"], c["ppl"])
+
+
+@needs_smollm
+def test_smollm_window_ppl_within_cpu_spread(run, cpu, smollm, tmp):
+    """One window of 2048 tokens of SmolLM2 for every GPU type; the CPU runs (1 and 2 threads
+    for each type) go in parallel."""
+    model, cfg = smollm
+    ids = sample_ids(cfg, 2047, 3)
+    f = tmp / "ids.txt"
+    f.write_text(" ".join(map(str, ids)))
+    jobs = {}
+    for spec in GPU_TYPES:
+        for threads in (1, 2):
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            jobs[spec, threads] = subprocess.Popen([str(cpu.binary), str(model), "-m", "ppl", "-f", str(f), "--ids",
+                                                    "-k", spec], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    gpu = {spec: float(dict(kv.split("=", 1) for kv in run(model, "-m", "ppl", "-f", f, "--ids", "-k", spec,
+                                                           check=True).stdout.decode().split())["ppl"])
+           for spec in GPU_TYPES}
+    report, bad = [], []
+    for spec in GPU_TYPES:
+        p = {}
+        for threads in (1, 2):
+            out, err = jobs[spec, threads].communicate(timeout=3000)
+            assert jobs[spec, threads].returncode == 0, err.decode(errors="replace")
+            p[threads] = float(dict(kv.split("=", 1) for kv in out.decode().split())["ppl"])
+        spread = abs(p[1] - p[2])
+        allowed = max(2 * spread, 1e-4 * p[1])
+        report.append("%-8s gpu %.5f cpu(1) %.5f cpu(2) %.5f" % (spec, gpu[spec], p[1], p[2]))
+        if abs(gpu[spec] - p[1]) > allowed:
+            bad.append(spec)
+    print("\n".join(report))
+    assert not bad, "outside the CPU's spread: %s\n%s" % (bad, "\n".join(report))
