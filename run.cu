@@ -23,6 +23,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <type_traits>
 
@@ -248,7 +249,7 @@ __global__ void fill_rows_kernel(T *rows, int n, int slots, int row_elems, size_
    RoPE's angle splits as on the CPU: q . R(t) k = (R(-t0) q) . (R(b) k).  The warp turns its
    queries back by t0 once per 32 positions (qc) and each lane turns its keys by its own b,
    from a 32-row table in shared memory. */
-#define ATTN_THREADS 256
+#define ATTN_THREADS 512
 #define ATTN_WARPS (ATTN_THREADS / 32)
 #define MAX_R 8       // query heads per kv head (H / KVH) that one block serves
 #define TILE 32       // positions a warp scores at once
@@ -278,7 +279,7 @@ struct AttnArgs {
     const float2 *coarse;      // (S / TILE + 1, hs/2): of positions 0, 32, 64, ...
     float *part_o;             // [B][H][n_parts][hs]: unnormalized sums
     float2 *part_ml;           // [B][H][n_parts]: (m, l)
-    size_t off_qc, off_fine, off_kcb, off_scores, off_hist, off_red, off_o, smem;  // shared memory (attention_layout)
+    size_t off_qc, off_fine, off_kcb, off_scores, off_hist, off_red, off_o, off_codes, smem;  // shared memory (attention_layout)
 };
 
 __host__ __device__ static size_t align16(size_t n) { return (n + 15) / 16 * 16; }
@@ -289,6 +290,10 @@ __host__ __device__ static int lanes_per_row(int hs, int elem_bytes) {
     int chunks = hs * elem_bytes / 16;
     return hs * elem_bytes % 16 == 0 && chunks <= 32 && (chunks & (chunks - 1)) == 0 ? chunks : 0;
 }
+
+// Bytes from one staged row of codes to the next: one word more than the row when rows are whole
+// words, so that the 32 lanes reading their own rows hit 32 different banks.
+__host__ __device__ static size_t code_stride(size_t row_bytes) { return row_bytes % 4 ? row_bytes : row_bytes + 4; }
 
 // The shared-memory layout of one block: queries, then what the modes need, for P positions.
 static void attention_layout(AttnArgs *a, int km, int vm, int cb_bytes) {
@@ -304,6 +309,11 @@ static void attention_layout(AttnArgs *a, int km, int vm, int cb_bytes) {
         if (lpr) off += align16((size_t)(ATTN_THREADS / lpr) * a->R * a->hs * 4);  // row groups' sums
     }
     a->off_o = off; off += align16((size_t)a->R * a->hs * 4);             // phase 3's output (R, hs)
+    a->off_codes = off;  // per warp, two tiles of CQ code rows (phases 1 and 3 in turn)
+    size_t stride = 0;
+    if (km == KM_CQ) stride = code_stride(a->krow_bytes);
+    if ((vm == VM_HIST || vm == VM_GATHER) && code_stride(a->vrow_bytes) > stride) stride = code_stride(a->vrow_bytes);
+    off += align16((size_t)ATTN_WARPS * 2 * TILE * stride);
     a->smem = off + 32 * 4;                                               // and 32 floats for reductions
 }
 
@@ -330,48 +340,69 @@ __device__ float to_float(__half x) { return __half2float(x); }
 
 __device__ int code_at(const uint8_t *row, int g, int wide) { return wide ? ((const uint16_t *)row)[g] : row[g]; }
 
+/* Starts copying the code rows of n <= 32 consecutive positions (contiguous in the cache) into a
+   warp's tile buffer, `stride` bytes a row: asynchronously (cp.async, 4-byte words) where the rows
+   are whole words, else byte by byte.  Without it each lane read its position's codes one group at
+   a time from global memory, a chain of dependent loads (LLaMA-2-7B's layer, cq1, 64K: 1225 us). */
+__device__ void stage_codes(uint8_t *dst, const uint8_t *src, size_t row_bytes, int n, int lane) {
+    size_t stride = code_stride(row_bytes);
+    if (row_bytes % 4 == 0) {
+        int rw = (int)(row_bytes / 4), words = n * rw;
+        for (int w = lane; w < words; w += 32)
+            __pipeline_memcpy_async(dst + (w / rw) * stride + (w % rw) * 4, src + (size_t)w * 4, 4);
+    } else {
+        for (int i = lane; i < n * (int)row_bytes; i += 32) dst[(i / row_bytes) * stride + i % row_bytes] = src[i];
+    }
+    __pipeline_commit();
+}
+
+/* A warp's walk over the 32-position tiles t0 = first, first + step, ... below hi, with the next
+   tile's codes on their way while the current one is computed: body(t0, n, codes of its lane). */
+template <typename Body>
+__device__ void for_each_tile(const AttnArgs &a, const uint8_t *rows, size_t row_bytes, int b, int kvh, int first,
+                              int step, int hi, uint8_t *buf, Body body) {
+    int lane = threadIdx.x % 32;
+    size_t stride = code_stride(row_bytes), tile_bytes = TILE * stride;
+    auto src = [&](int t) { return rows + row_index(b, a.layer, kvh, t, a.L, a.KVH, a.slots) * row_bytes; };
+    if (first < hi) stage_codes(buf, src(first), row_bytes, min(TILE, hi - first), lane);
+    for (int t0 = first, i = 0; t0 < hi; t0 += step, i++) {
+        int next = t0 + step;
+        if (next < hi) stage_codes(buf + ((i + 1) & 1) * tile_bytes, src(next), row_bytes, min(TILE, hi - next), lane);
+        if (next < hi) __pipeline_wait_prior(1);
+        else __pipeline_wait_prior(0);
+        __syncwarp();
+        body(t0, min(TILE, hi - t0), buf + (i & 1) * tile_bytes + lane * stride);
+        __syncwarp();  // the buffer is refilled two tiles on
+    }
+}
+
 /* Phase 1 for CQ keys: the scores of positions [lo, hi) into sc (R, P).  C: the group size as a
    constant (2, 4, 8), or 0 for any c (c = 1 splits RoPE pairs between groups). */
 template <int C, typename CBT>
 __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *qs, float *qc_all,
-                              const float2 *fine, const CBT *cbk, float *sc) {
+                              const float2 *fine, const CBT *cbk, float *sc, uint8_t *codes_all) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, hp = a.hs / 2, K = a.kK, c = C ? C : a.kc;
     float *qc = qc_all + (size_t)warp * a.R * a.hs;
-    for (int t0 = lo + warp * TILE; t0 < hi; t0 += ATTN_WARPS * TILE) {
+    uint8_t *buf = codes_all + (size_t)warp * 2 * TILE * code_stride(a.krow_bytes);
+    for_each_tile(a, a.krows, a.krow_bytes, b, kvh, lo + warp * TILE, ATTN_WARPS * TILE, hi, buf,
+                  [&](int t0, int n, const uint8_t *codes) {
         const float2 *cs = a.coarse + (size_t)(t0 / TILE) * hp;  // qc = R(-t0) q
         for (int i = lane; i < a.R * hp; i += 32) {
             float2 x = ((const float2 *)qs)[i], r = cs[i % hp];
             ((float2 *)qc)[i] = make_float2(x.x * r.x + x.y * r.y, x.y * r.x - x.x * r.y);
         }
         __syncwarp();
-        int t = t0 + lane;
-        if (t < hi) {
-            const uint8_t *codes = a.krows + row_index(b, a.layer, kvh, t, a.L, a.KVH, a.slots) * a.krow_bytes;
-            const float2 *f = fine + (size_t)lane * (hp + 1);
-            float s[MAX_R] = {0};
-            if constexpr (C >= 2) {
-                for (int g = 0; g < a.kG; g++) {
-                    const CBT *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
+        if (lane >= n) return;
+        const float2 *f = fine + (size_t)lane * (hp + 1);
+        float s[MAX_R] = {0};
+        if constexpr (C >= 2) {
+            for (int g = 0; g < a.kG; g++) {
+                const CBT *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
 #pragma unroll
-                    for (int jp = 0; jp < C / 2; jp++) {
-                        int p = g * (C / 2) + jp;
-                        float2 x = load_pair(cent + 2 * jp), r = f[p];
-                        float k0 = x.x * r.x - x.y * r.y, k1 = x.x * r.y + x.y * r.x;  // R(b) applied to the pair
-#pragma unroll
-                        for (int h = 0; h < MAX_R; h++)
-                            if (h < a.R) {
-                                float2 qq = ((const float2 *)qc)[h * hp + p];
-                                s[h] += qq.x * k0 + qq.y * k1;
-                            }
-                    }
-                }
-            } else {
-                for (int p = 0; p < hp; p++) {
-                    int g0 = 2 * p / c, g1 = (2 * p + 1) / c;
-                    float x0 = to_float(cbk[((size_t)g0 * K + code_at(codes, g0, a.kwide)) * c + (2 * p) % c]);
-                    float x1 = to_float(cbk[((size_t)g1 * K + code_at(codes, g1, a.kwide)) * c + (2 * p + 1) % c]);
-                    float2 r = f[p];
-                    float k0 = x0 * r.x - x1 * r.y, k1 = x0 * r.y + x1 * r.x;
+                for (int jp = 0; jp < C / 2; jp++) {
+                    int p = g * (C / 2) + jp;
+                    float2 x = load_pair(cent + 2 * jp), r = f[p];
+                    float k0 = x.x * r.x - x.y * r.y, k1 = x.x * r.y + x.y * r.x;  // R(b) applied to the pair
 #pragma unroll
                     for (int h = 0; h < MAX_R; h++)
                         if (h < a.R) {
@@ -380,12 +411,25 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
                         }
                 }
             }
+        } else {
+            for (int p = 0; p < hp; p++) {
+                int g0 = 2 * p / c, g1 = (2 * p + 1) / c;
+                float x0 = to_float(cbk[((size_t)g0 * K + code_at(codes, g0, a.kwide)) * c + (2 * p) % c]);
+                float x1 = to_float(cbk[((size_t)g1 * K + code_at(codes, g1, a.kwide)) * c + (2 * p + 1) % c]);
+                float2 r = f[p];
+                float k0 = x0 * r.x - x1 * r.y, k1 = x0 * r.y + x1 * r.x;
 #pragma unroll
-            for (int h = 0; h < MAX_R; h++)
-                if (h < a.R) sc[(size_t)h * a.P + (t - lo)] = s[h];
+                for (int h = 0; h < MAX_R; h++)
+                    if (h < a.R) {
+                        float2 qq = ((const float2 *)qc)[h * hp + p];
+                        s[h] += qq.x * k0 + qq.y * k1;
+                    }
+            }
         }
-        __syncwarp();  // qc is rewritten for the next tile
-    }
+#pragma unroll
+        for (int h = 0; h < MAX_R; h++)
+            if (h < a.R) sc[(size_t)h * a.P + (t0 + lane - lo)] = s[h];
+    });
 }
 
 // The row of position t (cache rows or the window's ring).
@@ -409,29 +453,33 @@ __device__ void row_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi
         }
         return;
     }
-    const int VEC = 16 / sizeof(T);
+    const int VEC = 16 / sizeof(T), U = 4;  // U rows per lane group in flight at once
     int lane = threadIdx.x % 32, part = lane % lpr, rows_per_warp = 32 / lpr;
-    for (int t0 = lo + (threadIdx.x / 32) * rows_per_warp; t0 < hi; t0 += ATTN_WARPS * rows_per_warp) {
-        int t = t0 + lane / lpr;
-        float x[16 / sizeof(T)], s[MAX_R] = {0};
-        if (t < hi) {
-            uint4 raw = *(const uint4 *)(row_at(a.krows, a.krow_bytes, a, b, kvh, t) + part * 16);
-            const T *v = (const T *)&raw;
+    for (int t0 = lo + (threadIdx.x / 32) * rows_per_warp * U; t0 < hi; t0 += ATTN_WARPS * rows_per_warp * U) {
+        uint4 raw[U];
 #pragma unroll
-            for (int e = 0; e < VEC; e++) x[e] = to_float(v[e]);
+        for (int u = 0; u < U; u++) {
+            int t = t0 + u * rows_per_warp + lane / lpr;
+            raw[u] = t < hi ? *(const uint4 *)(row_at(a.krows, a.krow_bytes, a, b, kvh, t) + part * 16) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int t = t0 + u * rows_per_warp + lane / lpr;
+            const T *v = (const T *)&raw[u];
+            float s[MAX_R] = {0};
 #pragma unroll
             for (int h = 0; h < MAX_R; h++)
                 if (h < a.R)
 #pragma unroll
-                    for (int e = 0; e < VEC; e++) s[h] += qs[h * a.hs + part * VEC + e] * x[e];
-        }
-#pragma unroll
-        for (int h = 0; h < MAX_R; h++)
-            for (int o = lpr / 2; o > 0; o >>= 1) s[h] += __shfl_xor_sync(0xffffffffu, s[h], o);
-        if (t < hi && part == 0)
+                    for (int e = 0; e < VEC; e++) s[h] += qs[h * a.hs + part * VEC + e] * to_float(v[e]);
 #pragma unroll
             for (int h = 0; h < MAX_R; h++)
-                if (h < a.R) sc[(size_t)h * a.P + (t - lo)] = s[h];
+                for (int o = lpr / 2; o > 0; o >>= 1) s[h] += __shfl_xor_sync(0xffffffffu, s[h], o);
+            if (t < hi && part == 0)
+#pragma unroll
+                for (int h = 0; h < MAX_R; h++)
+                    if (h < a.R) sc[(size_t)h * a.P + (t - lo)] = s[h];
+        }
     }
 }
 
@@ -451,17 +499,28 @@ __device__ void row_value_sums(const AttnArgs &a, int b, int kvh, int lo, int hi
     }
     const int VEC = 16 / sizeof(T);
     int groups = ATTN_THREADS / lpr, group = threadIdx.x / lpr, part = threadIdx.x % lpr;
+    const int U = 4;  // rows in flight at once
     float acc[MAX_R][16 / sizeof(T)] = {{0}};
-    for (int t = lo + group; t < hi; t += groups) {
-        uint4 raw = *(const uint4 *)(row_at(a.vrows, a.vrow_bytes, a, b, kvh, t) + part * 16);
-        const T *v = (const T *)&raw;
+    for (int t0 = lo + group; t0 < hi; t0 += groups * U) {
+        uint4 raw[U];
 #pragma unroll
-        for (int h = 0; h < MAX_R; h++)
-            if (h < a.R) {
-                float w = sc[(size_t)h * a.P + (t - lo)];
+        for (int u = 0; u < U; u++) {
+            int t = t0 + u * groups;
+            raw[u] = t < hi ? *(const uint4 *)(row_at(a.vrows, a.vrow_bytes, a, b, kvh, t) + part * 16) : make_uint4(0, 0, 0, 0);
+        }
 #pragma unroll
-                for (int e = 0; e < VEC; e++) acc[h][e] += w * to_float(v[e]);
-            }
+        for (int u = 0; u < U; u++) {
+            int t = t0 + u * groups;
+            if (t >= hi) break;
+            const T *v = (const T *)&raw[u];
+#pragma unroll
+            for (int h = 0; h < MAX_R; h++)
+                if (h < a.R) {
+                    float w = sc[(size_t)h * a.P + (t - lo)];
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) acc[h][e] += w * to_float(v[e]);
+                }
+        }
     }
 #pragma unroll
     for (int h = 0; h < MAX_R; h++)
@@ -477,17 +536,21 @@ __device__ void row_value_sums(const AttnArgs &a, int b, int kvh, int lo, int hi
 }
 
 // Phase 3 for CQ values, through histograms of the weights (see the comment above ATTN_THREADS).
-__device__ void cq_value_hist(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *sc, float *hist, float *o) {
-    int n_bins = a.R * a.vG * a.vK;
+__device__ void cq_value_hist(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *sc, float *hist, float *o,
+                              uint8_t *codes_all) {
+    int n_bins = a.R * a.vG * a.vK, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int i = threadIdx.x; i < n_bins; i += ATTN_THREADS) hist[i] = 0.0f;
     __syncthreads();
-    for (int t = lo + threadIdx.x; t < hi; t += ATTN_THREADS) {
-        const uint8_t *codes = row_at(a.vrows, a.vrow_bytes, a, b, kvh, t);
+    uint8_t *buf = codes_all + (size_t)warp * 2 * TILE * code_stride(a.vrow_bytes);
+    for_each_tile(a, a.vrows, a.vrow_bytes, b, kvh, lo + warp * TILE, ATTN_WARPS * TILE, hi, buf,
+                  [&](int t0, int n, const uint8_t *codes) {
+        if (lane >= n) return;
         for (int g = 0; g < a.vG; g++) {
             int code = code_at(codes, g, a.vwide);
-            for (int h = 0; h < a.R; h++) atomicAdd(&hist[((size_t)h * a.vG + g) * a.vK + code], sc[(size_t)h * a.P + (t - lo)]);
+            for (int h = 0; h < a.R; h++)
+                atomicAdd(&hist[((size_t)h * a.vG + g) * a.vK + code], sc[(size_t)h * a.P + (t0 + lane - lo)]);
         }
-    }
+    });
     __syncthreads();
     const float *cb = a.vcb + ((size_t)a.layer * a.KVH + kvh) * a.vG * a.vK * a.vc;  // this kv head's groups
     for (int k = threadIdx.x; k < a.R * a.hs; k += ATTN_THREADS) {
@@ -519,6 +582,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
     float *qs = (float *)smem, *qc = (float *)(smem + a.off_qc), *sc = (float *)(smem + a.off_scores);
     float2 *fine = (float2 *)(smem + a.off_fine);
     float *hist = (float *)(smem + a.off_hist), *red = (float *)(smem + a.off_red), *o_s = (float *)(smem + a.off_o);
+    uint8_t *codes = (uint8_t *)(smem + a.off_codes);
     float *red32 = (float *)(smem + a.smem - 128);
     int kvh = blockIdx.y, n = a.pos[0] + 1, hp = a.hs / 2;
     int seg_lo = a.segment ? (n - a.W > 0 ? n - a.W : 0) : 0;
@@ -552,7 +616,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
             continue;
         }
         // 1. scores
-        if constexpr (KM == KM_CQ) cq_key_scores<C, CBT>(a, b, kvh, lo, hi, qs, qc, fine, cbk, sc);
+        if constexpr (KM == KM_CQ) cq_key_scores<C, CBT>(a, b, kvh, lo, hi, qs, qc, fine, cbk, sc, codes);
         else row_key_scores<typename std::conditional<KM == KM_ROWS32, float, __half>::type>(a, b, kvh, lo, hi, qs, sc);
         __syncthreads();
         // 2. the block's softmax, head by head
@@ -570,7 +634,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
         // 3. weighted values into o_s (R, hs)
         if constexpr (VM == VM_ROWS32) row_value_sums<float>(a, b, kvh, lo, hi, sc, red, o_s);
         else if constexpr (VM == VM_ROWS16) row_value_sums<__half>(a, b, kvh, lo, hi, sc, red, o_s);
-        else if constexpr (VM == VM_HIST) cq_value_hist(a, b, kvh, lo, hi, sc, hist, o_s);
+        else if constexpr (VM == VM_HIST) cq_value_hist(a, b, kvh, lo, hi, sc, hist, o_s, codes);
         else cq_value_gather(a, b, kvh, lo, hi, sc, o_s);
         __syncthreads();
         for (int k = threadIdx.x; k < a.R * a.hs; k += ATTN_THREADS)
@@ -840,12 +904,12 @@ static void init_segment(Decoder *d, Segment *g, int segment) {
     CUDA_CHECK(cudaFuncSetAttribute(g->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)d->smem_optin));
 }
 
-/* Positions per block, and blocks per kv head, for a segment of n positions: about two blocks per
+/* Positions per block, and blocks per kv head, for a segment of n positions: about four blocks per
    SM in all.  The blocks cover the next power of two of n (those past n leave an empty partial),
    so that the split, and with it the step's graph, changes only when n crosses a power of two. */
 static int split_target(const Decoder *d, const Segment *g) {
     int units = d->model->cfg.n_kv_heads * ((d->B + g->args.seqs_per_block - 1) / g->args.seqs_per_block);
-    return 2 * d->sms / units > 1 ? 2 * d->sms / units : 1;
+    return 4 * d->sms / units > 1 ? 4 * d->sms / units : 1;
 }
 
 static void choose_split(const Decoder *d, Segment *g, int n) {

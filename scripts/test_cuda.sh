@@ -40,7 +40,7 @@ sanitize() {  # tool: one line per run into $LOGS/sanitizer_<tool>.rows
             compute-sanitizer --tool $tool --error-exitcode 9 ./runcu "$M" -z "$SHARED/models/tok512.bin" \
                 -k $spec -w $w -t 0 -n 20 >"$log" 2>&1
         else  # no shared data: a random model (CQ gets random codebooks)
-            compute-sanitizer --tool $tool --error-exitcode 9 ./runcu random:dim=64,heads=8,kv_heads=4,layers=2,vocab=64,seq_len=64 \
+            compute-sanitizer --tool $tool --error-exitcode 9 ./runcu random:dim=64,hidden=128,heads=8,kv_heads=4,layers=2,vocab=64,seq_len=64 \
                 -m bench -k $spec -w $w -l 40 -n 4 >"$log" 2>&1
         fi
         rc=$?
