@@ -299,7 +299,7 @@ __host__ __device__ static size_t code_stride(size_t row_bytes) { return row_byt
 static void attention_layout(AttnArgs *a, int km, int vm, int cb_bytes) {
     size_t off = align16((size_t)a->R * a->hs * 4);                      // q, scaled: (R, hs)
     a->off_qc = off;  if (km == KM_CQ) off += align16((size_t)ATTN_WARPS * a->R * a->hs * 4);  // per warp
-    a->off_fine = off; if (km == KM_CQ) off += align16((size_t)TILE * (a->hs / 2 + 1) * 8);  // padded rows
+    a->off_fine = off; if (km == KM_CQ) off += align16((size_t)TILE * (a->hs / 2 + 2) * 8);  // padded rows (fine_row)
     a->off_kcb = off;  if (km == KM_CQ && a->stage_k) off += align16((size_t)a->hs * a->kK * cb_bytes);
     a->off_scores = off; off += align16((size_t)a->R * a->P * 4);
     a->off_hist = off; if (vm == VM_HIST) off += align16((size_t)a->R * a->vG * a->vK * 4);
@@ -332,9 +332,20 @@ __device__ float block_max(float v, float *shared32) {
     return m;
 }
 
+/* The fine RoPE table's rows in shared memory are padded to an even number of pairs plus two, so
+   that a lane's 16-byte reads of two pairs land on other banks than its neighbours'. */
+__host__ __device__ static int fine_row(int hp) { return (hp + 1) / 2 * 2 + 2; }
+
 template <typename T> __device__ float2 load_pair(const T *p);
 template <> __device__ float2 load_pair<float>(const float *p) { return *(const float2 *)p; }
 template <> __device__ float2 load_pair<__half>(const __half *p) { return __half22float2(*(const __half2 *)p); }
+template <typename T> __device__ float4 load_quad(const T *p);  // two pairs
+template <> __device__ float4 load_quad<float>(const float *p) { return *(const float4 *)p; }
+template <> __device__ float4 load_quad<__half>(const __half *p) {
+    uint2 u = *(const uint2 *)p;
+    float2 a = __half22float2(*(const __half2 *)&u.x), b = __half22float2(*(const __half2 *)&u.y);
+    return make_float4(a.x, a.y, b.x, b.y);
+}
 __device__ float to_float(float x) { return x; }
 __device__ float to_float(__half x) { return __half2float(x); }
 
@@ -393,9 +404,26 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
         }
         __syncwarp();
         if (lane >= n) return;
-        const float2 *f = fine + (size_t)lane * (hp + 1);
+        const float2 *f = fine + (size_t)lane * fine_row(hp);
         float s[MAX_R] = {0};
-        if constexpr (C >= 2) {
+        if constexpr (C >= 4) {  // two pairs at a time: 16-byte reads of the fine angles and the queries
+            for (int g = 0; g < a.kG; g++) {
+                const CBT *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
+#pragma unroll
+                for (int jq = 0; jq < C / 4; jq++) {
+                    int p = g * (C / 2) + 2 * jq;
+                    float4 x = load_quad(cent + 4 * jq), r = *(const float4 *)(f + p);
+                    float k0 = x.x * r.x - x.y * r.y, k1 = x.x * r.y + x.y * r.x;  // R(b) applied to pair p
+                    float k2 = x.z * r.z - x.w * r.w, k3 = x.z * r.w + x.w * r.z;  // and to pair p + 1
+#pragma unroll
+                    for (int h = 0; h < MAX_R; h++)
+                        if (h < a.R) {
+                            float4 qq = *(const float4 *)(qc + (size_t)h * a.hs + 2 * p);
+                            s[h] += qq.x * k0 + qq.y * k1 + qq.z * k2 + qq.w * k3;
+                        }
+                }
+            }
+        } else if constexpr (C == 2) {
             for (int g = 0; g < a.kG; g++) {
                 const CBT *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
 #pragma unroll
@@ -590,7 +618,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
     int lo = seg_lo + blockIdx.x * a.P, hi = lo + a.P < seg_hi ? lo + a.P : seg_hi;
     const CBT *cbk = NULL;
     if constexpr (KM == KM_CQ) {  // this kv head's fine RoPE table and key codebook, once for all sequences
-        for (int i = threadIdx.x; i < TILE * hp; i += ATTN_THREADS) fine[(i / hp) * (hp + 1) + i % hp] = a.fine[i];
+        for (int i = threadIdx.x; i < TILE * hp; i += ATTN_THREADS) fine[(i / hp) * fine_row(hp) + i % hp] = a.fine[i];
         const CBT *src = (const CBT *)a.kcb + ((size_t)a.layer * a.KVH + kvh) * a.hs * a.kK;
         cbk = src;
         if (a.stage_k && hi > lo) {
