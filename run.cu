@@ -389,7 +389,7 @@ __device__ void for_each_tile(const AttnArgs &a, const uint8_t *rows, size_t row
 
 /* Phase 1 for CQ keys: the scores of positions [lo, hi) into sc (R, P).  C: the group size as a
    constant (2, 4, 8), or 0 for any c (c = 1 splits RoPE pairs between groups). */
-template <int C, typename CBT>
+template <int C, typename CBT, int RM>
 __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *qs, float *qc_all,
                               const float2 *fine, const CBT *cbk, float *sc, uint8_t *codes_all) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, hp = a.hs / 2, K = a.kK, c = C ? C : a.kc;
@@ -405,7 +405,7 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
         __syncwarp();
         if (lane >= n) return;
         const float2 *f = fine + (size_t)lane * fine_row(hp);
-        float s[MAX_R] = {0};
+        float s[RM] = {0};
         if constexpr (C >= 4) {  // two pairs at a time: 16-byte reads of the fine angles and the queries
             for (int g = 0; g < a.kG; g++) {
                 const CBT *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
@@ -416,7 +416,7 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
                     float k0 = x.x * r.x - x.y * r.y, k1 = x.x * r.y + x.y * r.x;  // R(b) applied to pair p
                     float k2 = x.z * r.z - x.w * r.w, k3 = x.z * r.w + x.w * r.z;  // and to pair p + 1
 #pragma unroll
-                    for (int h = 0; h < MAX_R; h++)
+                    for (int h = 0; h < RM; h++)
                         if (h < a.R) {
                             float4 qq = *(const float4 *)(qc + (size_t)h * a.hs + 2 * p);
                             s[h] += qq.x * k0 + qq.y * k1 + qq.z * k2 + qq.w * k3;
@@ -432,7 +432,7 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
                     float2 x = load_pair(cent + 2 * jp), r = f[p];
                     float k0 = x.x * r.x - x.y * r.y, k1 = x.x * r.y + x.y * r.x;  // R(b) applied to the pair
 #pragma unroll
-                    for (int h = 0; h < MAX_R; h++)
+                    for (int h = 0; h < RM; h++)
                         if (h < a.R) {
                             float2 qq = ((const float2 *)qc)[h * hp + p];
                             s[h] += qq.x * k0 + qq.y * k1;
@@ -447,7 +447,7 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
                 float2 r = f[p];
                 float k0 = x0 * r.x - x1 * r.y, k1 = x0 * r.y + x1 * r.x;
 #pragma unroll
-                for (int h = 0; h < MAX_R; h++)
+                for (int h = 0; h < RM; h++)
                     if (h < a.R) {
                         float2 qq = ((const float2 *)qc)[h * hp + p];
                         s[h] += qq.x * k0 + qq.y * k1;
@@ -455,7 +455,7 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
             }
         }
 #pragma unroll
-        for (int h = 0; h < MAX_R; h++)
+        for (int h = 0; h < RM; h++)
             if (h < a.R) sc[(size_t)h * a.P + (t0 + lane - lo)] = s[h];
     });
 }
@@ -467,7 +467,7 @@ __device__ const uint8_t *row_at(const uint8_t *rows, size_t row_bytes, const At
 }
 
 // Phase 1 for fp32/fp16 rows: a group of lanes_per_row lanes per row, each one 16-byte chunk.
-template <typename T>
+template <typename T, int RM>
 __device__ void row_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *qs, float *sc) {
     int lpr = lanes_per_row(a.hs, sizeof(T));
     if (lpr == 0) {  // any head size: one thread per position
@@ -494,25 +494,25 @@ __device__ void row_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi
         for (int u = 0; u < U; u++) {
             int t = t0 + u * rows_per_warp + lane / lpr;
             const T *v = (const T *)&raw[u];
-            float s[MAX_R] = {0};
+            float s[RM] = {0};
 #pragma unroll
-            for (int h = 0; h < MAX_R; h++)
+            for (int h = 0; h < RM; h++)
                 if (h < a.R)
 #pragma unroll
                     for (int e = 0; e < VEC; e++) s[h] += qs[h * a.hs + part * VEC + e] * to_float(v[e]);
 #pragma unroll
-            for (int h = 0; h < MAX_R; h++)
+            for (int h = 0; h < RM; h++)
                 for (int o = lpr / 2; o > 0; o >>= 1) s[h] += __shfl_xor_sync(0xffffffffu, s[h], o);
             if (t < hi && part == 0)
 #pragma unroll
-                for (int h = 0; h < MAX_R; h++)
+                for (int h = 0; h < RM; h++)
                     if (h < a.R) sc[(size_t)h * a.P + (t - lo)] = s[h];
         }
     }
 }
 
 // Phase 3 for fp32/fp16 rows: o (R, hs) = sum_t w_t v_t; row groups of lanes_per_row threads.
-template <typename T>
+template <typename T, int RM>
 __device__ void row_value_sums(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *sc, float *red, float *o) {
     int lpr = lanes_per_row(a.hs, sizeof(T));
     if (lpr == 0) {  // any head size: one thread per output channel
@@ -528,7 +528,7 @@ __device__ void row_value_sums(const AttnArgs &a, int b, int kvh, int lo, int hi
     const int VEC = 16 / sizeof(T);
     int groups = ATTN_THREADS / lpr, group = threadIdx.x / lpr, part = threadIdx.x % lpr;
     const int U = 4;  // rows in flight at once
-    float acc[MAX_R][16 / sizeof(T)] = {{0}};
+    float acc[RM][16 / sizeof(T)] = {{0}};
     for (int t0 = lo + group; t0 < hi; t0 += groups * U) {
         uint4 raw[U];
 #pragma unroll
@@ -542,7 +542,7 @@ __device__ void row_value_sums(const AttnArgs &a, int b, int kvh, int lo, int hi
             if (t >= hi) break;
             const T *v = (const T *)&raw[u];
 #pragma unroll
-            for (int h = 0; h < MAX_R; h++)
+            for (int h = 0; h < RM; h++)
                 if (h < a.R) {
                     float w = sc[(size_t)h * a.P + (t - lo)];
 #pragma unroll
@@ -551,7 +551,7 @@ __device__ void row_value_sums(const AttnArgs &a, int b, int kvh, int lo, int hi
         }
     }
 #pragma unroll
-    for (int h = 0; h < MAX_R; h++)
+    for (int h = 0; h < RM; h++)
         if (h < a.R)
 #pragma unroll
             for (int e = 0; e < VEC; e++) red[((size_t)group * a.R + h) * a.hs + part * VEC + e] = acc[h][e];
@@ -603,7 +603,8 @@ __device__ void cq_value_gather(const AttnArgs &a, int b, int kvh, int lo, int h
     }
 }
 
-template <int KM, int VM, int C, typename CBT>
+// RM: the most query heads per kv head the instance serves (1, 4 or 8): its register arrays' size.
+template <int KM, int VM, int C, typename CBT, int RM>
 __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
     extern __shared__ float4 smem4[];
     char *smem = (char *)smem4;
@@ -644,11 +645,11 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
             continue;
         }
         // 1. scores
-        if constexpr (KM == KM_CQ) cq_key_scores<C, CBT>(a, b, kvh, lo, hi, qs, qc, fine, cbk, sc, codes);
-        else row_key_scores<typename std::conditional<KM == KM_ROWS32, float, __half>::type>(a, b, kvh, lo, hi, qs, sc);
+        if constexpr (KM == KM_CQ) cq_key_scores<C, CBT, RM>(a, b, kvh, lo, hi, qs, qc, fine, cbk, sc, codes);
+        else row_key_scores<typename std::conditional<KM == KM_ROWS32, float, __half>::type, RM>(a, b, kvh, lo, hi, qs, sc);
         __syncthreads();
         // 2. the block's softmax, head by head
-        float ml_m[MAX_R], ml_l[MAX_R];
+        float ml_m[RM], ml_l[RM];
         for (int h = 0; h < a.R; h++) {
             float *s = sc + (size_t)h * a.P, m = -INFINITY;
             for (int i = threadIdx.x; i < hi - lo; i += ATTN_THREADS) m = fmaxf(m, s[i]);
@@ -660,8 +661,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
         }
         __syncthreads();
         // 3. weighted values into o_s (R, hs)
-        if constexpr (VM == VM_ROWS32) row_value_sums<float>(a, b, kvh, lo, hi, sc, red, o_s);
-        else if constexpr (VM == VM_ROWS16) row_value_sums<__half>(a, b, kvh, lo, hi, sc, red, o_s);
+        if constexpr (VM == VM_ROWS32) row_value_sums<float, RM>(a, b, kvh, lo, hi, sc, red, o_s);
+        else if constexpr (VM == VM_ROWS16) row_value_sums<__half, RM>(a, b, kvh, lo, hi, sc, red, o_s);
         else if constexpr (VM == VM_HIST) cq_value_hist(a, b, kvh, lo, hi, sc, hist, o_s, codes);
         else cq_value_gather(a, b, kvh, lo, hi, sc, o_s);
         __syncthreads();
@@ -695,35 +696,36 @@ __global__ void combine_kernel(float *out, const float *part_o, const float2 *pa
 
 typedef void (*AttnKernel)(AttnArgs);
 
-template <int VM, typename CBT>
-static AttnKernel cq_kernel_for(int c) {
-    switch (c) {  // the common group sizes unrolled; any other through the general loop
-    case 2: return attention_kernel<KM_CQ, VM, 2, CBT>;
-    case 4: return attention_kernel<KM_CQ, VM, 4, CBT>;
-    case 8: return attention_kernel<KM_CQ, VM, 8, CBT>;
-    default: return attention_kernel<KM_CQ, VM, 0, CBT>;
+/* The instances: keys as fp32 rows, fp16 rows or CQ codes, with the group sizes 2, 4, 8 unrolled
+   and any other through the general loop; values as rows, histograms or gathers; each for up to
+   1, 4 or 8 query heads per kv head.  Rarer mixes (CQ keys with row values, gathered values)
+   take the general group loop only. */
+template <int RM>
+static AttnKernel kernel_for(int km, int vm, int c, int cb16) {
+    if (km != KM_CQ) {
+        AttnKernel rows32[4] = {attention_kernel<KM_ROWS32, VM_ROWS32, 0, float, RM>, attention_kernel<KM_ROWS32, VM_ROWS16, 0, float, RM>,
+                                attention_kernel<KM_ROWS32, VM_HIST, 0, float, RM>, attention_kernel<KM_ROWS32, VM_GATHER, 0, float, RM>};
+        AttnKernel rows16[4] = {attention_kernel<KM_ROWS16, VM_ROWS32, 0, float, RM>, attention_kernel<KM_ROWS16, VM_ROWS16, 0, float, RM>,
+                                attention_kernel<KM_ROWS16, VM_HIST, 0, float, RM>, attention_kernel<KM_ROWS16, VM_GATHER, 0, float, RM>};
+        return km == KM_ROWS32 ? rows32[vm] : rows16[vm];
+    }
+    if (vm != VM_HIST) {
+        AttnKernel f[4] = {attention_kernel<KM_CQ, VM_ROWS32, 0, float, RM>, attention_kernel<KM_CQ, VM_ROWS16, 0, float, RM>, NULL,
+                           attention_kernel<KM_CQ, VM_GATHER, 0, float, RM>};
+        AttnKernel h[4] = {attention_kernel<KM_CQ, VM_ROWS32, 0, __half, RM>, attention_kernel<KM_CQ, VM_ROWS16, 0, __half, RM>, NULL,
+                           attention_kernel<KM_CQ, VM_GATHER, 0, __half, RM>};
+        return cb16 ? h[vm] : f[vm];
+    }
+    switch (c) {
+    case 2: return cb16 ? attention_kernel<KM_CQ, VM_HIST, 2, __half, RM> : attention_kernel<KM_CQ, VM_HIST, 2, float, RM>;
+    case 4: return cb16 ? attention_kernel<KM_CQ, VM_HIST, 4, __half, RM> : attention_kernel<KM_CQ, VM_HIST, 4, float, RM>;
+    case 8: return cb16 ? attention_kernel<KM_CQ, VM_HIST, 8, __half, RM> : attention_kernel<KM_CQ, VM_HIST, 8, float, RM>;
+    default: return cb16 ? attention_kernel<KM_CQ, VM_HIST, 0, __half, RM> : attention_kernel<KM_CQ, VM_HIST, 0, float, RM>;
     }
 }
 
-template <int KM>
-static AttnKernel rows_kernel_for(int vm) {
-    switch (vm) {
-    case VM_ROWS32: return attention_kernel<KM, VM_ROWS32, 0, float>;
-    case VM_ROWS16: return attention_kernel<KM, VM_ROWS16, 0, float>;
-    case VM_HIST: return attention_kernel<KM, VM_HIST, 0, float>;
-    default: return attention_kernel<KM, VM_GATHER, 0, float>;
-    }
-}
-
-static AttnKernel attention_kernel_for(int km, int vm, int c, int cb16) {
-    if (km == KM_ROWS32) return rows_kernel_for<KM_ROWS32>(vm);
-    if (km == KM_ROWS16) return rows_kernel_for<KM_ROWS16>(vm);
-    switch (vm) {
-    case VM_ROWS32: return cb16 ? cq_kernel_for<VM_ROWS32, __half>(c) : cq_kernel_for<VM_ROWS32, float>(c);
-    case VM_ROWS16: return cb16 ? cq_kernel_for<VM_ROWS16, __half>(c) : cq_kernel_for<VM_ROWS16, float>(c);
-    case VM_HIST: return cb16 ? cq_kernel_for<VM_HIST, __half>(c) : cq_kernel_for<VM_HIST, float>(c);
-    default: return cb16 ? cq_kernel_for<VM_GATHER, __half>(c) : cq_kernel_for<VM_GATHER, float>(c);
-    }
+static AttnKernel attention_kernel_for(int km, int vm, int c, int cb16, int R) {
+    return R <= 1 ? kernel_for<1>(km, vm, c, cb16) : R <= 4 ? kernel_for<4>(km, vm, c, cb16) : kernel_for<8>(km, vm, c, cb16);
 }
 
 struct Segment {               // one attention launch: the cache rows, or the window
@@ -928,7 +930,7 @@ static void init_segment(Decoder *d, Segment *g, int segment) {
         attention_layout(a, g->km, g->vm, g->cb_bytes);
         if (a->smem > budget) break;
     }
-    g->kernel = attention_kernel_for(g->km, g->vm, a->kc, g->cb_bytes == 2);
+    g->kernel = attention_kernel_for(g->km, g->vm, a->kc, g->cb_bytes == 2, a->R);
     CUDA_CHECK(cudaFuncSetAttribute(g->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)d->smem_optin));
 }
 
