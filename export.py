@@ -1693,11 +1693,6 @@ def cmd_centroids(args):
         raise ExportError("--iters must be >= 0, --seqs >= 1 and --seq-len >= 2")
     if args.self_tokens is not None and args.self_tokens < 2:
         raise ExportError("--self needs at least 2 tokens")
-    most = max(types, key=lambda t: t[2])  # k-means needs a token for each centroid
-    if args.self_tokens is not None and args.self_tokens < 1 << most[2]:
-        raise ExportError(f"--self {args.self_tokens} gives too few tokens for {most[0]}: its "
-                          f"{1 << most[2]} centroids per group need at least {1 << most[2]} "
-                          f"calibration tokens (use --self {max(1 << most[2], 4096)} or more)")
     if args.calib is not None and not args.ids and args.tokenizer is None:
         raise ExportError("--calib TEXTFILE needs the tokenizer (-z TOKENIZER)")
     if args.device != "cpu" and not torch.cuda.is_available():
@@ -1706,6 +1701,11 @@ def cmd_centroids(args):
     cfg, weights = load_checkpoint(args.checkpoint)
     for name, c, b in types:
         parse_cq_type(name, cfg.head_size)
+    most = max(types, key=lambda t: t[2])  # k-means needs a token for each centroid
+    if args.self_tokens is not None and args.self_tokens < 1 << most[2]:
+        raise ExportError(f"--self {args.self_tokens} gives too few tokens for {most[0]}: its "
+                          f"{1 << most[2]} centroids per group need at least {1 << most[2]} "
+                          f"calibration tokens (use --self {max(1 << most[2], 4096)} or more)")
 
     # output paths (checked before the long work)
     outputs = []
