@@ -893,7 +893,7 @@ static int sample_topp(const float *probs, int n, float topp, ProbIndex *cand, f
 
 /* softmax(logits / temperature) in place.  llama2.c divides first and then takes the softmax:
    kept (the samples match llama2.c's bit for bit) whenever no quotient can overflow.  A
-   temperature so small that one would (-t 1e-38 makes logit / t infinite) takes the order that
+   temperature so small that one would (-t 5e-38 makes logit / t infinite) takes the order that
    cannot overflow: (logit - max) / temperature <= 0, in double. */
 static void softmax_temperature(float *x, int n, float temperature) {
     float max = x[0], min = x[0];
@@ -915,8 +915,8 @@ static void softmax_temperature(float *x, int n, float temperature) {
     for (int i = 0; i < n; i++) x[i] = (float)(x[i] / sum);  // sum >= 1: the max gives exp(0)
 }
 
-/* NaN or infinity in the logits comes from the weights (a finite model cannot make them); no
-   sample, argmax or perplexity of them would mean anything. */
+/* NaN or infinity in the logits comes from the weights (NaN, infinity, or values so large that
+   the products overflow); no sample, argmax or perplexity of them would mean anything. */
 static void check_logits(const float *logits, int n) {
     for (int i = 0; i < n; i++)
         if (!is_finite_float(logits[i]))

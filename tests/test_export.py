@@ -363,6 +363,18 @@ def test_tokenizer_rejects_wrong_vocab(tmp_path):
         export.Tokenizer(str(tmp_path / "t.bin"), 299)
 
 
+def test_tokenizer_small_vocabulary_unknown_character(tmp_path):
+    """A vocabulary without <0xHH> pieces: a character it lacks is one <unk> (id 0), as run.c
+    and the reference encode it (export.py refused such text before)."""
+    pieces = [b"<unk>", b"<s>", b"</s>", b" "] + [bytes([c]) for c in b"abcdefghijklmnopqrstuvwxyz0123456789"]
+    rt = R.Tokenizer(pieces, [0.0, 0.0, 0.0] + [-float(i) for i in range(1, 38)])
+    rt.save(tmp_path / "t.bin")
+    tok = export.Tokenizer(str(tmp_path / "t.bin"), 40)
+    assert tok.encode("h\u00e9") == rt.encode("h\u00e9") == [1, 3, 11, 0]
+    for text in ("ab \u20ac\u00e9 z", "\U0001F600", "x\xff"):
+        assert tok.encode(text, bos=False) == rt.encode(text, bos=False), text
+
+
 @needs_stories
 def test_tok512_encoding():
     tok = export.Tokenizer(str(TOK512), 512)
