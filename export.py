@@ -55,6 +55,7 @@ The file is organised in sections (tests import the functions):
 """
 
 import argparse
+import contextlib
 import json
 import heapq
 import math
@@ -121,6 +122,34 @@ def file_size(path, what):
         return os.path.getsize(path)
     except OSError as e:
         raise ExportError(f"cannot open {what} '{path}': {e.strerror}") from None
+
+
+def check_output_file(path):
+    """Refuses an -o that cannot be written, before any conversion work."""
+    if os.path.isdir(path):
+        raise ExportError(f"-o '{path}' is a directory: name the file to write (e.g. "
+                          f"{os.path.join(path, 'out.bin')})")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ExportError(f"cannot write '{path}': the directory '{parent}' does not exist "
+                          "(create it, or choose another -o)")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ExportError(f"cannot write '{path}': permission denied (choose another -o)")
+
+
+@contextlib.contextmanager
+def output_file(path, mode="wb"):
+    """open(path, mode) for writing; a failed open or write is an ExportError and leaves no
+    partial file behind."""
+    try:
+        with open(path, mode) as f:
+            yield f
+    except OSError as e:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        raise ExportError(f"cannot write '{path}': {e.strerror or e}") from None
 
 
 # =============================================================================================
@@ -238,8 +267,11 @@ def _read_tensors(path, cfg, offset, order, size, extra_floats_after=None):
 def load_checkpoint(path):
     """Reads a CQKV, llama2.c legacy or llama2.c version-1 checkpoint -> (Config, weights)."""
     size = file_size(path, "checkpoint")
-    with open(path, "rb") as f:
-        head = f.read(CQKV_HEADER)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(CQKV_HEADER)
+    except OSError as e:
+        raise ExportError(f"cannot read checkpoint '{path}': {e.strerror}") from None
     if len(head) < LEGACY_HEADER:
         raise ExportError(f"checkpoint '{path}' is too small ({size} bytes) to hold a header")
     magic = struct.unpack_from("<I", head, 0)[0]
@@ -277,6 +309,13 @@ def load_checkpoint(path):
 
     # llama2.c legacy: 7 int32, negative vocab_size = separate classifier at the end
     dim, hidden, L, H, KVH, V, T = struct.unpack_from("<7i", head, 0)
+    why = _legacy_header_problem(dim, hidden, L, H, KVH, V, T)
+    if why:  # no magic and no sensible llama2.c header: a text file, random bytes, ...
+        raise ExportError(
+            f"'{path}' is not a checkpoint: it has no CQKV, llama2.c v1 or GGUF magic, and its first "
+            f"28 bytes read as a llama2.c header give dim {dim}, hidden_dim {hidden}, n_layers {L}, "
+            f"n_heads {H}, n_kv_heads {KVH}, vocab_size {V}, seq_len {T} ({why}); give a CQKV, "
+            "llama2.c or GGUF file, or a Hugging Face or Meta directory")
     cfg = Config(dim, hidden, L, H, KVH, abs(V), T, head_size=dim // H if H > 0 else 0,
                  shared_classifier=int(V > 0), fmt="legacy")
     _check_legacy_dims(cfg, path)
@@ -284,6 +323,21 @@ def load_checkpoint(path):
     rope_tables = 2 * cfg.seq_len * (cfg.head_size // 2)
     return cfg, _read_tensors(path, cfg, LEGACY_HEADER, order, size,
                               extra_floats_after=("final_norm", rope_tables))
+
+
+def _legacy_header_problem(dim, hidden, L, H, KVH, V, T):
+    """Why these 7 ints cannot be a llama2.c header (run.c's limits), or None."""
+    if min(dim, hidden, L, H, KVH, T) <= 0 or V == 0 or V == -2**31:
+        return "sizes must be positive"
+    if dim > 1 << 16 or hidden > 1 << 18 or L > 1024 or H > 1024 or abs(V) > 1 << 22 or T > 1 << 22:
+        return "implausibly large"
+    if dim % H:
+        return "dim is not a multiple of n_heads"
+    if H % KVH:
+        return "n_heads is not a multiple of n_kv_heads"
+    if (dim // H) % 2:
+        return "the head size is odd"
+    return None
 
 
 def _check_legacy_dims(cfg, path):
@@ -306,7 +360,7 @@ def write_checkpoint(path, cfg, weights, fmt="cqkv"):
         if tuple(np.shape(weights[name])) != shapes[name]:
             raise ExportError(f"tensor {name} has shape {np.shape(weights[name])}, "
                               f"expected {shapes[name]}")
-    with open(path, "wb") as f:
+    with output_file(path) as f:
         if fmt == "cqkv":
             head = struct.pack("<Ii8i2f5i", CQKV_MAGIC, 1, cfg.dim, cfg.hidden_dim, cfg.n_layers,
                                cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, cfg.seq_len,
@@ -348,7 +402,8 @@ def model_fingerprint(wk):
 #
 # File: uint32 max_token_length, then per id: float32 score, int32 length, bytes. Encoding as
 # llama2.c's encode(): optional BOS, the dummy-prefix piece " " (text not empty), each UTF-8
-# code point -> its piece or one byte piece (<0xHH> = id byte+3) per byte, then repeatedly
+# code point -> its piece or one byte piece (<0xHH> = id byte+3) per byte (one <unk>, id 0,
+# if the vocabulary lacks one of those byte pieces, as run.c does), then repeatedly
 # merge the adjacent pair whose concatenation is a piece of highest score (leftmost on ties).
 #
 # Speed (documented shortcut, still exact): llama2.c's merge loop is O(n^2) in the text length.
@@ -410,18 +465,14 @@ class Tokenizer:
         if bos:
             yield bos_id
         if text:
-            if self.space_id is None:
-                raise ExportError("the tokenizer has no piece \" \" for the dummy prefix")
-            symbols = [self.space_id]
-            for cp in _CODEPOINT_RE.findall(text):
+            symbols = []
+            for cp in [b" "] + _CODEPOINT_RE.findall(text):  # the dummy prefix first
                 i = self.lookup.get(cp)
                 if i is not None:
                     symbols.append(i)
-                elif len(self.pieces) >= 259:
-                    symbols.extend(b + 3 for b in cp)  # byte pieces <0xHH> are ids 3..258
-                else:
-                    raise ExportError(f"text holds {cp!r}, which this {len(self.pieces)}-piece "
-                                      "vocabulary can encode neither as a piece nor as bytes")
+                else:  # run.c's rule: the <0xHH> byte pieces, or one <unk> (id 0) without them
+                    byte_ids = [self.lookup.get(b"<0x%02X>" % b) for b in cp]
+                    symbols.extend([0] if None in byte_ids else byte_ids)
             start = 0
             for k in range(1, len(symbols) + 1):
                 if k == len(symbols) or (self.cut_at_space and symbols[k] == self.space_id):
@@ -489,7 +540,7 @@ class Tokenizer:
 
 def write_tokenizer(path, pieces, scores):
     """Writes a llama2.c tokenizer.bin (pieces: list of bytes, scores: list of floats)."""
-    with open(path, "wb") as f:
+    with output_file(path) as f:
         f.write(struct.pack("<I", max((len(p) for p in pieces), default=0)))
         for p, s in zip(pieces, scores):
             f.write(struct.pack("<fi", s, len(p)))
@@ -1055,8 +1106,13 @@ def _open_gguf(path):
                           "into .venv; run export.py with .venv/bin/python)") from None
     try:
         return gguf.GGUFReader(path)
-    except (ValueError, OSError, struct.error, IndexError) as e:  # IndexError: truncated
-        raise ExportError(f"'{path}' is not a readable GGUF file: {e}") from None
+    except OSError as e:
+        raise ExportError(f"cannot read GGUF file '{path}': {e.strerror or e}") from None
+    except (ValueError, struct.error, IndexError, KeyError):
+        # the reader's own words are numpy's ("cannot reshape array of size ...")
+        raise ExportError(f"'{path}' ({os.path.getsize(path)} bytes) is a truncated or corrupt GGUF "
+                          "file: its metadata or tensors run past the end of the file or do not "
+                          "parse; download or convert it again") from None
 
 
 def chat_template_kind(template):
@@ -1083,6 +1139,10 @@ def convert_gguf(path, seq_len=None):
         return np.asarray(a, dtype=np.float32).reshape(list(reversed(t.shape.tolist())))
 
     field = lambda n, d=None: _gguf_field(r, "llama." + n, d)  # noqa: E731
+    for name in ("embedding_length", "attention.head_count", "feed_forward_length", "block_count"):
+        if not isinstance(field(name), int) or field(name) <= 0:
+            raise ExportError(f"'{path}': the GGUF metadata has no positive integer llama.{name} "
+                              "(a corrupt file, or not a LLaMA model)")
     n_heads, dim = field("attention.head_count"), field("embedding_length")
     tokens = _gguf_field(r, "tokenizer.ggml.tokens") or []
     cfg = Config(dim=dim, hidden_dim=field("feed_forward_length"), n_layers=field("block_count"),
@@ -1243,8 +1303,11 @@ def detect_source(src):
         if os.path.exists(os.path.join(src, "params.json")):
             return "meta"
         raise ExportError(f"'{src}': a directory without config.json (Hugging Face) or params.json (Meta)")
-    with open(src, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(src, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ExportError(f"cannot read '{src}': {e.strerror}") from None
     if magic == b"GGUF":
         return "gguf"
     return "llama2c"
@@ -1255,6 +1318,7 @@ def cmd_model(args):
     kind = args.source or detect_source(args.src) if os.path.exists(args.src) else None
     if kind is None:
         raise ExportError(f"cannot open '{args.src}': no such file or directory")
+    check_output_file(args.output)
     convert = {"gguf": convert_gguf, "hf": convert_hf, "meta": convert_meta,
                "llama2c": lambda p, seq_len=None: load_checkpoint(p)}[kind]
     cfg, w = convert(args.src, seq_len=args.seq_len) if kind != "llama2c" else convert(args.src)
@@ -1317,7 +1381,7 @@ def write_byte_level_tokenizer(path, pieces, merges, specials, pretokenizer):
     """run.c's byte-level BPE file: llama2.c's layout (scores 0) plus the "BPE1" tables."""
     write_tokenizer(path, pieces, [0.0] * len(pieces))
     ranges = unicode_class_ranges()
-    with open(path, "ab") as f:
+    with output_file(path, "ab") as f:
         f.write(struct.pack("<Iii", 0x31455042, pretokenizer, len(merges)))
         f.write(np.asarray(merges, dtype="<i4").reshape(-1).tobytes())
         f.write(struct.pack("<i", len(specials)) + np.asarray(specials, dtype="<i4").tobytes())
@@ -1512,8 +1576,12 @@ def cmd_tokenizer(args):
                 break
         else:
             raise ExportError(f"'{args.src}' has neither tokenizer.model nor tokenizer.json")
-    with open(src, "rb") as f:
-        magic = f.read(4)
+    check_output_file(args.output)
+    try:
+        with open(src, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ExportError(f"cannot read '{src}': {e.strerror}") from None
     if magic == b"GGUF":
         kind, n = tokenizer_from_gguf(src, args.output)
     elif src.endswith(".json"):
@@ -1633,6 +1701,11 @@ def cmd_centroids(args):
     cfg, weights = load_checkpoint(args.checkpoint)
     for name, c, b in types:
         parse_cq_type(name, cfg.head_size)
+    most = max(types, key=lambda t: t[2])  # k-means needs a token for each centroid
+    if args.self_tokens is not None and args.self_tokens < 1 << most[2]:
+        raise ExportError(f"--self {args.self_tokens} gives too few tokens for {most[0]}: its "
+                          f"{1 << most[2]} centroids per group need at least {1 << most[2]} "
+                          f"calibration tokens (use --self {max(1 << most[2], 4096)} or more)")
 
     # output paths (checked before the long work)
     outputs = []
@@ -1683,6 +1756,10 @@ def cmd_centroids(args):
                                                ids=args.ids)
         source = f"{args.calib}"
     n_tokens = sum(len(s) for s in seqs)
+    if n_tokens < 1 << most[2]:
+        raise ExportError(f"the calibration gives {n_tokens} tokens, too few for {most[0]}: its "
+                          f"{1 << most[2]} centroids per group need at least {1 << most[2]} "
+                          "tokens (give a longer --calib text, more --seqs or a larger --seq-len)")
     t_tok = time.time() - t0
     log(f"calibration: {len(seqs)} sequences, {n_tokens} tokens ({source}), {t_tok:.1f} s")
 
@@ -1804,6 +1881,10 @@ def main(argv=None):
     except ExportError as e:
         PROGRESS.done()
         sys.stderr.write(f"error: {e}\n")
+        return 1
+    except OSError as e:  # a file that vanished or failed mid-way; the usual cases are caught earlier
+        PROGRESS.done()
+        sys.stderr.write(f"error: {e.filename or 'I/O'}: {e.strerror or e}\n")
         return 1
     except KeyboardInterrupt:
         PROGRESS.done()

@@ -434,38 +434,72 @@ static void read_exact(void *dst, size_t size, size_t n, FILE *f, const char *pa
     if (fread(dst, size, n, f) != n) die("%s: truncated tokenizer (in the %s)", path, what);
 }
 
-static int read_count(FILE *f, const char *path, const char *what, int max) {
+// A count of `what`, each item_bytes long: checked against the bytes left before anything is allocated.
+static int read_count(FILE *f, long size, const char *path, const char *what, int max, int item_bytes) {
     int32_t n;
     read_exact(&n, 4, 1, f, path, what);
     if (n < 0 || n > max) die("%s: corrupt tokenizer: %d %s", path, n, what);
+    long left = size - ftell(f);
+    if ((long)n * item_bytes > left)
+        die("%s: truncated tokenizer: %d %s need %ld bytes, %ld are left", path, n, what, (long)n * item_bytes, left);
     return n;
 }
 
-static void load_bpe_tables(Tokenizer *t, FILE *f, const char *path) {
+/* Only for error messages: the number of whole pieces (float score, int32 length, bytes) from
+   byte `from` of f up to the end of the file (stop 0) or up to a uint32 `stop` where a piece
+   would begin; -1 when the bytes are not whole pieces. */
+static long count_pieces(FILE *f, long from, unsigned max_len, uint32_t stop) {
+    if (fseek(f, 0, SEEK_END) != 0) return -1;
+    long size = ftell(f), pos = from, n = 0;
+    if (fseek(f, from, SEEK_SET) != 0) return -1;
+    while (pos < size) {
+        uint32_t head[2];
+        if (size - pos < 4 || fread(head, 4, 1, f) != 1) return -1;
+        if (stop && head[0] == stop) return n;
+        if (size - pos < 8 || fread(&head[1], 4, 1, f) != 1 || head[1] > max_len) return -1;
+        pos += 8 + (long)head[1];
+        if (pos > size || fseek(f, pos, SEEK_SET) != 0) return -1;
+        n++;
+    }
+    return stop ? -1 : n;
+}
+
+static void load_bpe_tables(Tokenizer *t, FILE *f, long size, const char *path) {
     uint32_t magic;
     read_exact(&magic, 4, 1, f, path, "byte-level BPE header");
-    if (magic != BPE_MAGIC)
+    if (magic != BPE_MAGIC) {
+        long more = count_pieces(f, ftell(f) - 4, t->max_token_length, BPE_MAGIC);
+        if (more > 0)
+            die("%s has %ld pieces, but the checkpoint's vocabulary has %d: the tokenizer belongs to "
+                "another model (name the right one with -z)", path, t->vocab_size + more, t->vocab_size);
         die("%s has no byte-level BPE tables, but the checkpoint expects a byte-level BPE tokenizer "
             "(make one with export.py tokenizer)", path);
+    }
     int32_t pre;
     read_exact(&pre, 4, 1, f, path, "pre-tokenizer");
     if (pre != 0 && pre != 1) die("%s: unknown pre-tokenizer %d", path, pre);
     t->pretokenizer = pre;
-    int n_merges = read_count(f, path, "merges", 1 << 24);
+    int n_merges = read_count(f, size, path, "merges", 1 << 24, 8);
     t->merge_slots = 64;
     while (t->merge_slots < 2 * n_merges) t->merge_slots *= 2;
     t->merges = NEW(MergeRule, t->merge_slots);
+    // buf lives only in this frame: it is freed before any error so that LeakSanitizer stays quiet
     char *buf = NEW(char, 2 * (size_t)t->max_token_length + 1);
     for (int r = 0; r < n_merges; r++) {
         int32_t lr[2];
-        read_exact(lr, 4, 2, f, path, "merges");
-        if (lr[0] < 0 || lr[0] >= t->vocab_size || lr[1] < 0 || lr[1] >= t->vocab_size || (lr[0] == 0 && lr[1] == 0))
+        if (fread(lr, 4, 2, f) != 2) { free(buf); die("%s: truncated tokenizer (in the merges)", path); }
+        if (lr[0] < 0 || lr[0] >= t->vocab_size || lr[1] < 0 || lr[1] >= t->vocab_size || (lr[0] == 0 && lr[1] == 0)) {
+            free(buf);
             die("%s: merge %d names tokens outside the vocabulary", path, r);
+        }
         int la = t->vocab_len[lr[0]], lb = t->vocab_len[lr[1]];
         memcpy(buf, t->vocab[lr[0]], la);
         memcpy(buf + la, t->vocab[lr[1]], lb);
         int id = lookup_piece(t, buf, la + lb);
-        if (id < 0) die("%s: merge %d (%d, %d) makes a piece that is not in the vocabulary", path, r, lr[0], lr[1]);
+        if (id < 0) {
+            free(buf);
+            die("%s: merge %d (%d, %d) makes a piece that is not in the vocabulary", path, r, lr[0], lr[1]);
+        }
         MergeRule *slot = merge_slot(t, pair_key(lr[0], lr[1]));
         if (!slot->pair) {  // a repeated pair keeps its first rank
             slot->pair = pair_key(lr[0], lr[1]);
@@ -474,7 +508,7 @@ static void load_bpe_tables(Tokenizer *t, FILE *f, const char *path) {
         }
     }
     free(buf);
-    t->n_specials = read_count(f, path, "special tokens", t->vocab_size);
+    t->n_specials = read_count(f, size, path, "special tokens", t->vocab_size, 4);
     t->specials = NEW(int, t->n_specials);
     read_exact(t->specials, 4, t->n_specials, f, path, "special tokens");
     for (int i = 0; i < t->n_specials; i++) {
@@ -484,7 +518,7 @@ static void load_bpe_tables(Tokenizer *t, FILE *f, const char *path) {
             int tmp = t->specials[j]; t->specials[j] = t->specials[j - 1]; t->specials[j - 1] = tmp;
         }
     }
-    t->n_ranges = read_count(f, path, "Unicode ranges", 1 << 22);
+    t->n_ranges = read_count(f, size, path, "Unicode ranges", 1 << 22, (int)sizeof(CodeRange));
     t->ranges = NEW(CodeRange, t->n_ranges);
     read_exact(t->ranges, sizeof(CodeRange), t->n_ranges, f, path, "Unicode ranges");
     for (int i = 0; i < t->n_ranges; i++)
@@ -495,9 +529,15 @@ static void load_bpe_tables(Tokenizer *t, FILE *f, const char *path) {
 
 static int code_class(const Tokenizer *t, uint32_t cp);
 
+/* The file has no count of its pieces: the checkpoint's vocab_size says how many to read, and
+   the file must end where they (and, byte-level, the BPE tables) end; a tokenizer of another
+   model is refused with the two sizes.  */
 static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int kind) {
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot open tokenizer %s: %s (use -z to name one)", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) die("tokenizer %s is not a regular file", path);
+    long size = (long)st.st_size;
     t->kind = kind;
     t->vocab_size = vocab_size;
     t->vocab = NEW(char *, vocab_size);
@@ -506,17 +546,30 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
     read_exact(&t->max_token_length, 4, 1, f, path, "header");
     if (t->max_token_length == 0 || t->max_token_length > 4096)
         die("%s: max_token_length %u is implausible; is this a tokenizer.bin?", path, t->max_token_length);
+    long pos = 4;
+    int tables_at = -1;  // byte-level: the first piece whose score reads as "BPE1" (tables too early?)
     for (int i = 0; i < vocab_size; i++) {
-        int32_t len;
-        if (fread(&t->scores[i], 4, 1, f) != 1 || fread(&len, 4, 1, f) != 1)
-            die("%s: truncated at token %d of %d (does the tokenizer belong to this model?)", path, i, vocab_size);
-        if (len < 0 || (unsigned)len > t->max_token_length)
+        int32_t len = 0;
+        if (pos == size)
+            die("%s has %d pieces, but the checkpoint's vocabulary has %d: the tokenizer belongs to another "
+                "model (name the right one with -z)", path, i, vocab_size);
+        if (fread(&t->scores[i], 4, 1, f) != 1 || fread(&len, 4, 1, f) != 1 || len < 0 ||
+            (unsigned)len > t->max_token_length || size - pos - 8 < len) {
+            if (tables_at >= 0)
+                die("%s has %d pieces before its byte-level BPE tables, but the checkpoint's vocabulary has %d: "
+                    "the tokenizer belongs to another model (name the right one with -z)", path, tables_at, vocab_size);
+            if (size - pos < 8 || (len >= 0 && (unsigned)len <= t->max_token_length))
+                die("%s: truncated at token %d of %d (does the tokenizer belong to this model?)", path, i, vocab_size);
             die("%s: token %d has length %d (max %u): corrupt tokenizer", path, i, len, t->max_token_length);
+        }
+        uint32_t score_bits;
+        memcpy(&score_bits, &t->scores[i], 4);
+        if (kind == 1 && tables_at < 0 && score_bits == BPE_MAGIC) tables_at = i;
         t->vocab[i] = NEW(char, len + 1);
-        if (len > 0 && fread(t->vocab[i], len, 1, f) != 1)
-            die("%s: truncated at token %d of %d", path, i, vocab_size);
+        if (len > 0 && fread(t->vocab[i], len, 1, f) != 1) die("%s: read error at token %d", path, i);
         t->vocab[i][len] = '\0';
         t->vocab_len[i] = len;
+        pos += 8 + len;
     }
     t->sorted = NEW(TokenIndex, vocab_size);
     for (int i = 0; i < vocab_size; i++) {
@@ -530,8 +583,18 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
         t->byte_piece[b] = lookup_piece(t, name, kind == 0 ? 6 : 1);
     }
     if (kind == 1) {
-        load_bpe_tables(t, f, path);
+        load_bpe_tables(t, f, size, path);
         for (int c = 0; c < 128; c++) t->ascii_class[c] = (unsigned char)code_class(t, c);
+        long end = ftell(f);
+        if (end != size)
+            die("%s: %ld bytes follow the byte-level BPE tables: corrupt tokenizer", path, size - end);
+    } else if (pos != size) {
+        long more = count_pieces(f, pos, t->max_token_length, 0);
+        if (more > 0)
+            die("%s has %ld pieces, but the checkpoint's vocabulary has %d: the tokenizer belongs to another "
+                "model (name the right one with -z)", path, vocab_size + more, vocab_size);
+        die("%s: %ld bytes follow the %d pieces of the checkpoint's vocabulary: another model's tokenizer, "
+            "or a corrupt one", path, size - pos, vocab_size);
     }
     fclose(f);
 }
@@ -654,9 +717,16 @@ static int bpe_merge(const Tokenizer *t, int *ids, int count) {
     return n;
 }
 
-// The piece for one byte that has no piece of its own: "<0xHH>", which llama2.c's files put at id byte + 3.
-static int byte_fallback(const Tokenizer *t, unsigned char b) {
-    return t->byte_piece[b] >= 0 ? t->byte_piece[b] : b + 3;
+/* A character (code point) that is not a piece: its bytes' "<0xHH>" pieces, as sentencepiece's
+   byte fallback does (llama2.c's files have them at id byte + 3).  A vocabulary without them (a
+   small one) gives one <unk>, id 0, per such character, as sentencepiece without byte fallback
+   does: every id stays inside the vocabulary.  Returns the number of ids written. */
+#define UNK_ID 0
+static int unknown_char(const Tokenizer *t, const char *s, size_t len, int *tokens) {
+    for (size_t j = 0; j < len; j++)
+        if (t->byte_piece[(unsigned char)s[j]] < 0) { tokens[0] = UNK_ID; return 1; }
+    for (size_t j = 0; j < len; j++) tokens[j] = t->byte_piece[(unsigned char)s[j]];
+    return (int)len;
 }
 
 // Sentencepiece-style: the ids of text (no BOS); tokens needs room for strlen(text) + 1 ids.
@@ -664,7 +734,8 @@ static int encode_sentencepiece(const Tokenizer *t, const char *text, size_t len
     int n = 0;
     if (len > 0) {  // sentencepiece's "dummy prefix": the text is encoded as if it began with a space
         int space = lookup_piece(t, " ", 1);
-        tokens[n++] = space >= 0 ? space : byte_fallback(t, ' ');
+        if (space >= 0) tokens[n++] = space;
+        else n += unknown_char(t, " ", 1, tokens + n);
     }
     // One symbol per UTF-8 code point if the vocabulary has it, otherwise one per byte.
     for (size_t i = 0; i < len;) {
@@ -672,7 +743,7 @@ static int encode_sentencepiece(const Tokenizer *t, const char *text, size_t len
         while (i + cp_len < len && cp_len < 4 && ((unsigned char)text[i + cp_len] & 0xC0) == 0x80) cp_len++;
         int id = lookup_piece(t, text + i, (int)cp_len);
         if (id >= 0) tokens[n++] = id;
-        else for (size_t j = 0; j < cp_len; j++) tokens[n++] = byte_fallback(t, (unsigned char)text[i + j]);
+        else n += unknown_char(t, text + i, cp_len, tokens + n);
         i += cp_len;
     }
     return bpe_merge(t, tokens, n);
@@ -715,7 +786,10 @@ static int pretoken_end(const uint32_t *cp, const unsigned char *cls, int i, int
         if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
         if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
     }
-    int j = cp[i] == ' ' && i + 1 < n ? i + 1 : i;  // " ?" before a letter, number or other run
+    // " ?" before a letter, number or other run.  A table may class U+0020 as something other
+    // than white space; before white space it then starts a run of its own class from i (the
+    // regex's backtracking), which also keeps every pre-token at least one code point long.
+    int j = cp[i] == ' ' && i + 1 < n && cls[i + 1] != CLASS_SPACE ? i + 1 : i;
     if (cls[j] != CLASS_SPACE) {
         int k = j;
         while (k < n && cls[k] == cls[j]) k++;
@@ -745,6 +819,7 @@ static void encode_plain_bytes(const Tokenizer *t, const char *text, size_t len,
         else while (piece_end < count && !(t->pretokenizer == 1 && cls[piece_end] == CLASS_NUMBER)) piece_end++;
         for (int i = piece; i < piece_end;) {
             int end = pretoken_end(cp + piece, cls + piece, i - piece, piece_end - piece) + piece;
+            if (end <= i) die("internal error: the pre-tokenizer did not advance at code point %d", i);
             int first = *n;
             for (int b = start[i]; b < start[end]; b++) {  // a byte the vocabulary lacks is dropped, as HF's BPE does
                 int id = t->byte_piece[(unsigned char)text[b]];
@@ -856,18 +931,28 @@ static int sample_multinomial(const float *probs, int n, float coin) {
     return n - 1;  // rounding
 }
 
+// Descending probability; equal ones by ascending id, so the order is the same with any qsort
+// (glibc's merge sort gave llama2.c that order; a quicksort would not).
 static int compare_prob_desc(const void *a, const void *b) {
-    float pa = ((const ProbIndex *)a)->prob, pb = ((const ProbIndex *)b)->prob;
-    return pa > pb ? -1 : pa < pb ? 1 : 0;
+    const ProbIndex *x = (const ProbIndex *)a, *y = (const ProbIndex *)b;
+    if (x->prob != y->prob) return x->prob > y->prob ? -1 : 1;
+    return (x->index > y->index) - (x->index < y->index);
 }
 
 // Nucleus sampling: sample among the most likely tokens whose mass first exceeds topp.
 static int sample_topp(const float *probs, int n, float topp, ProbIndex *cand, float coin) {
-    // tokens below this cannot be in the nucleus, so they are not worth sorting
-    const float cutoff = (1.0f - topp) / (n - 1);
+    /* llama2.c's shortcut: when some token reaches cutoff, the tokens below it hold less than
+       (n - 1) * cutoff = 1 - topp and cannot be in the nucleus, so they are not sorted.  When
+       none reaches it (a nearly uniform distribution, a small topp) every token is a candidate. */
+    const float cutoff = (1.0f - topp) / (n - 1);  // n >= 2 (sample() answers n = 1 itself)
     int n_cand = 0;
     for (int i = 0; i < n; i++)
         if (probs[i] >= cutoff) {
+            cand[n_cand].prob = probs[i];
+            cand[n_cand++].index = i;
+        }
+    if (n_cand == 0)  // none reached it
+        for (int i = 0; i < n; i++) {
             cand[n_cand].prob = probs[i];
             cand[n_cand++].index = i;
         }
@@ -886,10 +971,44 @@ static int sample_topp(const float *probs, int n, float topp, ProbIndex *cand, f
     return cand[last].index;
 }
 
+/* softmax(logits / temperature) in place.  llama2.c divides first and then takes the softmax:
+   kept (the samples match llama2.c's bit for bit) whenever no quotient can overflow.  A
+   temperature so small that one would (-t 5e-38 makes logit / t infinite) takes the order that
+   cannot overflow: (logit - max) / temperature <= 0, in double. */
+static void softmax_temperature(float *x, int n, float temperature) {
+    float max = x[0], min = x[0];
+    for (int i = 1; i < n; i++) {
+        if (x[i] > max) max = x[i];
+        if (x[i] < min) min = x[i];
+    }
+    if (fmax(fabs(max), fabs(min)) / temperature < FLT_MAX / 4) {  // quotients and their differences stay finite
+        for (int i = 0; i < n; i++) x[i] /= temperature;
+        softmax(x, n);
+        return;
+    }
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        double z = ((double)x[i] - max) / temperature;
+        x[i] = z < -200 ? 0.0f : (float)exp(z);  // exp(-200) is below float's smallest number
+        sum += x[i];
+    }
+    for (int i = 0; i < n; i++) x[i] = (float)(x[i] / sum);  // sum >= 1: the max gives exp(0)
+}
+
+/* NaN or infinity in the logits comes from the weights (NaN, infinity, or values so large that
+   the products overflow); no sample, argmax or perplexity of them would mean anything. */
+static void check_logits(const float *logits, int n) {
+    for (int i = 0; i < n; i++)
+        if (!is_finite_float(logits[i]))
+            die("the model computed a non-finite logit (token %d): the checkpoint (or, with -k cq*, the "
+                "centroid file) holds NaN, infinity or values too large for float32", i);
+}
+
 static int sample(Sampler *s, float *logits) {
+    check_logits(logits, s->vocab_size);
+    if (s->vocab_size == 1) return 0;
     if (s->temperature == 0.0f) return argmax(logits, s->vocab_size);
-    for (int i = 0; i < s->vocab_size; i++) logits[i] /= s->temperature;
-    softmax(logits, s->vocab_size);
+    softmax_temperature(logits, s->vocab_size, s->temperature);
     float coin = random_f32(&s->rng_state);
     if (s->topp <= 0 || s->topp >= 1) return sample_multinomial(logits, s->vocab_size, coin);
     return sample_topp(logits, s->vocab_size, s->topp, s->candidates, coin);
@@ -2268,55 +2387,72 @@ static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
     decoder_free(d);
 }
 
-// Reads a line from stdin into buf without the newline; returns 0 at end of input.
-static int read_line(const char *guide, char *buf, size_t size) {
+// Reads a line of any length from stdin into *buf (grown as needed) without the newline; 0 at end of input.
+static int read_line(const char *guide, char **buf, size_t *cap) {
     printf("%s", guide);
     fflush(stdout);
-    if (!fgets(buf, (int)size, stdin)) return 0;
-    size_t len = strlen(buf);
-    if (len > 0 && buf[len - 1] == '\n') buf[len - 1] = '\0';
+    ssize_t len = getline(buf, cap, stdin);
+    if (len < 0) return 0;
+    if (len > 0 && (*buf)[len - 1] == '\n') (*buf)[len - 1] = '\0';
     return 1;
 }
 
-// Renders one user turn with the checkpoint's chat template.
-static void render_turn(char *out, size_t size, int chat_template, int first, const char *sys, const char *user) {
+// printf into a buffer of the right size.
+static char *format_alloc(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *format_alloc(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int len = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (len < 0) die("cannot format a string: %s", strerror(errno));
+    char *out = NEW(char, (size_t)len + 1);
+    va_start(ap, fmt);
+    vsnprintf(out, (size_t)len + 1, fmt, ap);
+    va_end(ap);
+    return out;
+}
+
+// Renders one user turn with the checkpoint's chat template (the caller frees it).
+static char *render_turn(int chat_template, int first, const char *sys, const char *user) {
     if (chat_template == 1) {  // ChatML
         if (first && sys[0])
-            snprintf(out, size, "<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys, user);
-        else
-            snprintf(out, size, "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", user);
-    } else if (first && sys[0]) {  // Llama-2-chat
-        snprintf(out, size, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);
-    } else {
-        snprintf(out, size, "[INST] %s [/INST]", user);
+            return format_alloc("<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys, user);
+        return format_alloc("<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", user);
     }
+    if (first && sys[0]) return format_alloc("[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);  // Llama-2-chat
+    return format_alloc("[INST] %s [/INST]", user);
 }
 
 static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
     const Config *c = &rt->model.cfg;
-    enum { BUF = 1152 };
-    char system_prompt[BUF] = "", user_prompt[BUF] = "", rendered[3 * BUF + 256];
-    int *prompt_ids = NEW(int, sizeof rendered + 3);
+    char *system_line = NULL, *user_line = NULL;  // lines read from stdin (getline's buffers)
+    size_t system_cap = 0, user_cap = 0;
+    const char *system_prompt = o->system_prompt ? o->system_prompt : "";
+    int *prompt_ids = NULL;
     int n_prompt = 0, user_idx = 0, user_turn = 1, next = 0, token, pos = 0;
     Decoder *d = decoder_new(&rt->model, &rt->spec, 1);
     double chat_start = 0;  // tok/s counts the time after the first step, as in generate
     while (pos < o->steps) {
         if (pos == 1) chat_start = now_seconds();
         if (user_turn) {
-            if (pos == 0) {
-                if (o->system_prompt) snprintf(system_prompt, BUF, "%s", o->system_prompt);
-                else if (!read_line("Enter system prompt (optional): ", system_prompt, BUF)) break;
+            if (pos == 0 && !o->system_prompt) {
+                if (!read_line("Enter system prompt (optional): ", &system_line, &system_cap)) break;
+                system_prompt = system_line;
             }
-            if (pos == 0 && o->prompt) snprintf(user_prompt, BUF, "%s", o->prompt);
-            else if (!read_line("User: ", user_prompt, BUF)) break;
-            render_turn(rendered, sizeof rendered, c->chat_template, pos == 0, system_prompt, user_prompt);
+            const char *user_prompt = o->prompt;
+            if (pos != 0 || !o->prompt) {
+                if (!read_line("User: ", &user_line, &user_cap)) break;
+                user_prompt = user_line;
+            }
+            char *rendered = render_turn(c->chat_template, pos == 0, system_prompt, user_prompt);
+            free(prompt_ids);
+            prompt_ids = NEW(int, strlen(rendered) + 3);
             // Llama-2-chat starts every turn with BOS; ChatML's turns start with their own marker
             encode(&rt->tok, rendered, c->bos_id, c->chat_template == 0, prompt_ids, &n_prompt);
-            if (pos + n_prompt > c->seq_len) {
-                fprintf(stderr, "error: this turn (%d tokens) does not fit in the remaining context (%d of %d)\n",
-                        n_prompt, c->seq_len - pos, c->seq_len);
-                break;
-            }
+            free(rendered);
+            if (pos + n_prompt > c->seq_len)
+                die("chat: this turn (%d tokens) does not fit in the remaining context (%d of %d positions)",
+                    n_prompt, c->seq_len - pos, c->seq_len);
             user_idx = 0;
             user_turn = 0;
             printf("Assistant: ");
@@ -2337,6 +2473,8 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
     if (chat_start > 0 && pos > 1) fprintf(stderr, "achieved tok/s: %f\n", (pos - 1) / (now_seconds() - chat_start));
     report_kv_memory(rt, pos);
     free(prompt_ids);
+    free(system_line);
+    free(user_line);
     decoder_free(d);
 }
 
@@ -2389,6 +2527,7 @@ static int *read_eval_tokens(const Runtime *rt, const Options *o, int *n_out) {
 
 // log p(target) from logits, in double.
 static double log_prob(const float *logits, int n, int target) {
+    check_logits(logits, n);
     double max = logits[0], sum = 0.0;
     for (int i = 1; i < n; i++) if (logits[i] > max) max = logits[i];
     for (int i = 0; i < n; i++) sum += exp(logits[i] - max);
@@ -2547,7 +2686,7 @@ static void usage(FILE *f) {
         "  -k <type>   KV cache type, or KEYTYPE:VALUETYPE; default fp32\n"
         "              types: fp32 fp16 q8 q4 q2 q1 kivi4 kivi2 cq4 cq2 cq1 cq<c>c<b>b\n"
         "              (cq4 = cq2c8b, cq2 = cq4c8b, cq1 = cq8c8b: b/c bits per channel)\n"
-        "  -w <int>    keep the newest N tokens in full precision, default 0\n"
+        "  -w <int>    keep the newest N tokens in full precision, default 0 (at most the context)\n"
         "  -c <path>   CQ centroid file, default <checkpoint minus .bin>.<c>c<b>b.cent\n"
         "  -f <path>   ppl/encode: input text file; decode: token ids\n"
         "  -l <int>    ppl: window length (default the model's context); bench: context length\n"
@@ -2667,6 +2806,8 @@ int main(int argc, char **argv) {
     if (o.window > c->seq_len) o.window = c->seq_len;  // a window longer than the context is the context
     if (o.length && (o.length < 2 || o.length > c->seq_len))
         die("-l must be in [2, %d] (the model's context), got %d", c->seq_len, o.length);
+    if (!strcmp(o.mode, "ppl") && c->seq_len < 2)  // a window is BOS plus at least one scored token
+        die("-m ppl needs a context of at least 2 positions; this model's is %d", c->seq_len);
     int needs_tokenizer = strcmp(o.mode, "bench") && !(strcmp(o.mode, "ppl") == 0 && o.ids_input);
     if (needs_tokenizer) load_tokenizer(&rt.tok, o.tokenizer, c->vocab_size, c->tokenizer_kind);
     cache_spec_init(&rt.spec, ktype, vtype, o.window, o.reference, &rt.model, o.checkpoint, o.centroids);

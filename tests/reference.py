@@ -464,9 +464,16 @@ def sample_token(logits, temperature, topp, rng):
     """llama2.c sample(): logits float32 (vocab,).  Advances rng when temperature > 0."""
     logits = np.asarray(logits, dtype=np.float32)
     n = len(logits)
+    if n == 1:
+        return 0
     if temperature == 0.0:
         return int(np.argmax(logits))        # first index wins ties
-    probs = softmax_f32(logits / np.float32(temperature))
+    if np.abs(logits.astype(np.float64)).max() / temperature < np.finfo(np.float32).max / 4:
+        probs = softmax_f32(logits / np.float32(temperature))
+    else:   # logit / temperature would overflow float32: exp((x - max) / t) in float64
+        z = (logits.astype(np.float64) - logits.max()) / np.float64(np.float32(temperature))
+        e = np.where(z < -200, 0.0, np.exp(np.maximum(z, -200))).astype(np.float32)
+        probs = (e.astype(np.float64) / e.astype(np.float64).sum()).astype(np.float32)
     coin = rng.f32()
     if topp <= 0 or topp >= 1:
         cdf = np.cumsum(probs, dtype=np.float32)
@@ -474,6 +481,8 @@ def sample_token(logits, temperature, topp, rng):
         return int(hit[0]) if len(hit) else n - 1
     cutoff = (np.float32(1.0) - np.float32(topp)) / np.float32(n - 1)
     idx = np.nonzero(probs >= cutoff)[0]
+    if len(idx) == 0:                       # no token reaches the cut-off: all are candidates
+        idx = np.arange(n)
     # descending probability; equal probabilities keep ascending index (stable sort)
     order = idx[np.argsort(-probs[idx], kind="stable")]
     p = probs[order]
@@ -556,6 +565,13 @@ class Tokenizer:
                 f.write(p)
 
     # -- encoding
+    def byte_fallback(self, char):
+        """Ids of a character that is no piece: its bytes' <0xHH> pieces (ids b+3 in llama2.c's
+        vocabularies) or, when one of them is missing, a single <unk> (id 0), as sentencepiece
+        does without byte fallback."""
+        ids = [self.lookup.get(b"<0x%02X>" % b) for b in char]
+        return [0] if None in ids else ids
+
     def encode(self, text, bos=True, eos=False):
         """llama2.c encode(): text (str or bytes) -> list of ids."""
         if isinstance(text, str):
@@ -563,8 +579,8 @@ class Tokenizer:
         ids = []
         if bos:
             ids.append(1)
-        if len(text) > 0:
-            ids.append(self.lookup.get(b" ", -1))    # dummy prefix
+        if len(text) > 0:                          # dummy prefix
+            ids.extend([self.lookup[b" "]] if b" " in self.lookup else self.byte_fallback(b" "))
         # split into code points the way llama2.c does: a new buffer starts at every
         # byte that is not a continuation byte; at most 4 bytes per buffer
         buf = bytearray()
@@ -579,7 +595,7 @@ class Tokenizer:
             if tid is not None:
                 ids.append(tid)
             else:
-                ids.extend(b + 3 for b in buf)     # byte fallback: <0xHH> is id b+3
+                ids.extend(self.byte_fallback(bytes(buf)))
             buf = bytearray()
         # merge the best-scoring adjacent pair until none merges (leftmost wins ties).
         # This is llama2.c's rescan-everything loop; the pair scores are kept in an array
@@ -755,6 +771,28 @@ def random_tokenizer(vocab_size, seed=0, extra_chars=("\u00e9", "\u00fc", "\u00d
     scores += [-float(len(merged) + 1 + i) for i in range(len(base))]
     assert len(pieces) == vocab_size == len(scores)
     return Tokenizer(pieces, scores)
+
+
+def write_byte_level_tokenizer(path, pieces, merges, specials=(), pretokenizer=0, ranges=()):
+    """run.c's byte-level BPE file (README "Tokenizers"): the pieces with score 0, then "BPE1",
+    the pre-tokenizer, merges as (left id, right id) in rank order, special-token ids and the
+    (first, last, class) Unicode ranges (1 letter, 2 number, 3 white space)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<I", max(len(p) for p in pieces)))
+        for p in pieces:
+            f.write(struct.pack("<fi", 0.0, len(p)) + bytes(p))
+        f.write(struct.pack("<Iii", 0x31455042, pretokenizer, len(merges)))
+        for a, b in merges:
+            f.write(struct.pack("<ii", a, b))
+        f.write(struct.pack("<i", len(specials)) + b"".join(struct.pack("<i", s) for s in specials))
+        f.write(struct.pack("<i", len(ranges)))
+        for a, b, c in ranges:
+            f.write(struct.pack("<IIi", a, b, c))
+
+
+def ascii_class_ranges():
+    """The ASCII part of the Unicode table: letters, digits, and the white space of GPT-2's \\s."""
+    return [(0x09, 0x0D, 3), (0x20, 0x20, 3), (0x30, 0x39, 2), (0x41, 0x5A, 1), (0x61, 0x7A, 1)]
 
 
 # ----------------------------------------------------------------------------

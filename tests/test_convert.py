@@ -1004,3 +1004,106 @@ def test_tokenizer_errors(tmp, capsys):
         for n in (2003, 7600):    # (inside a piece; inside the trailing normalizer spec)
             (tmp / "cut.model").write_bytes(TOK512_MODEL.read_bytes()[:n])
             check_export_error(capsys, ["tokenizer", tmp / "cut.model", "-o", tmp / "t.bin"], "truncated")
+
+
+def test_output_path_errors(tmp, capsys):
+    """A missing output folder or an -o that is a directory: an error before any work, no
+    traceback, no file."""
+    cfg, w = R.random_model(3, dim=16, hidden_dim=32, n_layers=1, n_heads=2, n_kv_heads=2,
+                            vocab_size=80, seq_len=16)
+    R.write_checkpoint(tmp / "src.bin", cfg, w, legacy=True)
+    missing = tmp / "no_such_dir" / "o.bin"
+    check_export_error(capsys, ["model", tmp / "src.bin", "-o", missing], "does not exist")
+    check_export_error(capsys, ["model", tmp / "src.bin", "-o", tmp], "is a directory")
+    hf_json = tmp / "tokenizer.json"
+    hf_json.write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2},
+                                             "merges": ["a b"]}}))
+    check_export_error(capsys, ["tokenizer", hf_json, "-o", tmp / "nope" / "x.tok"], "does not exist")
+    check_export_error(capsys, ["tokenizer", hf_json, "-o", tmp], "is a directory")
+    assert not missing.parent.exists()
+    export_ok("tokenizer", hf_json, "-o", tmp / "ok.tok")  # the same source is fine
+    export_ok("model", tmp / "src.bin", "-o", tmp / "ok.bin")
+
+
+def test_not_a_checkpoint(tmp, capsys):
+    """Text and random bytes have no magic; read as a llama2.c header they give nonsense,
+    which is reported as "not a checkpoint", not as a shape problem of a model."""
+    (tmp / "text.bin").write_bytes(b"this is a text file, not a model at all\n" * 30)
+    check_export_error(capsys, ["model", tmp / "text.bin", "-o", tmp / "o.bin"], "is not a checkpoint")
+    rng = np.random.default_rng(5)
+    for i in range(20):
+        (tmp / "r.bin").write_bytes(rng.integers(0, 256, 2000 + 97 * i, dtype=np.uint8).tobytes())
+        check_export_error(capsys, ["model", tmp / "r.bin", "-o", tmp / "o.bin"], "is not a checkpoint")
+    assert not (tmp / "o.bin").exists()
+
+
+def test_truncated_gguf(tmp, capsys):
+    """A GGUF cut anywhere: one error line that says truncated or corrupt (the gguf reader's
+    own words were numpy's: "cannot reshape array of size ...")."""
+    pytest.importorskip("gguf")
+    write_gguf(tmp / "good.gguf", "Q8_0", seed=4)
+    data = (tmp / "good.gguf").read_bytes()
+    for n in sorted(set([24, 100, 1000, len(data) // 2, len(data) - 100, len(data) - 1] +
+                        list(range(300, len(data), len(data) // 40)))):
+        (tmp / "cut.gguf").write_bytes(data[:n])
+        for cmd, out in (("model", "o.bin"), ("tokenizer", "t.bin")):
+            capsys.readouterr()
+            assert export.main([cmd, str(tmp / "cut.gguf"), "-o", str(tmp / out)]) == 1
+            err = visible_stderr_lines(capsys.readouterr().err)
+            assert len(err) == 1 and err[0].startswith("error: "), (n, err)
+            assert "truncated or corrupt GGUF" in err[0] or (cmd == "tokenizer" and "tokens" in err[0]), (n, err)
+            assert "reshape" not in err[0] and "dtype" not in err[0], (n, err)
+    assert not (tmp / "o.bin").exists()
+
+
+def byte_level_tables_end(data, pos):
+    """Offset just past the "BPE1" tables that start at pos (README's layout)."""
+    magic, pre, n = struct.unpack_from("<Iii", data, pos)
+    assert magic == 0x31455042 and pre in (0, 1)
+    pos += 12 + 8 * n
+    (n,) = struct.unpack_from("<i", data, pos)
+    pos += 4 + 4 * n
+    (n,) = struct.unpack_from("<i", data, pos)
+    return pos + 4 + 12 * n
+
+
+def pieces_end(data, n):
+    pos = 4
+    for _ in range(n):
+        _, length = struct.unpack_from("<fi", data, pos)
+        pos += 8 + length
+    return pos
+
+
+def test_exported_tokenizers_have_no_trailing_bytes(run, tmp):
+    """Every kind of tokenizer file export.py writes ends exactly where its pieces (and the
+    byte-level tables) end, and run.c, which refuses trailing bytes and other sizes, reads it
+    with a model of that many pieces."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("tokenizers")
+    sources = {}
+    write_gguf(tmp / "llama.gguf", "F32", seed=2)
+    sources["gguf llama"] = (tmp / "llama.gguf", 80, 0)
+    write_gguf(tmp / "gpt2.gguf", "F16", seed=2)
+    sources["gguf gpt2"] = (tmp / "gpt2.gguf", 80, 1)
+    hf = build_bpe_tokenizer(False, True)
+    hf.save(str(tmp / "tokenizer.json"))
+    sources["tokenizer.json byte-level"] = (tmp / "tokenizer.json", hf.get_vocab_size(), 1)
+    (tmp / "sp.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {
+        "<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3, "a": 4, "b": 5, "\u2581a": 6}, "merges": ["\u2581 a"]}}))
+    sources["tokenizer.json sentencepiece-style"] = (tmp / "sp.json", 7, 0)
+    if TOK512_MODEL.is_file():
+        sources["sentencepiece .model"] = (TOK512_MODEL, 512, 0)
+    for name, (src, V, kind) in sources.items():
+        out = tmp / "out.tok"
+        export_ok("tokenizer", src, "-o", out)
+        data = out.read_bytes()
+        end = pieces_end(data, V)
+        if kind == 1:
+            end = byte_level_tables_end(data, end)
+        assert end == len(data), "%s: %d bytes, the contents end at %d" % (name, len(data), end)
+        cfg, w = R.random_model(1, dim=8, hidden_dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                                vocab_size=V, seq_len=16, bos_id=1 if kind == 0 else 0,
+                                eos_id=2 if kind == 0 else 0, tokenizer_kind=kind)
+        R.write_checkpoint(tmp / "m.bin", cfg, w)
+        run(tmp / "m.bin", "-z", out, "-m", "encode", "-i", "a b", check=True)

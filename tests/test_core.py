@@ -294,16 +294,47 @@ def test_decode_forced_prompt_tok512(run, tok512_model, i):
     assert r.stdout == tok.decode(ids[1:]) + b"\n"
 
 
-def test_tokenizer_larger_than_vocab_is_fine(run, tmp):
-    """The tokenizer file has no size: a model with a smaller vocab reads its first V pieces."""
+def test_tokenizer_with_more_pieces_than_vocab_is_refused(run, tmp):
+    """The tokenizer file has no count of its pieces: a model with a smaller vocab would read
+    its first V pieces and print plausible nonsense.  The trailing pieces make it an error that
+    names both sizes."""
     small = R.random_tokenizer(400, seed=9)
     big = R.Tokenizer(small.pieces + [b"extra%d" % i for i in range(200)],
                       small.scores + [-1.0] * 200)
     big.save(tmp / "tok.bin")
     cfg, w = R.random_model(2, 16, 32, 1, 2, 1, 400, 32)
     R.write_checkpoint(tmp / "m.bin", cfg, w)
+    for mode in (["-m", "encode", "-i", "hello"], ["-n", 4, "-t", 0]):
+        r = run(tmp / "m.bin", "-z", tmp / "tok.bin", *mode)
+        assert_clean_error(r)
+        assert b"has 600 pieces" in r.stderr and b"vocabulary has 400" in r.stderr, r.stderr
+    # the same file cut to 400 pieces is fine, and encodes as the reference does
+    small.save(tmp / "tok400.bin")
     s = "hello there, the dog ran"
-    assert encode_ids(run, tmp / "m.bin", tmp / "tok.bin", s) == small.encode(s)
+    assert encode_ids(run, tmp / "m.bin", tmp / "tok400.bin", s) == small.encode(s)
+    # fewer pieces than the vocabulary: the count is named too
+    r = run(tmp / "m.bin", "-z", err_tok(tmp, R.random_tokenizer(300, seed=9)), "-m", "encode", "-i", "a")
+    assert_clean_error(r)
+    assert b"has 300 pieces" in r.stderr and b"vocabulary has 400" in r.stderr, r.stderr
+    # bytes after the last piece that are not whole pieces
+    (tmp / "junk.bin").write_bytes((tmp / "tok400.bin").read_bytes() + b"\x01\x02\x03")
+    r = run(tmp / "m.bin", "-z", tmp / "junk.bin", "-m", "encode", "-i", "a")
+    assert_clean_error(r)
+    assert b"3 bytes follow the 400 pieces" in r.stderr, r.stderr
+
+
+def err_tok(tmp, tok, name="t.bin"):
+    tok.save(tmp / name)
+    return tmp / name
+
+
+@needs_stories
+def test_llama2_tokenizer_with_stories_is_refused(run):
+    """The default -z tokenizer.bin (Llama 2's 32000 pieces) with stories260K (vocab 512)."""
+    from conftest import REPO
+    r = run(STORIES, "-z", REPO / "tokenizer.bin", "-n", 8, "-t", 0)
+    assert_clean_error(r)
+    assert b"has 32000 pieces" in r.stderr and b"vocabulary has 512" in r.stderr, r.stderr
 
 
 # ------------------------------------------------------------------------------------------
@@ -827,3 +858,248 @@ def test_logits_unwritable(run, tmp, err_files):
     (tmp / "ids.txt").write_text("3 4 5")
     assert_clean_error(run(err_files["legacy"], "-m", "ppl", "--ids", "-f", tmp / "ids.txt",
                            "--logits", tmp / "no_such_dir" / "l.bin"))
+
+
+# ------------------------------------------------------------------------------------------
+# inputs that crashed, hung or read out of bounds (found by mutation fuzzing and by hand)
+
+def test_tiny_temperature_is_greedy(run, rand_tok_model):
+    """logit / 5e-38 overflows float: the sampler subtracts the max first and the distribution
+    is one-hot at the argmax, so every top-p / plain sampling run prints the greedy text."""
+    model, tokp, tok, cfg, w = rand_tok_model
+    greedy = run(model, "-z", tokp, "-t", 0, "-n", 40, "-i", "the dog", check=True).stdout
+    for t in ("2e-38", "5e-38", "1e-30", "1e-9"):
+        for p in ("0.9", "0", "1"):
+            r = run(model, "-z", tokp, "-t", t, "-p", p, "-s", 3, "-n", 40, "-i", "the dog", check=True)
+            assert r.stdout == greedy, (t, p)
+
+
+@needs_stories
+def test_tiny_temperature_stories(run):
+    greedy = run(STORIES, "-z", TOK512, "-t", 0, "-n", 60, "-i", "Once upon", check=True).stdout
+    r = run(STORIES, "-z", TOK512, "-t", "5e-38", "-n", 60, "-i", "Once upon", check=True)
+    assert r.stdout == greedy
+    assert r.stdout.startswith(b"Once upon a time")
+
+
+def test_top_p_without_candidates(run, tmp, rand_tok_model):
+    """-t 1e30 makes the distribution uniform (1/512 each) and -p 0.001 puts the cut-off
+    (1 - p) / 511 above 1/512: no token passes it, so all are candidates.  Replayed on the
+    written logits by the reference sampler."""
+    model, tokp, tok, cfg, w = rand_tok_model
+    lf = tmp / "lg.bin"
+    r = run(model, "-z", tokp, "-t", "1e30", "-p", "0.001", "-s", 11, "-n", 20, "-i", "a",
+            "--logits", lf, check=True)
+    logits = read_logits(lf, cfg["vocab_size"])
+    prompt_ids = tok.encode("a")
+    ids = R.replay_sampling(logits, prompt_ids, 20, cfg["seq_len"], 1e30, 0.001, 11)
+    assert r.stdout == tok.decode(ids) + b"\n"
+    assert len(ids) > len(prompt_ids)
+
+
+def test_vocabulary_of_one_token(run, tmp):
+    """With V = 1 the top-p cut-off divides by V - 1 = 0; the only token is also BOS, so
+    generation stops after one step, and every prediction has probability 1 (ppl 1)."""
+    cfg, w = R.random_model(3, 16, 32, 1, 2, 2, 1, 16, bos_id=0, eos_id=0)
+    R.write_checkpoint(tmp / "m.bin", cfg, w)
+    R.Tokenizer([b"<s>"], [0.0]).save(tmp / "t.bin")
+    for p in ("0.9", "0", "1"):
+        r = run(tmp / "m.bin", "-z", tmp / "t.bin", "-t", 1, "-p", p, check=True)
+        assert r.stdout == b"\n"
+    (tmp / "ids.txt").write_text("0 0 0")
+    kv, _ = run_ppl_ids(run, tmp, tmp / "m.bin", [0, 0, 0])
+    assert float(kv["ppl"]) == 1.0 and int(kv["tokens"]) == 3
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["token_embedding", "classifier"])
+@pytest.mark.parametrize("mode", ["generate", "greedy", "ppl"])
+def test_non_finite_logits(run, tmp, value, where, mode):
+    """One NaN or infinite weight in BOS's embedding row or in a classifier row: the logits
+    are not finite, which is an error that names the checkpoint, not garbage."""
+    cfg, w = R.random_model(4, 16, 32, 1, 2, 2, 300, 16, shared_classifier=False)
+    w[where][1, 3] = value
+    R.write_checkpoint(tmp / "m.bin", cfg, w)
+    R.random_tokenizer(300, seed=2).save(tmp / "t.bin")
+    if mode == "ppl":
+        (tmp / "ids.txt").write_text("5 6 7")
+        r = run(tmp / "m.bin", "-m", "ppl", "--ids", "-f", tmp / "ids.txt")
+    else:
+        r = run(tmp / "m.bin", "-z", tmp / "t.bin", "-t", 0 if mode == "greedy" else 1, "-n", 8)
+    assert_clean_error(r)
+    assert b"non-finite logit" in r.stderr and b"checkpoint" in r.stderr, r.stderr
+
+
+def small_vocab_tokenizer():
+    """40 pieces and no <0xHH> byte pieces: <unk>, <s>, </s>, space, a-z, 0-9."""
+    pieces = [b"<unk>", b"<s>", b"</s>", b" "] + [bytes([c]) for c in b"abcdefghijklmnopqrstuvwxyz0123456789"]
+    scores = [0.0, 0.0, 0.0] + [-float(i) for i in range(1, len(pieces) - 2)]
+    return R.Tokenizer(pieces, scores)
+
+
+def test_small_vocabulary_unknown_character(run, tmp):
+    """A character outside a vocabulary without byte pieces is one <unk> (id 0), as
+    sentencepiece does without byte fallback; the ids stay in the vocabulary in encode,
+    generate and ppl (checked against the reference forward pass)."""
+    tok = small_vocab_tokenizer()
+    tok.save(tmp / "t.bin")
+    cfg, w = R.random_model(5, 16, 32, 1, 2, 2, 40, 32)
+    R.write_checkpoint(tmp / "m.bin", cfg, w)
+    ids = encode_ids(run, tmp / "m.bin", tmp / "t.bin", "h\u00e9")
+    assert ids == tok.encode("h\u00e9") == [1, 3, tok.lookup[b"h"], 0]
+    for s in ("a\u20acb c", "\u00e9\u00e9 x", b"a\xffb\x80"):
+        assert encode_ids(run, tmp / "m.bin", tmp / "t.bin", s) == tok.encode(s), s
+    r = run(tmp / "m.bin", "-z", tmp / "t.bin", "-t", 0, "-n", 8, "-i", "h\u00e9", check=True)
+    assert r.stdout.startswith(b"h<unk>")
+    text = "h\u00e9 z\u00fc 42 \U0001F600 ok"
+    (tmp / "x.txt").write_text(text)
+    r = run(tmp / "m.bin", "-z", tmp / "t.bin", "-m", "ppl", "-f", tmp / "x.txt", check=True)
+    kv = parse_kv(r.stdout.decode().strip())
+    stream = tok.encode(text, bos=False)
+    assert max(stream) < 40
+    nll, ppl, n, _ = R.perplexity(cfg, w, stream)
+    check_ppl(kv, nll, ppl, n)
+
+
+def gpt2_pretokens(text, letters, numbers, spaces):
+    """GPT-2's pre-tokenizer pattern with the character classes given as sets (Python's re
+    has no \\p{..}): the independent reference for run.c's scanner on odd Unicode tables."""
+    import re
+
+    def cls(chars, negate=False):
+        body = "".join(re.escape(c) for c in sorted(chars))
+        return ("[^%s]" % body) if negate else ("[%s]" % body)
+    alts = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d"]
+    if letters:
+        alts.append(" ?%s+" % cls(letters))
+    if numbers:
+        alts.append(" ?%s+" % cls(numbers))
+    alts.append(" ?%s+" % cls(set(letters) | set(numbers) | set(spaces), negate=True))
+    if spaces:
+        alts += ["%s+(?!%s)" % (cls(spaces), cls(spaces, negate=True)), "%s+" % cls(spaces)]
+    return re.findall("|".join(alts), text)
+
+
+@pytest.mark.parametrize("text", [" \n", "a \n b", "  \n\n ", "x\n \n", " \n \n", "\n", " "])
+def test_byte_level_table_without_space(run, tmp, text):
+    """A Unicode table that classes U+000A as white space but not U+0020 (which is then
+    "other"): the scanner looped forever on " \\n".  The pre-tokens follow GPT-2's regex with
+    those classes; a merge of " " and "\\n" fires only inside one pre-token."""
+    pieces = [bytes([b]) for b in range(256)] + [b" \n", b"<|endoftext|>"]
+    R.write_byte_level_tokenizer(tmp / "t.bin", pieces, [(0x20, 0x0A)], specials=[257],
+                                 ranges=[(0x0A, 0x0A, 3)])
+    cfg, w = R.random_model(6, 16, 32, 1, 2, 2, 258, 16, bos_id=257, eos_id=257,
+                            tokenizer_kind=1, chat_template=1)
+    R.write_checkpoint(tmp / "m.bin", cfg, w)
+    want = [257]
+    for piece in gpt2_pretokens(text, set(), set(), {"\n"}):
+        b = piece.encode()
+        i = 0
+        while i < len(b):
+            if b[i:i + 2] == b" \n":
+                want.append(256)
+                i += 2
+            else:
+                want.append(b[i])
+                i += 1
+    r = run(tmp / "m.bin", "-z", tmp / "t.bin", "-m", "encode", "-i", text, timeout=30, check=True)
+    assert [int(x) for x in r.stdout.split()] == want
+
+
+def test_byte_level_reference_pretokens_sanity():
+    """The regex reference itself on GPT-2's usual classes."""
+    L = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    N, S = set("0123456789"), set(" \t\n")
+    assert gpt2_pretokens("Hello world  42 it's\n\n x", L, N, S) == \
+        ["Hello", " world", " ", " 42", " it", "'s", "\n\n", " x"]
+
+
+def test_bad_merge_frees_before_error(run, tmp):
+    """A merge whose concatenation is no piece: a clean error, and under ASan no leak report.
+    The merge buffer used to be lost on this path; LeakSanitizer saw it in about a third of
+    the runs (when no stale copy of the pointer was left on the stack), hence 20 runs."""
+    pieces = [bytes([b]) for b in range(256)] + [b"<|endoftext|>", b"ab"]
+    R.write_byte_level_tokenizer(tmp / "t.bin", pieces, [(0x61, 0x62), (0x78, 0x79)],
+                                 ranges=R.ascii_class_ranges())
+    cfg, w = R.random_model(6, 16, 32, 1, 2, 2, 258, 16, bos_id=256, eos_id=256, tokenizer_kind=1)
+    R.write_checkpoint(tmp / "m.bin", cfg, w)
+    for _ in range(20):
+        r = run(tmp / "m.bin", "-z", tmp / "t.bin", "-m", "encode", "-i", "ab")
+        assert_clean_error(r)
+        assert b"merge 1 (120, 121) makes a piece that is not in the vocabulary" in r.stderr
+
+
+def test_byte_level_trailing_bytes_and_more_pieces(run, tmp):
+    pieces = [bytes([b]) for b in range(256)] + [b"ab", b"<|endoftext|>"]
+    R.write_byte_level_tokenizer(tmp / "t.bin", pieces, [(0x61, 0x62)], specials=[257],
+                                 ranges=R.ascii_class_ranges())
+    cfg, w = R.random_model(6, 16, 32, 1, 2, 2, 258, 16, bos_id=257, eos_id=257, tokenizer_kind=1)
+    R.write_checkpoint(tmp / "m.bin", cfg, w)
+    r = run(tmp / "m.bin", "-z", tmp / "t.bin", "-m", "encode", "-i", "xab", check=True)
+    assert [int(x) for x in r.stdout.split()] == [257, 0x78, 256]
+    (tmp / "junk.bin").write_bytes((tmp / "t.bin").read_bytes() + b"\0\0\0\0")
+    r = run(tmp / "m.bin", "-z", tmp / "junk.bin", "-m", "encode", "-i", "xab")
+    assert_clean_error(r)
+    assert b"4 bytes follow the byte-level BPE tables" in r.stderr, r.stderr
+    # the model's vocabulary is one smaller than the file's: named with both sizes
+    cfg, w = R.random_model(6, 16, 32, 1, 2, 2, 257, 16, bos_id=256, eos_id=256, tokenizer_kind=1)
+    R.write_checkpoint(tmp / "m257.bin", cfg, w)
+    r = run(tmp / "m257.bin", "-z", tmp / "t.bin", "-m", "encode", "-i", "xab")
+    assert_clean_error(r)
+    assert b"has 258 pieces" in r.stderr and b"vocabulary has 257" in r.stderr, r.stderr
+
+
+def chat_count(r):
+    """The token count in chat's "this turn (N tokens) does not fit" error."""
+    import re
+    assert_clean_error(r)
+    m = re.match(rb"error: chat: this turn \((\d+) tokens\) does not fit", r.stderr)
+    assert m, r.stderr
+    return int(m.group(1))
+
+
+def test_chat_turn_too_long_is_an_error(run, err_files):
+    r = run(err_files["legacy"], "-z", err_files["tok"], "-m", "chat", "-y", "be brief",
+            "-i", "the dog ran to the big park and played " * 4)
+    tok = R.Tokenizer.load(err_files["tok"], 300)
+    rendered = "[INST] <<SYS>>\nbe brief\n<</SYS>>\n\n%s [/INST]" % ("the dog ran to the big park and played " * 4)
+    assert chat_count(r) == len(tok.encode(rendered))
+
+
+@pytest.mark.parametrize("how", ["flag", "stdin"])
+def test_chat_long_prompts_are_not_cut(run, err_files, how):
+    """A system prompt (or user line) of 3000 bytes, past the 1152-byte buffers chat had: the
+    whole turn is encoded (the error counts its tokens: it does not fit a 16-token context)."""
+    system = ("ab cd " * 500)[:3000]
+    user = ("xy " * 700)[:2000]
+    tok = R.Tokenizer.load(err_files["tok"], 300)
+    rendered = "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]" % (system, user)
+    args = [err_files["legacy"], "-z", err_files["tok"], "-m", "chat"]
+    if how == "flag":
+        r = run(*args, "-y", system, "-i", user)
+    else:
+        r = run(*args, input=(system + "\n" + user + "\n").encode())
+    assert chat_count(r) == len(tok.encode(rendered))
+
+
+def test_huge_window_is_the_context(run, tmp, rand_tok_model):
+    """-w larger than the context keeps every position in fp32: the same logits as -w seq_len."""
+    model, tokp, tok, cfg, w = rand_tok_model
+    out = {}
+    for win in (cfg["seq_len"], 2**31 - 1):
+        lf = tmp / ("w%d.bin" % win)
+        run(model, "-z", tokp, "-k", "q8", "-w", win, "-t", 0, "-n", 24, "-i", "the dog",
+            "--logits", lf, check=True)
+        out[win] = lf.read_bytes()
+    assert out[cfg["seq_len"]] == out[2**31 - 1] and len(out[cfg["seq_len"]]) > 0
+
+
+def test_ppl_context_of_one(run, tmp):
+    """A model whose context is 1 position has no room for a scored token after BOS: the
+    default window (the context) gave chunks of 0 tokens, and the loop never ended."""
+    cfg, w = R.random_model(7, 16, 32, 1, 2, 2, 300, 1)
+    R.write_checkpoint(tmp / "m.bin", cfg, w)
+    (tmp / "ids.txt").write_text("3 4 5")
+    r = run(tmp / "m.bin", "-m", "ppl", "--ids", "-f", tmp / "ids.txt", timeout=30)
+    assert_clean_error(r)
+    assert b"at least 2 positions" in r.stderr

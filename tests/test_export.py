@@ -363,6 +363,18 @@ def test_tokenizer_rejects_wrong_vocab(tmp_path):
         export.Tokenizer(str(tmp_path / "t.bin"), 299)
 
 
+def test_tokenizer_small_vocabulary_unknown_character(tmp_path):
+    """A vocabulary without <0xHH> pieces: a character it lacks is one <unk> (id 0), as run.c
+    and the reference encode it (export.py refused such text before)."""
+    pieces = [b"<unk>", b"<s>", b"</s>", b" "] + [bytes([c]) for c in b"abcdefghijklmnopqrstuvwxyz0123456789"]
+    rt = R.Tokenizer(pieces, [0.0, 0.0, 0.0] + [-float(i) for i in range(1, 38)])
+    rt.save(tmp_path / "t.bin")
+    tok = export.Tokenizer(str(tmp_path / "t.bin"), 40)
+    assert tok.encode("h\u00e9") == rt.encode("h\u00e9") == [1, 3, 11, 0]
+    for text in ("ab \u20ac\u00e9 z", "\U0001F600", "x\xff"):
+        assert tok.encode(text, bos=False) == rt.encode(text, bos=False), text
+
+
 @needs_stories
 def test_tok512_encoding():
     tok = export.Tokenizer(str(TOK512), 512)
@@ -522,3 +534,24 @@ def test_cli_exit_status_and_single_error_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_centroids_need_a_token_per_centroid(tiny_files, tmp_path, capsys):
+    """cq2c8b has 256 centroids per group: 3 --self tokens (or a 48-token calibration) cannot
+    place them, which is an error that says how many are needed; no file is written."""
+    cfg, w, ckpt, tok, text = tiny_files
+    out = tmp_path / "c.cent"
+    for argv, msg in ((["--self", "3"], "--self 3 gives too few tokens for cq2c8b"),
+                      (["-z", str(tok), "--calib", str(text), "--seqs", "3", "--seq-len", "16"],
+                       "the calibration gives 48 tokens, too few for cq2c8b")):
+        capsys.readouterr()
+        rc = export.main(["centroids", str(ckpt), "--types", "cq2c2b,cq2c8b", "-o", str(tmp_path),
+                          "-q"] + argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and err[0].startswith("error: "), err
+        assert msg in err[0] and "256" in err[0], err
+    assert not list(tmp_path.glob("*.cent")) and not out.exists()
+    # 256 tokens are enough
+    assert export.main(["centroids", str(ckpt), "--self", "256", "--types", "cq2c8b",
+                        "--iters", "2", "-o", str(out), "-q"]) == 0
+    assert export.read_centroids(str(out))[0]["n_tokens"] == 256
