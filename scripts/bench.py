@@ -10,30 +10,25 @@ measured on this machine that ../shared/docs/llama2c-compat.md records: 7,100 to
 thread, 5,100 with 2).
 Part 2, a random model shaped like stories15M (dim 288, 6 layers, 6 heads, hidden 768,
 vocab 32000): decode tokens/s at a 256-token context, 1 and 2 threads.
-Part 3, a random model shaped like SmolLM2-135M (dim 576, 30 layers, 9 heads, 3 kv heads,
-hidden 1536, vocab 49152, seq_len 16384): `-m bench` for fp32, q4, cq1, cq2, cq4 at contexts
-1K, 4K and 16K with 1 and 2 threads; tokens/s, the share of a step spent in the KV cache, and
-the ratio to fp32.  --rounds rounds run every type once, side by side; the figures are medians
-over the rounds, the ratio the median of the ratios within a round (their range in brackets).  CQ codebooks are random:
-the work per step does not depend on them.  With 2 threads each run also says where the host had
-put the two CPUs (`core_rtt_ns` of -m bench: near below NEAR_NS, far above; README.md, "Two
-placements"), and each ratio is given again per placement.
+Part 3, a random model shaped like SmolLM2-135M (random:smollm2-135m: dim 576, 30 layers, 9 heads,
+3 kv heads, hidden 1536, vocab 49152; random codebooks): `-m bench` for fp32, q4, cq1, cq2, cq4 at
+contexts 1K, 4K and 16K with 1 and 2 threads; tokens/s, the share of a step spent in the KV cache,
+and the ratio to fp32.  --rounds rounds run every type once, side by side; the figures are
+medians over the rounds, the ratio the median of the ratios within a round (their range in
+brackets).  --old BIN times another build the same way in the same rounds (before and after a
+change).
 
-Usage: /usr/bin/python3 scripts/bench.py [--parts 1,2,3] [--llama2c PATH/run.c] [--out DIR]
+Usage: .venv/bin/python scripts/bench.py [--parts 1,2,3] [--llama2c PATH/run.c] [--old BIN] [--out DIR]
 """
 import argparse
 import os
 import re
 import statistics
-import struct
 import subprocess
 import sys
 
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-import reference  # noqa: E402  (random checkpoints and tokenizers)
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "models")
 
@@ -79,10 +74,7 @@ def part1(args, rows):
 
 
 def part2(args, rows):
-    path = os.path.join(args.out, "stories15M-shape.bin")
-    if not os.path.exists(path):
-        cfg = reference.make_config(288, 768, 6, 6, 6, 32000, 256)
-        reference.write_random_checkpoint(path, cfg, seed=1)
+    path = "random:dim=288,hidden=768,layers=6,heads=6,kv_heads=6,vocab=32000,seq_len=256"  # stories15M's shape
     for t in (1, 2):
         out = sh([os.path.join(ROOT, "run"), path, "-m", "bench", "-l", "256", "-n", "64"], threads=t).stdout
         f = fields(out.strip().splitlines()[-1])
@@ -90,80 +82,37 @@ def part2(args, rows):
         print(rows[-1], file=sys.stderr)
 
 
-def random_centroids(model_path, c, b, seed=0):
-    """A CQ centroid file with random codebooks for model_path (its fingerprint included)."""
-    raw = np.memmap(model_path, dtype=np.uint8, mode="r")
-    h = np.frombuffer(raw[:256].tobytes(), dtype=np.int32)
-    dim, _, layers, heads, kv_heads, vocab, _, hs = (int(x) for x in h[2:10])
-    kv_dim = kv_heads * hs
-    off = 256 + 4 * (vocab * dim + layers * dim + layers * heads * hs * dim)
-    wk0 = np.frombuffer(raw[off:off + 4 * kv_dim * dim].tobytes(), dtype=np.uint32)
-    fingerprint = int(wk0.astype(np.uint64).sum()) % (1 << 64)
-    books = np.random.default_rng(seed).standard_normal((layers, 2, kv_dim // c, 1 << b, c)).astype(np.float32)
-    header = struct.pack("<I7iqQ", 0x42435143, 1, layers, kv_heads, hs, c, b, 0, 0, fingerprint)
-    with open(model_path[:-4] + ".%dc%db.cent" % (c, b), "wb") as f:
-        f.write(header + b"\0" * (64 - len(header)) + books.tobytes())
-
-
-NEAR_NS = 150  # core_rtt_ns below this: the two CPUs are neighbours (about 55 ns here), above: far (about 350)
-
-
-def place(rtts):
-    """A run's placement from the core round trips it measured before and after its timed steps."""
-    if not rtts or max(rtts) <= 0:
-        return "n/a"
-    if max(rtts) < NEAR_NS:
-        return "near"
-    return "far" if min(rtts) >= NEAR_NS else "mixed"
-
-
-def by_placement(tps, placement, base_tps, base_placement):
-    """'; near 1.52x (3/4 runs), far 1.30x (2/1)': per placement, the median tok/s of the runs
-    that had it over the base type's median in the same placement (the placement changes within a
-    round, so runs are sorted one by one; runs that changed placement while timed are left out)."""
-    parts = []
-    for name in ("near", "far"):
-        mine = [x for x, p in zip(tps, placement) if p == name]
-        base = [x for x, p in zip(base_tps, base_placement) if p == name]
-        if mine and base:
-            parts.append("%s %.2fx (%d/%d runs)" % (name, statistics.median(mine) / statistics.median(base),
-                                                    len(mine), len(base)))
-    return "; by placement: " + ", ".join(parts) if parts else ""
-
-
 def part3(args, rows):
-    path = os.path.join(args.out, "smollm2-shape.bin")
-    if not os.path.exists(path):
-        cfg = reference.make_config(576, 1536, 30, 9, 3, 49152, 16384)
-        reference.write_random_checkpoint(path, cfg, seed=2)
-        for c in (2, 4, 8):
-            random_centroids(path, c, 8)
+    model = args.model or "random:smollm2-135m,seq_len=%d" % max(int(x) for x in args.contexts.split(","))
+    programs = [("run", os.path.join(ROOT, "run"))] + ([("old", args.old)] if args.old else [])
     types = args.types.split(",")
     for ctx in (int(x) for x in args.contexts.split(",")):
         for t in (int(x) for x in args.threads.split(",")):
-            # rounds: every type once per round, side by side, so that each ratio to fp32 pairs
-            # two runs a few seconds apart; medians over the rounds (the machine is shared)
-            tps, share = {kv: [] for kv in types}, {kv: [] for kv in types}
-            placement = {kv: [] for kv in types}  # per run: "near", "far", "mixed" or "n/a" (see place())
+            # rounds: every type (and program) once per round, side by side, so that each ratio to
+            # fp32 pairs two runs a few seconds apart; medians over the rounds (the machine is shared)
+            tps = {(name, kv): [] for name, _ in programs for kv in types}
+            share = {key: [] for key in tps}
             for _ in range(args.rounds):
+                for name, exe in programs:
+                    for kv in types:
+                        out = sh([exe, model, "-m", "bench", "-l", str(ctx), "-n", str(args.steps), "-k", kv],
+                                 threads=t).stdout
+                        f = fields(out.strip().splitlines()[-1])
+                        tps[name, kv].append(float(f["tok_per_s"]))
+                        # (builds before the Decoder interface called these attention_ms, ms_per_token)
+                        cache, step = f.get("cache_ms", f.get("attention_ms")), f.get("ms_per_step", f.get("ms_per_token"))
+                        share[name, kv].append(float(cache) / float(step))
+            for name, _ in programs:
+                base = (name, types[0])
                 for kv in types:
-                    out = sh([os.path.join(ROOT, "run"), path, "-m", "bench", "-l", str(ctx), "-n", str(args.steps),
-                              "-k", kv], threads=t).stdout
-                    f = fields(out.strip().splitlines()[-1])
-                    tps[kv].append(float(f["tok_per_s"]))
-                    share[kv].append(float(f["attention_ms"]) / float(f["ms_per_token"]))
-                    placement[kv].append(place([float(x) for x in f["core_rtt_ns"].split(",")]))
-            base = types[0]
-            for kv in types:
-                ratios = [a / b for a, b in zip(tps[kv], tps[base])]
-                text = "%.2f tok/s, %.0f%% in KV cache, %.2fx %s" % (
-                    statistics.median(tps[kv]), 100 * statistics.median(share[kv]), statistics.median(ratios), base)
-                if kv != base:
-                    text += " (rounds %.2f-%.2f)" % (min(ratios), max(ratios))
-                    if t > 1:
-                        text += by_placement(tps[kv], placement[kv], tps[base], placement[base])
-                rows.append(("SmolLM2 shape, ctx %d" % ctx, "run %s" % kv, t, text))
-                print(rows[-1], file=sys.stderr)
+                    ratios = [a / b for a, b in zip(tps[name, kv], tps[base])]
+                    text = "%.2f tok/s, %.0f%% in KV cache, %.2fx %s" % (
+                        statistics.median(tps[name, kv]), 100 * statistics.median(share[name, kv]),
+                        statistics.median(ratios), types[0])
+                    if kv != types[0]:
+                        text += " (rounds %.2f-%.2f)" % (min(ratios), max(ratios))
+                    rows.append(("SmolLM2 shape, ctx %d" % ctx, "%s %s" % (name, kv), t, text))
+                    print(rows[-1], file=sys.stderr)
 
 
 def main():
@@ -176,6 +125,8 @@ def main():
     ap.add_argument("--threads", default="1,2", help="part 3: thread counts")
     ap.add_argument("--steps", type=int, default=16, help="part 3: decode steps timed per run (-m bench -n)")
     ap.add_argument("--rounds", type=int, default=3, help="part 3: rounds of side-by-side runs (medians)")
+    ap.add_argument("--model", help="part 3: a checkpoint file instead of the random: model (for --old builds)")
+    ap.add_argument("--old", help="part 3: another build of run, timed side by side (e.g. before a change)")
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

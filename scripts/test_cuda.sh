@@ -31,6 +31,20 @@ grep -E '^(FAILED|ERROR)' "$LOGS/pytest.log" | head -n 20
 
 t "2. compute-sanitizer (the three tools side by side)"
 M=$SHARED/models/stories260K.bin
+if [ -f "$M" ]; then  # a copy of stories260K with random codebooks for the CQ types run below
+    san=$(mktemp -d)
+    ln -s "$(realpath "$M")" "$san/stories.bin"
+    M=$san/stories.bin
+    $PY - "$M" <<'PYTHON' || exit 1
+import sys
+sys.path.insert(0, "tests")
+import cache_reference as CR
+import reference as R
+cfg, w = R.read_checkpoint(sys.argv[1])
+for c, b in [(2, 8), (4, 8), (8, 8), (8, 10)]:
+    CR.write_centroids(CR.default_centroid_path(sys.argv[1], c, b), cfg, w, c, b, CR.random_codebooks(cfg, c, b, 7, scale=0.3))
+PYTHON
+fi
 sanitize() {  # tool: one line per run into $LOGS/sanitizer_<tool>.rows
     local tool=$1 rows="$LOGS/sanitizer_$1.rows" spec w log rc
     : >"$rows"
@@ -38,7 +52,7 @@ sanitize() {  # tool: one line per run into $LOGS/sanitizer_<tool>.rows
         spec=${run%:*} w=${run##*:} log="$LOGS/sanitizer_${tool}_${spec/:/-}_w$w.log"
         if [ -f "$M" ]; then
             compute-sanitizer --tool $tool --error-exitcode 9 ./runcu "$M" -z "$SHARED/models/tok512.bin" \
-                -k $spec -w $w -t 0 -n 20 >"$log" 2>&1
+                -k $spec -w $w -t 0 -n 12 >"$log" 2>&1
         else  # no shared data: a random model (CQ gets random codebooks)
             compute-sanitizer --tool $tool --error-exitcode 9 ./runcu random:dim=64,hidden=128,heads=8,kv_heads=4,layers=2,vocab=64,seq_len=64 \
                 -m bench -k $spec -w $w -l 40 -n 4 >"$log" 2>&1
