@@ -407,7 +407,8 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
         const float2 *f = fine + (size_t)lane * fine_row(hp);
         float s[RM] = {0};
         if constexpr (C >= 4) {  // two pairs at a time: 16-byte reads of the fine angles and the queries
-            for (int g = 0; g < a.kG; g++) {
+#pragma unroll 2
+            for (int g = 0; g < a.kG; g++) {  // (two groups' reads in flight together)
                 const CBT *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
 #pragma unroll
                 for (int jq = 0; jq < C / 4; jq++) {

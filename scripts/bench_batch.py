@@ -106,25 +106,36 @@ def main():
     ap.add_argument("--types", default="fp16,cq4,cq2,cq1,cq8c10b")
     ap.add_argument("--budget", type=float, default=60, help="seconds per (shape, type) sweep")
     ap.add_argument("--out", default=os.path.join(ROOT, "results"))
+    ap.add_argument("--merge", help="an earlier batch_bench.json whose sweeps this run adds to (or replaces)")
+    ap.add_argument("--no-attention", action="store_true", help="skip the batch-16 attention row (keep --merge's)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     types = args.types.split(",")
     results = {"device": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                         capture_output=True, text=True).stdout.strip(), "sweeps": {}}
-    results["attention_b16_64k"] = attention_b16([t for t in types if t != "cq8c10b"])
+    if args.merge:  # sweeps measured in an earlier run (the device is lent for minutes at a time)
+        with open(args.merge) as f:
+            old = json.load(f)
+        results["sweeps"].update(old.get("sweeps", {}))
+        results["attention_b16_64k"] = old.get("attention_b16_64k")
+    if not args.no_attention:
+        results["attention_b16_64k"] = attention_b16([t for t in types if t != "cq8c10b"])
     for shape in args.shapes.split(","):
         for t in types:
             results["sweeps"]["%s %s" % (shape, t)] = sweep(shape, t, args.budget)
+    shapes = sorted({k.split()[0] for k in results["sweeps"]}, key=list(SHAPES).index)
+    types = [t for t in ["fp16", "cq4", "cq2", "cq1", "cq8c10b"] if any(k.endswith(" " + t) for k in results["sweeps"])]
     with open(os.path.join(args.out, "batch_bench.json"), "w") as f:
         json.dump(results, f, indent=1)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    shapes = args.shapes.split(",")
     fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 4.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         for t in types:
-            s = results["sweeps"]["%s %s" % (shape, t)]
+            s = results["sweeps"].get("%s %s" % (shape, t))
+            if not s:
+                continue
             pts = sorted((r["batch"], r["tok_s"]) for r in s["rows"])
             if pts:
                 ax.plot(*zip(*pts), marker="o", label="%s (max batch %d)" % (t, s["max_batch"]))
@@ -137,13 +148,15 @@ def main():
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "batch_bench.png"), dpi=110)
     print("\n" + results["device"])
-    a = results["attention_b16_64k"]
+    a = results["attention_b16_64k"] or {"sdpa_us": float("nan")}
     print("attention, LLaMA-2-7B layer, batch 16, 64K: SDPA fp16 %.0f us | " % a["sdpa_us"] +
           " | ".join("%s %.0f us %.2fx" % (t, v["us"], v["vs_sdpa"]) for t, v in a.items() if isinstance(v, dict) and v))
     for shape in shapes:
         base = None
         for t in types:
-            s = results["sweeps"]["%s %s" % (shape, t)]
+            s = results["sweeps"].get("%s %s" % (shape, t))
+            if not s:
+                continue
             if not s["rows"]:
                 print("%s %s: no run fit" % (shape, t))
                 continue

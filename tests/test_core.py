@@ -1088,7 +1088,7 @@ def test_huge_window_is_the_context(run, tmp, rand_tok_model):
     out = {}
     for win in (cfg["seq_len"], 2**31 - 1):
         lf = tmp / ("w%d.bin" % win)
-        run(model, "-z", tokp, "-k", "q8", "-w", win, "-t", 0, "-n", 24, "-i", "the dog",
+        run(model, "-z", tokp, "-k", "fp16", "-w", win, "-t", 0, "-n", 24, "-i", "the dog",
             "--logits", lf, check=True)
         out[win] = lf.read_bytes()
     assert out[cfg["seq_len"]] == out[2**31 - 1] and len(out[cfg["seq_len"]]) > 0
