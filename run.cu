@@ -935,12 +935,13 @@ static void init_segment(Decoder *d, Segment *g, int segment) {
     CUDA_CHECK(cudaFuncSetAttribute(g->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)d->smem_optin));
 }
 
-/* Positions per block, and blocks per kv head, for a segment of n positions: about four blocks per
-   SM in all.  The blocks cover the next power of two of n (those past n leave an empty partial),
+/* Positions per block, and blocks per kv head, for a segment of n positions: a wave of blocks.  The blocks cover the next power of two of n (those past n leave an empty partial),
    so that the split, and with it the step's graph, changes only when n crosses a power of two. */
 static int split_target(const Decoder *d, const Segment *g) {
+    // CQ blocks stage a codebook (one block an SM fits): one wave of them; row blocks: four an SM
     int units = d->model->cfg.n_kv_heads * ((d->B + g->args.seqs_per_block - 1) / g->args.seqs_per_block);
-    return 4 * d->sms / units > 1 ? 4 * d->sms / units : 1;
+    int per_sm = g->km == KM_CQ ? 1 : 4;
+    return per_sm * d->sms / units > 1 ? per_sm * d->sms / units : 1;
 }
 
 static void choose_split(const Decoder *d, Segment *g, int n) {
