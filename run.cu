@@ -935,8 +935,9 @@ static void init_segment(Decoder *d, Segment *g, int segment) {
     CUDA_CHECK(cudaFuncSetAttribute(g->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)d->smem_optin));
 }
 
-/* Positions per block, and blocks per kv head, for a segment of n positions: a wave of blocks.  The blocks cover the next power of two of n (those past n leave an empty partial),
-   so that the split, and with it the step's graph, changes only when n crosses a power of two. */
+/* Positions per block, and blocks per kv head, for a segment of n positions: a wave of blocks.
+   The blocks cover the next power of two of n (those past n leave an empty partial), so that the
+   split, and with it the step's graph, changes only when n crosses a power of two. */
 static int split_target(const Decoder *d, const Segment *g) {
     // CQ blocks stage a codebook (one block an SM fits): one wave of them; row blocks: four an SM
     int units = d->model->cfg.n_kv_heads * ((d->B + g->args.seqs_per_block - 1) / g->args.seqs_per_block);
