@@ -909,7 +909,7 @@ static void init_segment(Decoder *d, Segment *g, int segment) {
     }
     const char *force_gather = getenv("RUNCU_VALUES"), *force_cb = getenv("RUNCU_CODEBOOKS");  // measurement knobs (docs/PERF.md)
     if (g->vm == VM_HIST && force_gather && !strcmp(force_gather, "gather")) g->vm = VM_GATHER;
-    // candidate key-codebook placements, best first: fp32 staged, fp16 staged, global fp32
+    // where the key codebook goes, best first: fp32 staged, fp16 staged, read from global memory
     int n_try = g->km == KM_CQ ? 3 : 1;
     for (int attempt = 0; attempt < 2 * n_try; attempt++) {
         int place = attempt % n_try, vm = attempt >= n_try && g->vm == VM_HIST ? VM_GATHER : g->vm;  // then: gather values
