@@ -245,7 +245,7 @@ __global__ void fill_rows_kernel(T *rows, int n, int slots, int row_elems, size_
         code in group g is j, then o = sum_j hist[g][j] C_g[j] (the default where the
         histograms fit), or by gathering C_g[code_t] for every position (CPU: cq_value_sums).
         One shared-memory add per position and group against c reads and multiply-adds: on the
-        H200, cq1 at 64K, 445 against 4034 us on LLaMA-2-7B's layer, 86 against 349 on
+        H200, cq1 at 64K, 499 against 4034 us on LLaMA-2-7B's layer, 122 against 349 on
         SmolLM2's (docs/PERF.md); the CPU, where the bins do not fit L1, sums in registers.
    (m_r, l_r, o_r) is the block's partial softmax; combine_kernel merges the blocks.
    CQ keys: a warp takes 32 positions at once, lane b position t0 + b (t0 a multiple of 32), so
