@@ -786,6 +786,10 @@ FLAG_CASES = {
     "kv_type_fp64": ["-k", "fp64"],
     "kv_type_pair_bad": ["-k", "fp32:fp64"],
     "kv_type_empty": ["-k", ""],
+    "kernels_unknown": ["--kernels", "lut"],
+    "kernels_no_value": ["--kernels"],
+    "b_zero": ["-m", "bench", "-b", "0"],
+    "b_outside_bench": ["-b", "2"],
 }
 
 
