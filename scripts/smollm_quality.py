@@ -995,7 +995,7 @@ def objectives(paths):
     for path in paths:
         with open(path) as f:
             rep = json.load(f)
-        run = "%s, %s seeding" % (rep["weighting"], rep["seeding"])
+        run = rep["weighting"] + (", %s seeding" % rep["seeding"] if rep["weighting"] == "fisher" else "")
         for name, st in rep["types"].items():
             h = st["history"]
             for kv in range(2):
@@ -1005,7 +1005,7 @@ def objectives(paths):
                     run, name, "KV"[kv], " | ".join(cells), st["obj"][kv],
                     "%.5g" % held[kv] if held else "-",
                     "%.4f" % (st["held_sse"][kv] / st["held_var"][kv]) if held else "-",
-                    ",".join(map(str, st["iters"]))))
+                    "%d..%d" % (min(st["iters"]), max(st["iters"]))))
 
 
 # ------------------------------------------------------------------------------------------
@@ -1033,6 +1033,7 @@ def main():
     ap.add_argument("--centroids", nargs="+", help="centroid files or directories of *.cent files "
                     "(default: the checkpoint's directory)")
     ap.add_argument("--rows", help="comma-separated rows (default: the whole table): " + ",".join(DEFAULT_ROWS))
+    ap.add_argument("--list-rows", action="store_true", help="print the default rows (comma-separated) and exit")
     ap.add_argument("--summary", metavar="RESULTS.json", help="print a short table of a --json result and exit")
     ap.add_argument("--objectives", nargs="+", metavar="STATS.json",
                     help="print the k-means objectives of export.py centroids --stats files and exit")
@@ -1058,6 +1059,9 @@ def main():
     ap.add_argument("--plot", metavar="OUT.png", help="plot the --json results and exit")
     args = ap.parse_args()
 
+    if args.list_rows:
+        print(",".join(DEFAULT_ROWS))
+        return
     if args.summary:
         summary(args.summary)
         return
