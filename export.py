@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """export.py: offline tools for the CQ (Coupled Quantization) KV-cache project.
 
-Run it with the system interpreter, which has numpy and torch (the pyenv python3 lacks them):
+It needs Python 3 with numpy and torch (Debian's python3-numpy and python3-torch, or any
+torch build; a CUDA build for --device cuda), plus the PyPI packages gguf (to read GGUF files)
+and tokenizers (tests only). `make deps` makes a .venv with all of them, so:
 
-  /usr/bin/python3 export.py centroids CHECKPOINT -z TOKENIZER --calib TEXTFILE [options]
-  /usr/bin/python3 export.py centroids CHECKPOINT --self N [options]
-  .venv/bin/python export.py model SRC -o MODEL.bin       (GGUF sources need .venv's gguf)
+  .venv/bin/python export.py model SRC -o MODEL.bin
   .venv/bin/python export.py tokenizer SRC -o TOKENIZER.bin
+  .venv/bin/python export.py centroids MODEL.bin -z TOKENIZER.bin --calib TEXTFILE [options]
+  .venv/bin/python export.py centroids MODEL.bin --calib IDS --ids [options]
+  .venv/bin/python export.py centroids MODEL.bin --self N [options]
 
 model: converts a GGUF file (LLaMA architecture; F32/F16/Q8_0/Q4_0/Q4_1... tensors), a Hugging
 Face directory, a Meta directory or a llama2.c file to a float32 CQKV checkpoint (section 7).
@@ -15,43 +18,55 @@ metadata of a GGUF file; byte-level BPE vocabularies get the merge and Unicode t
 
 centroids: learns CQ codebooks, one "CQCB" file (README.md) per CQ type, from calibration
 activations: the PRE-RoPE keys and the values of every layer, in the checkpoint's interleaved
-channel order, grouped into contiguous groups of c channels.
+channel order, grouped into contiguous groups of c channels (section 8).
   --calib TEXTFILE  the text is tokenized once (llama2.c tokenizer.bin, BOS-free stream with
                     the dummy prefix at its start) and cut into --seqs sequences, each BOS +
                     min(--seq-len, seq_len) - 1 consecutive tokens (fewer if the text is short;
-                    said on stderr). --ids: the file holds token ids instead.
+                    said on stderr). --ids: the file holds token ids instead (needed for
+                    byte-level BPE models such as SmolLM2: `./run MODEL -z TOK -m encode -f
+                    TEXT` prints them, BOS first; drop that one).
   --self N          N tokens sampled from the model itself (temperature 1 from BOS, --seed),
                     sequences of min(--seq-len, seq_len) tokens.
   --types LIST      cq1 (8c8b), cq2 (4c8b), cq4 (2c8b), or cq<c>c<b>b with c a power of two
                     dividing head_size and 1 <= b <= 16. Default cq1,cq2,cq4.
   weights           Fisher-guided by default: the loss is the SUM over the sequence of the
                     next-token cross-entropies; a token's weight for a group is the sum of the
-                    squared gradients of that loss w.r.t. the group's c activations.
+                    squared gradients of that loss w.r.t. the group's c activations (a mean
+                    loss scales every weight alike and gives the same codebooks).
                     --uniform: all weights 1.
-  k-means           per (layer, K/V, group), 2^b centroids, k-means++ seeding and up to --iters
-                    Lloyd iterations (stops when no assignment changes); --seed fixes it.
+  k-means           per (layer, K/V, group), 2^b centroids, k-means++ seeding (--seeding) and
+                    up to --iters Lloyd iterations (stops when no assignment changes); --seed
+                    fixes it (section 5).
+  --heldout FILE    also codes --heldout-seqs sequences of FILE (text, or ids with --ids) with
+                    the learned codebooks and reports the objective there (with Fisher weights
+                    of those tokens, also for --uniform): a codebook fitted too closely to the
+                    calibration tokens shows it.
   output            CHECKPOINT minus its extension + ".<c>c<b>b.cent" (".<c>c<b>b.uniform.cent"
                     with --uniform), or inside the directory -o, or the file -o (one type).
   stdout            per type: final weighted objective (also relative to the weighted variance),
-                    plain relative MSE, Lloyd iterations, seconds; then the total time.
+                    plain relative MSE, Lloyd iterations, seconds, the held-out figures; then
+                    the total time. --stats FILE writes them as JSON, with the objective after
+                    every Lloyd iteration.
 Activations are collected once and serve every requested type.
 
-Speed: on this machine torch's CPU matrix products use a reference BLAS (~2.5 GFLOP/s), so
-the model's linear layers run as 1x1 convolutions (oneDNN) and k-means prunes its distance work
-with Hamerly's bounds. stories260K, cq1+cq2+cq4: about 35 s (text) / 50 s (--self 8192) on one
-CPU thread. A 135M model (30 layers, kv_dim 192, 16 x 2048 tokens) needs a GPU (--device cuda):
-about 2 minutes on an H200, 60 s of it generating --self text; k-means alone takes about 0.2-0.3
-s per (layer, K/V) and type there, against 45-80 s on one CPU thread here.
+Speed: a small model (llama2.c's stories260K, cq1+cq2+cq4) takes well under a minute on one CPU
+thread. A 135M model (SmolLM2: 30 layers, kv_dim 192, 16 x 2048 calibration tokens) wants a GPU
+(--device cuda): its forward and backward passes take seconds there, and all (layer, K/V)
+k-means problems of a type are solved as one batch. On a CPU, torch's matrix products may use
+a slow reference BLAS (Debian's build does), so the model's linear layers run as 1x1
+convolutions (oneDNN), and k-means prunes its distance work with Hamerly's bounds.
 
 The file is organised in sections (tests import the functions):
   1. errors and small helpers
   2. checkpoint I/O       load_checkpoint, write_checkpoint, model_fingerprint
   3. tokenizer            Tokenizer (llama2.c tokenizer.bin, BPE by scores), write_tokenizer
   4. torch model          TorchLlama, kv_and_grads, fisher_weights, collect_kv, generate
-  5. k-means              weighted_kmeans, kmeans_batched
+  5. k-means              kmeanspp_init, kmeans_batched, weighted_kmeans
   6. centroid files       parse_cq_type, default_centroid_path, write_centroids, read_centroids
-  7. the centroids command
-  8. command line         build_parser, main (new subcommands go here)
+  7. model and tokenizer  convert_gguf, convert_hf, convert_meta, cmd_model, tokenizer_from_*,
+                          cmd_tokenizer
+  8. the centroids command  calibration_sequences_from_text, learn_codebooks, cmd_centroids
+  9. command line         build_parser, main (new subcommands go here)
 """
 
 import argparse
@@ -66,8 +81,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-# OpenMP threads that spin while waiting made torch erratic on this shared 2-core machine
-# (the same k-means took 5 s or 40 s); passive waiting must be chosen before torch loads.
+# OpenMP threads that spin while waiting made torch erratic on a machine shared with other
+# work (the same k-means took 5 s or 40 s); passive waiting must be chosen before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
@@ -75,7 +90,8 @@ try:
     import torch
     import torch.nn.functional as F
 except ImportError as _e:  # e.g. a python3 without them first on PATH
-    sys.exit(f"error: export.py needs numpy and torch ({_e}): run it with /usr/bin/python3")
+    sys.exit(f"error: export.py needs numpy and torch ({_e}): run it with a Python that has "
+             "them, e.g. .venv/bin/python after `make deps`")
 
 
 # =============================================================================================
@@ -557,9 +573,9 @@ def write_tokenizer(path, pieces, scores):
 # =============================================================================================
 
 def linear(x, W):
-    """x @ W.T. On the CPU in float32 as a 1x1 convolution: the Debian torch build here has a
-    generic (reference) BLAS at ~2.5 GFLOP/s, while convolutions go through oneDNN, 10-40x
-    faster for the model's matrix sizes (autograd works the same)."""
+    """x @ W.T. On the CPU in float32 as a 1x1 convolution: Debian's torch build has a generic
+    (reference) BLAS, a few GFLOP/s, while convolutions go through oneDNN, 10-40x faster for
+    the model's matrix sizes (autograd works the same)."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
         y = F.conv1d(x.reshape(-1, x.shape[-1]).T[None], W[:, :, None])  # (1, out, rows)
         return y[0].T.reshape(*x.shape[:-1], W.shape[0])
@@ -778,7 +794,11 @@ def generate(model, n_seqs, length, seed=0, temperature=1.0, progress=None):
 # Many independent problems of the same size (all channel groups of one layer's K or V) are
 # solved together as a batch: X (G, n, c), weights w (G, n), k centroids each.
 #   - k-means++ initialisation: D^2 sampling weighted by w (a point is drawn with probability
-#     proportional to w * squared distance to the nearest centroid so far);
+#     proportional to w * squared distance to the nearest centroid so far), the textbook
+#     choice for weighted data; seeding="plain" draws by the squared distance alone (the same
+#     without weights). On SmolLM2's Fisher weights the two give codebooks of the same quality
+#     on held-out tokens (docs/NOTES-codebooks.md); the random numbers of the draws are given
+#     per problem, so that batching problems together does not change the result;
 #   - Lloyd iterations: assignment to the nearest centroid, centroid = weighted mean of its
 #     points; stop when no assignment changes, or after `iters` updates;
 #   - distances ||x||^2 - 2 x.C + ||C||^2 via batched float32 matrix products, in chunks
@@ -796,15 +816,19 @@ def generate(model, n_seqs, length, seed=0, temperature=1.0, progress=None):
 # Fewer distinct points than k just gives duplicate centroids; k > n is allowed.
 # =============================================================================================
 
-def _sample_rows(p, fallback, gen):
+SEEDINGS = ("plain", "weighted")
+SEEDING = "weighted"  # see the section comment
+
+
+def _sample_rows(p, fallback, u):
     """One index per row of p (G, n), drawn with probability proportional to p (fallback
-    rows used where p sums to 0). Float64 cumulative sums; uniform numbers from `gen` (CPU)."""
+    rows used where p sums to 0); u (G,) float64 uniform numbers in [0, 1) decide the draws.
+    Float64 cumulative sums."""
     cs = torch.cumsum(p, dim=1, dtype=torch.float64)
     empty = cs[:, -1] <= 0
     if bool(empty.any()):
         cs = torch.where(empty[:, None], torch.cumsum(fallback, dim=1, dtype=torch.float64), cs)
-    u = torch.rand(p.shape[0], 1, generator=gen, dtype=torch.float64).to(p.device) * cs[:, -1:]
-    idx = torch.searchsorted(cs, u, right=True)[:, 0]
+    idx = torch.searchsorted(cs, u.to(p.device)[:, None] * cs[:, -1:], right=True)[:, 0]
     return idx.clamp_(max=p.shape[1] - 1)
 
 
@@ -815,17 +839,21 @@ def _sqdist_to(Xt, y):
     return (d * d).sum(1)
 
 
-def kmeanspp_init(X, Xt, w, k, gen):
-    """k-means++ seeding, D^2 sampling weighted by w. X (G, n, c), Xt its (G, c, n) copy."""
+def kmeanspp_init(X, Xt, w, k, uniforms, seeding="plain"):
+    """k-means++ seeding of X (G, n, c), Xt its (G, c, n) copy: each new centroid is a point
+    drawn with probability proportional to its squared distance to the nearest centroid so far
+    ("plain"), or to w times that distance ("weighted"); the first one uniformly ("plain") or
+    in proportion to w.  uniforms: (k, G) float64 numbers in [0, 1), one per draw."""
     G, n, c = X.shape
     rows = torch.arange(G, device=X.device)
-    fallback = torch.where((w.sum(1) > 0)[:, None], w, torch.ones_like(w))
+    ones = torch.ones_like(w)
+    fallback = ones if seeding == "plain" else torch.where((w.sum(1) > 0)[:, None], w, ones)
     C = X.new_empty(G, k, c)
-    idx = _sample_rows(fallback, fallback, gen)
+    idx = _sample_rows(fallback, fallback, uniforms[0])
     C[:, 0] = X[rows, idx]
     D = _sqdist_to(Xt, C[:, 0])
     for j in range(1, k):
-        idx = _sample_rows(w * D, fallback, gen)
+        idx = _sample_rows(D if seeding == "plain" else w * D, fallback, uniforms[j])
         C[:, j] = X[rows, idx]
         torch.minimum(D, _sqdist_to(Xt, C[:, j]), out=D)
     return C
@@ -869,18 +897,33 @@ def _nearest_two(X, C, chunk_elems=None):
 
 def _nearest_two_masked(X, x2, C, mask):
     """_nearest_two for the points where mask (G, n) is true; returns flat (gi, ii, a, dist1,
-    dist2) with true distances (not squared) for those points. Each group's selected points are
-    packed to the front of a (G, max count, c) block so one batched product serves all."""
+    dist2) with true distances (not squared) for those points, in mask.nonzero() order.
+    Each group's selected points are packed to the front of a (groups, count, c) block so one
+    batched product serves many groups; groups go in buckets of counts within a factor of 2
+    (a group with few candidates is not padded to the count of the busiest one, which matters
+    when hundreds of problems are batched and most have converged)."""
     gi, ii = mask.nonzero(as_tuple=True)
     counts = mask.sum(1)
-    M = int(counts.max())
     rank = (torch.cumsum(mask.long(), dim=1) - 1)[gi, ii]
-    Xp = X.new_zeros(X.shape[0], M, X.shape[2])
-    Xp[gi, rank] = X[gi, ii]
-    a, d1, d2 = _nearest_two(Xp, C)
+    level = torch.where(counts > 0, torch.ceil(torch.log2(counts.double())).long(),
+                        torch.full_like(counts, -1))
+    a = torch.empty_like(gi)
+    d1 = X.new_empty(gi.shape[0])
+    d2 = X.new_empty(gi.shape[0])
+    for lv in torch.unique(level).tolist():
+        if lv < 0:
+            continue
+        groups = torch.nonzero(level == lv)[:, 0]
+        slot = torch.full_like(counts, -1)
+        slot[groups] = torch.arange(len(groups), device=X.device)
+        pick = slot[gi] >= 0                            # the candidates of these groups
+        pg, pr = slot[gi[pick]], rank[pick]
+        Xp = X.new_zeros(len(groups), int(counts[groups].max()), X.shape[2])
+        Xp[pg, pr] = X[gi[pick], ii[pick]]
+        ab, b1, b2 = _nearest_two(Xp, C[groups])
+        a[pick], d1[pick], d2[pick] = ab[pg, pr], b1[pg, pr], b2[pg, pr]
     x2s = x2[gi, ii]
-    return (gi, ii, a[gi, rank], (d1[gi, rank] + x2s).clamp_(min=0).sqrt_(),
-            (d2[gi, rank] + x2s).clamp_(min=0).sqrt_())
+    return gi, ii, a, (d1 + x2s).clamp_(min=0).sqrt_(), (d2 + x2s).clamp_(min=0).sqrt_()
 
 
 def _update_centroids(X, w, a, dist2, C_old):
@@ -916,27 +959,38 @@ def _update_centroids(X, w, a, dist2, C_old):
     return C
 
 
-def kmeans_batched(X, w, k, iters=100, seed=0, progress=None):
+def seeding_uniforms(k, G, seed):
+    """The (k, G) float64 uniform numbers of the k-means++ draws of G problems, from `seed`."""
+    return torch.rand(k, G, generator=torch.Generator().manual_seed(int(seed)),
+                      dtype=torch.float64)
+
+
+def kmeans_batched(X, w, k, iters=100, seed=0, progress=None, seeding=SEEDING, uniforms=None):
     """Weighted k-means on G independent problems at once.
 
     X: (G, n, c) float tensor; w: (G, n) non-negative weights (or None: all 1).
+    seeding: "plain" or "weighted" k-means++ (kmeanspp_init); its random numbers are
+    `uniforms` (k, G) if given, else seeding_uniforms(k, G, seed).
     Returns (C (G, k, c), a (G, n) long, history (t+1, G) float64), where history[0] is the
     weighted objective sum_i w_i ||x_i - C[a_i]||^2 after the k-means++ initialisation and
     history[j] after j Lloyd updates. `a` assigns every point to its nearest centroid in C.
     progress: optional callable(iteration, n_changed) called after each update.
     """
+    if seeding not in SEEDINGS:
+        raise ValueError(f"seeding must be one of {SEEDINGS}, not {seeding!r}")
     X = torch.as_tensor(X).float()
     G, n, c = X.shape
     dev = X.device
     w = torch.ones(G, n, device=dev) if w is None else torch.as_tensor(w).float().to(dev)
-    gen = torch.Generator().manual_seed(int(seed))
+    if uniforms is None:
+        uniforms = seeding_uniforms(k, G, seed)
     mu = X.mean(1, keepdim=True)
     X = X - mu                                           # centring: see the section comment
     Xt = X.transpose(1, 2).contiguous()                  # (G, c, n) for elementwise work
     x2 = (Xt * Xt).sum(1)
     wd = w.double()
 
-    C = kmeanspp_init(X, Xt, w, k, gen)
+    C = kmeanspp_init(X, Xt, w, k, uniforms, seeding)
     a, d1, d2 = _nearest_two(X, C)
     lower = (d2 + x2).clamp_(min=0).sqrt_()
     dist2 = _sqdist_own(Xt, C, a)                        # exact squared distance to own
@@ -965,12 +1019,12 @@ def kmeans_batched(X, w, k, iters=100, seed=0, progress=None):
     return C + mu, a, torch.stack(history)
 
 
-def weighted_kmeans(X, w, k, iters=100, seed=0):
+def weighted_kmeans(X, w, k, iters=100, seed=0, seeding=SEEDING):
     """One weighted k-means problem: X (n, c), w (n,) or None -> (centroids (k, c) float32
     numpy, assignments (n,) int64 numpy, objective history list of floats; see kmeans_batched)."""
     X = torch.as_tensor(np.asarray(X, dtype=np.float32))
     w = None if w is None else torch.as_tensor(np.asarray(w, dtype=np.float32))[None]
-    C, a, hist = kmeans_batched(X[None], w, k, iters=iters, seed=seed)
+    C, a, hist = kmeans_batched(X[None], w, k, iters=iters, seed=seed, seeding=seeding)
     return C[0].numpy(), a[0].numpy(), hist[:, 0].tolist()
 
 
@@ -1635,42 +1689,101 @@ def calibration_sequences_from_text(path, tokenizer, cfg, n_seqs, length, ids=Fa
     return [np.array([cfg.bos_id] + s, dtype=np.int64) for s in seqs]
 
 
-def learn_codebooks(acts, g2, cfg, c, b, iters, seed, tag, progress):
+def problem_seed(seed, layer, kv):
+    """The k-means++ seed of one (layer, K/V) problem, so that the result does not depend on
+    how problems are batched."""
+    return int(np.random.SeedSequence([int(seed), layer, kv]).generate_state(1)[0])
+
+
+def code_with(X, C):
+    """Nearest-centroid coding of X (G, n, c) with C (G, k, c): (codes (G, n), exact squared
+    errors (G, n) float64).  Both are centred on X's mean first (distances do not change)."""
+    mu = X.mean(1, keepdim=True)
+    Xc, Cc = X - mu, C - mu
+    a = _nearest_two(Xc, Cc)[0]
+    err = ((Xc.double() - torch.gather(Cc, 1, a[..., None].expand(-1, -1, X.shape[2])).double())
+           ** 2).sum(-1)
+    return a, err
+
+
+def learn_codebooks(acts, g2, cfg, c, b, iters, seed, tag, progress, seeding=SEEDING,
+                    heldout=None, batch=None):
     """Learns (n_layers, 2, n_groups, 2^b, c) codebooks from activations (n_layers, 2, N,
     kv_dim) and squared grads (same shape, or None for uniform weights).
 
+    The (layer, K/V) problems are solved `batch` at a time (default: all of them on a GPU,
+    where one batched problem costs little more than one; one at a time on the CPU, where the
+    work is what counts); each has its own seed (problem_seed), so the result is the same.
+    heldout: optional (acts, g2) of other tokens, coded with the learned codebooks (g2 None:
+    the weighted figures use unit weights).
+
     Returns (codebooks, stats); stats sums over layers and groups, for K [0] and V [1]:
     "obj" the final weighted objective sum w ||x - C[a]||^2, "wvar" the weighted total
-    variance sum w ||x - weighted mean||^2, "sse" and "var" the same unweighted, and "iters"
-    the Lloyd iteration counts of every (layer, K/V).
+    variance sum w ||x - weighted mean||^2, "sse" and "var" the same unweighted, "history"
+    the objective after the seeding and after each Lloyd iteration ([K, V] per iteration; a
+    problem that has converged keeps its final value), "iters" the Lloyd iterations of every
+    batch, and with heldout "held_obj", "held_sse", "held_var" as "obj", "sse", "var" on it.
     """
     L, _, N, kvd = acts.shape
     G, K = kvd // c, 1 << b
     out = np.empty((L, 2, G, K, c), dtype=np.float32)
     stats = {"obj": [0.0, 0.0], "wvar": [0.0, 0.0], "sse": [0.0, 0.0], "var": [0.0, 0.0],
-             "iters": []}
-    for l in range(L):
-        for kv in range(2):
-            X = acts[l, kv].reshape(N, G, c).transpose(0, 1).contiguous()  # (G, N, c)
-            w = None if g2 is None else group_weights(g2[l, kv], c).T.contiguous()  # (G, N)
-            name = "KV"[kv]
+             "iters": [], "history": []}
+    if heldout is not None:
+        stats.update(held_obj=[0.0, 0.0], held_sse=[0.0, 0.0], held_var=[0.0, 0.0])
+    problems = [(l, kv) for l in range(L) for kv in range(2)]
+    histories = []
+    if batch is None:
+        batch = len(problems) if acts.device.type == "cuda" else 1
+    for p0 in range(0, len(problems), batch):
+        part = problems[p0:p0 + batch]
+        X = torch.cat([acts[l, kv].reshape(N, G, c).transpose(0, 1) for l, kv in part])
+        w = None if g2 is None else torch.cat([group_weights(g2[l, kv], c).T for l, kv in part])
+        uniforms = torch.cat([seeding_uniforms(K, G, problem_seed(seed, l, kv))
+                              for l, kv in part], dim=1)
+        where = (f"layer {part[0][0] + 1}/{L} {'KV'[part[0][1]]}" if len(part) == 1 else
+                 f"{len(part)} (layer, K/V) problems")
 
-            def report(it, changed):
-                progress.show(f"[{tag}] layer {l + 1}/{L} {name}: iteration {it}/{iters}, "
-                              f"{changed} assignments changed")
+        def report(it, changed):
+            progress.show(f"[{tag}] {where}: iteration {it}/{iters}, "
+                          f"{changed} assignments changed")
 
-            progress.show(f"[{tag}] layer {l + 1}/{L} {name}: k-means++ init")
-            C, a, hist = kmeans_batched(X, w, K, iters=iters, seed=seed, progress=report)
-            out[l, kv] = C.cpu().numpy()
-            Xd = X.double()
-            ww = torch.ones_like(Xd[..., 0]) if w is None else w.double()
-            wmean = (ww[..., None] * Xd).sum(1, keepdim=True) / ww.sum(1)[:, None, None]
-            err = ((Xd - C.double()[torch.arange(G, device=X.device)[:, None], a]) ** 2).sum(-1)
-            stats["obj"][kv] += float(hist[-1].sum())
-            stats["wvar"][kv] += float((ww * ((Xd - wmean) ** 2).sum(-1)).sum())
-            stats["sse"][kv] += float(err.sum())
-            stats["var"][kv] += float(((Xd - Xd.mean(1, keepdim=True)) ** 2).sum())
-            stats["iters"].append(len(hist) - 1)
+        progress.show(f"[{tag}] {where}: k-means++ seeding")
+        C, a, hist = kmeans_batched(X, w, K, iters=iters, progress=report, seeding=seeding,
+                                    uniforms=uniforms)
+        stats["iters"].append(len(hist) - 1)
+        Xd = X.double()
+        ww = torch.ones_like(Xd[..., 0]) if w is None else w.double()
+        wmean = (ww[..., None] * Xd).sum(1, keepdim=True) / ww.sum(1)[:, None, None]
+        err = ((Xd - C.double()[torch.arange(X.shape[0], device=X.device)[:, None], a]) ** 2).sum(-1)
+        per = lambda t: t.reshape(len(part), -1).sum(1).tolist()  # noqa: E731  per problem
+        obj, wvar = per(hist[-1]), per((ww * ((Xd - wmean) ** 2).sum(-1)).sum(1))
+        sse, var = per(err.sum(1)), per(((Xd - Xd.mean(1, keepdim=True)) ** 2).sum((1, 2)))
+        hist = hist.reshape(hist.shape[0], len(part), G).sum(2)
+        if heldout is not None:
+            Nh = heldout[0].shape[2]
+            Xh = torch.cat([heldout[0][l, kv].reshape(Nh, G, c).transpose(0, 1) for l, kv in part])
+            wh = (torch.ones(Xh.shape[:2], dtype=torch.float64, device=Xh.device)
+                  if heldout[1] is None else
+                  torch.cat([group_weights(heldout[1][l, kv], c).T for l, kv in part]).double())
+            _, herr = code_with(Xh, C)
+            h_obj, h_sse = per((wh * herr).sum(1)), per(herr.sum(1))
+            h_var = per(((Xh.double() - Xh.double().mean(1, keepdim=True)) ** 2).sum((1, 2)))
+        for i, (l, kv) in enumerate(part):
+            out[l, kv] = C[i * G:(i + 1) * G].cpu().numpy()
+            stats["obj"][kv] += obj[i]
+            stats["wvar"][kv] += wvar[i]
+            stats["sse"][kv] += sse[i]
+            stats["var"][kv] += var[i]
+            if heldout is not None:
+                stats["held_obj"][kv] += h_obj[i]
+                stats["held_sse"][kv] += h_sse[i]
+                stats["held_var"][kv] += h_var[i]
+            histories.append((kv, hist[:, i].tolist()))
+    steps = max(len(h) for _, h in histories)
+    for t in range(steps):   # a problem that stopped earlier keeps its final value
+        stats["history"].append([sum(h[min(t, len(h) - 1)] for k2, h in histories if k2 == kv)
+                                 for kv in range(2)])
     progress.done()
     return out, stats
 
@@ -1697,6 +1810,13 @@ def cmd_centroids(args):
         raise ExportError("--calib TEXTFILE needs the tokenizer (-z TOKENIZER)")
     if args.device != "cpu" and not torch.cuda.is_available():
         raise ExportError(f"device '{args.device}' requested but torch sees no CUDA device")
+    if args.heldout is not None and not args.ids and args.tokenizer is None:
+        raise ExportError("--heldout TEXTFILE needs the tokenizer (-z TOKENIZER)")
+    if args.heldout_seqs < 1:
+        raise ExportError("--heldout-seqs must be >= 1")
+    if args.stats and not os.access(os.path.dirname(args.stats) or ".", os.W_OK):
+        raise ExportError(f"cannot write '{args.stats}': directory missing or not writable")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the distances need float32 products
 
     cfg, weights = load_checkpoint(args.checkpoint)
     for name, c, b in types:
@@ -1755,6 +1875,11 @@ def cmd_centroids(args):
         seqs = calibration_sequences_from_text(args.calib, tok, cfg, args.seqs, length,
                                                ids=args.ids)
         source = f"{args.calib}"
+    held_seqs = None
+    if args.heldout is not None:
+        tok = None if args.ids else Tokenizer(args.tokenizer, cfg.vocab_size)
+        held_seqs = calibration_sequences_from_text(args.heldout, tok, cfg, args.heldout_seqs,
+                                                    length, ids=args.ids)
     n_tokens = sum(len(s) for s in seqs)
     if n_tokens < 1 << most[2]:
         raise ExportError(f"the calibration gives {n_tokens} tokens, too few for {most[0]}: its "
@@ -1767,18 +1892,30 @@ def cmd_centroids(args):
     t0 = time.time()
     fisher = not args.uniform
     acts, g2 = collect_kv(model, seqs, fisher=fisher, progress=progress)
+    heldout = None
+    if held_seqs is not None:  # Fisher weights there too, so that both runs can be compared
+        heldout = collect_kv(model, held_seqs, fisher=True, progress=progress)
     del model
     t_act = time.time() - t0
     log(f"activations{' + Fisher gradients' if fisher else ''}: {cfg.n_layers} layers x "
-        f"{n_tokens} tokens x kv_dim {cfg.kv_dim}, {t_act:.1f} s")
+        f"{n_tokens} tokens x kv_dim {cfg.kv_dim}, {t_act:.1f} s"
+        + (f"; held-out: {sum(len(s) for s in held_seqs)} tokens of {args.heldout}"
+           if held_seqs else ""))
     if args.device != "cpu":
         acts = acts.to(args.device)
         g2 = g2.to(args.device) if g2 is not None else None
+        if heldout is not None:
+            heldout = tuple(t.to(args.device) for t in heldout)
 
     fp = model_fingerprint(weights["wk"])
+    report = {"weighting": "uniform" if args.uniform else "fisher", "seeding": args.seeding,
+              "seed": args.seed, "calibration_tokens": n_tokens, "types": {}}
+    if held_seqs:
+        report["heldout_tokens"] = sum(len(s) for s in held_seqs)
     for (name, c, b), path in zip(types, outputs):
         t0 = time.time()
-        cb, st = learn_codebooks(acts, g2, cfg, c, b, args.iters, args.seed, name, progress)
+        cb, st = learn_codebooks(acts, g2, cfg, c, b, args.iters, args.seed, name, progress,
+                                 seeding=args.seeding, heldout=heldout)
         try:
             write_centroids(path, cb, cfg.n_kv_heads, cfg.head_size, 0 if args.uniform else 1,
                             n_tokens, fp)
@@ -1794,6 +1931,18 @@ def cmd_centroids(args):
               f"V {_ratio(st['sse'][1], st['var'][1]):.4f}; Lloyd iterations "
               f"{min(it)}..{max(it)} (mean {sum(it) / len(it):.0f}); {dt:.1f} s -> {path}",
               flush=True)
+        if heldout is not None:
+            print(f"  held-out: Fisher-weighted objective K {st['held_obj'][0]:.5g} "
+                  f"V {st['held_obj'][1]:.5g}; plain relative MSE "
+                  f"K {_ratio(st['held_sse'][0], st['held_var'][0]):.4f} "
+                  f"V {_ratio(st['held_sse'][1], st['held_var'][1]):.4f}", flush=True)
+        report["types"][name] = dict(c=c, b=b, file=path, seconds=dt, **st)
+    if args.stats:
+        try:
+            with open(args.stats, "w") as f:
+                json.dump(report, f, indent=1)
+        except OSError as e:
+            raise ExportError(f"cannot write '{args.stats}': {e.strerror}") from None
     print(f"total {time.time() - t_start:.1f} s (calibration tokens {t_tok:.1f} s, "
           f"activations {t_act:.1f} s)", flush=True)
 
@@ -1837,10 +1986,20 @@ def build_parser():
                    help="tokens per sequence, capped at the model's seq_len (2048)")
     c.add_argument("--iters", type=int, default=100, help="max Lloyd iterations (100)")
     c.add_argument("--seed", type=int, default=0, help="seed for k-means++ and --self (0)")
+    c.add_argument("--seeding", choices=SEEDINGS, default=SEEDING,
+                   help="k-means++ draws in proportion to the squared distance (plain, the "
+                   "default) or to the weight times it (weighted)")
+    c.add_argument("--heldout", metavar="FILE",
+                   help="also code these tokens (text, or ids with --ids) with the learned "
+                   "codebooks and report the objective there")
+    c.add_argument("--heldout-seqs", type=int, default=4,
+                   help="held-out sequences of --seq-len tokens (4)")
+    c.add_argument("--stats", metavar="JSON",
+                   help="write the objectives (per type; per Lloyd iteration too) to this file")
     c.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
     c.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (1: on the shared 2-core machine a second "
-                   "thread gained little and sometimes slowed things down badly)")
+                   help="CPU threads for torch (1: on a small machine shared with other work "
+                   "a second thread gained little and sometimes slowed things down badly)")
     c.add_argument("-o", "--output", metavar="OUTDIR_OR_FILE",
                    help="output directory (default names inside) or file (one type only); "
                    "default: next to the checkpoint")

@@ -49,12 +49,12 @@ Rows: TYPE[/fisher|/uniform][/wN], e.g. q4, cq2/uniform, cq1/fisher/w128; TYPE m
 KEYTYPE:VALUETYPE as for ./run -k (cq1:fp32), with one CQ configuration per row.
 """
 import argparse
+import dataclasses
 import glob
 import json
 import math
 import os
 import re
-import struct
 import subprocess
 import sys
 import tempfile
@@ -64,21 +64,23 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import export as E  # noqa: E402  (checkpoint and centroid files, CQ type names)
+
 DEFAULT_TEXT = os.path.join(os.path.dirname(ROOT), "shared", "data", "wikitext2-test.raw.txt")
 
-CQKV_MAGIC, CQCB_MAGIC = 0x564B5143, 0x42435143
 QBLOCK = 32          # channels per block (q types), positions per block (KIVI keys)
 ROPE_FINE = 32       # run.c's coarse/fine RoPE tables for CQ keys
 # on the CPU, large temporaries are computed in slices of at most this many floats (16 MB):
 # glibc serves bigger blocks with fresh mmaps, whose page faults then dominate the run time
 T_CHUNK_FLOATS = 1 << 22
-NAMED_CQ = {"cq4": (2, 8), "cq2": (4, 8), "cq1": (8, 8)}
 SCALAR_BITS = {"q8": 8, "q4": 4, "q2": 2, "q1": 1, "kivi4": 4, "kivi2": 2}
 # rows the exact model of --check runs besides the table's (a window on the other kinds of type)
 EXACT_EXTRA_ROWS = ("fp16/w64", "q4/w64", "kivi2/w64", "cq4/fisher/w64", "cq2/uniform/w200")
 DEFAULT_ROWS = ("fp32 fp16 q8 q4 q2 q1 kivi4 kivi2 cq4/fisher cq4/uniform cq2/fisher cq2/uniform "
                 "cq8c10b/fisher cq8c10b/uniform cq1/fisher cq1/uniform cq1/fisher/w128 "
-                "cq1/uniform/w128").split()
+                "cq1/uniform/w128 cq4:cq2/fisher cq2:cq1/fisher cq1:fp32/fisher "
+                "fp32:cq1/fisher").split()
 
 
 def log(*a):
@@ -86,60 +88,36 @@ def log(*a):
 
 
 # ------------------------------------------------------------------------------------------
-# checkpoint and centroid files
+# checkpoint and centroid files: export.py's readers and writers
 
 def load_checkpoint(path):
-    """(cfg, weights): weights are numpy float32 memmaps.  CQKV format, or llama2.c's legacy one."""
-    with open(path, "rb") as f:
-        head = f.read(256)
-    size = os.path.getsize(path)
-    if struct.unpack_from("<I", head)[0] == CQKV_MAGIC:
-        version, D, F, L, H, KVH, V, S, hs = struct.unpack_from("<9i", head, 4)
-        theta, eps = struct.unpack_from("<2f", head, 40)
-        bos, eos, shared = struct.unpack_from("<3i", head, 48)
-        if version != 1:
-            sys.exit("error: %s: CQKV version %d" % (path, version))
-        off, legacy = 256, False
-    else:
-        D, F, L, H, KVH, V, S = struct.unpack_from("<7i", head)
-        hs, theta, eps, bos, eos, shared = D // H, 10000.0, 1e-5, 1, 2, V > 0
-        V, off, legacy = abs(V), 28, True
-    cfg = dict(dim=D, hidden_dim=F, n_layers=L, n_heads=H, n_kv_heads=KVH, vocab_size=V,
-               seq_len=S, head_size=hs, rope_theta=float(np.float32(theta)),
-               norm_eps=float(np.float32(eps)), bos_id=bos, eos_id=eos, shared_classifier=bool(shared))
-    shapes = [("token_embedding", (V, D)), ("attn_norm", (L, D)), ("wq", (L, H * hs, D)),
-              ("wk", (L, KVH * hs, D)), ("wv", (L, KVH * hs, D)), ("wo", (L, D, H * hs)),
-              ("ffn_norm", (L, D)), ("w1", (L, F, D)), ("w2", (L, D, F)), ("w3", (L, F, D)),
-              ("final_norm", (D,))]
-    w = {}
-    for name, shape in shapes:
-        n = int(np.prod(shape))
-        w[name] = np.memmap(path, dtype="<f4", mode="r", offset=off, shape=shape)
-        off += 4 * n
-    if legacy:
-        off += 4 * S * hs          # the legacy format's two obsolete RoPE tables
-    if not shared:
-        w["classifier"] = np.memmap(path, dtype="<f4", mode="r", offset=off, shape=(V, D))
-        off += 4 * V * D
-    if off > size:
-        sys.exit("error: %s is truncated" % path)
-    return cfg, w
+    """(cfg dict, weights) of a checkpoint export.py reads (CQKV or llama2.c); weights are
+    float32 numpy arrays named as in export.TENSOR_ORDER ("classifier" is the embedding when
+    shared)."""
+    try:
+        cfg, w = E.load_checkpoint(path)
+    except E.ExportError as e:
+        sys.exit("error: %s" % e)
+    return dataclasses.asdict(cfg), w
+
+
+def export_config(cfg):
+    """The export.Config of a cfg dict (for export.write_checkpoint)."""
+    return E.Config(**{f.name: cfg[f.name] for f in dataclasses.fields(E.Config) if f.name in cfg})
 
 
 def fingerprint(w):
-    """Sum mod 2^64 of the layer-0 wk tensor read as uint32 words (run.c's model_fingerprint)."""
-    return int(np.asarray(w["wk"][0]).view("<u4").astype(np.uint64).sum(dtype=np.uint64))
+    """run.c's model fingerprint of the checkpoint (export.model_fingerprint)."""
+    return E.model_fingerprint(w["wk"])
 
 
 def read_centroid_header(path):
-    with open(path, "rb") as f:
-        h = f.read(64)
-    if len(h) < 64 or struct.unpack_from("<I", h)[0] != CQCB_MAGIC:
+    """export.read_centroids' header of a centroid file, with its path; None if it is not one."""
+    try:
+        h, _ = E.read_centroids(path)
+    except E.ExportError:
         return None
-    version, L, KVH, hs, c, b, weighting = struct.unpack_from("<7i", h, 4)
-    n_tokens, fp = struct.unpack_from("<qQ", h, 32)
-    return dict(path=path, version=version, n_layers=L, n_kv_heads=KVH, head_size=hs, c=c, b=b,
-                weighting="fisher" if weighting == 1 else "uniform", n_tokens=n_tokens, fingerprint=fp)
+    return dict(h, path=path, weighting="fisher" if h["weighting"] == 1 else "uniform")
 
 
 def find_centroids(places, cfg, fp):
@@ -150,7 +128,7 @@ def find_centroids(places, cfg, fp):
     found = {}
     for path in files:
         h = read_centroid_header(path)
-        if (h is None or h["version"] != 1 or h["fingerprint"] != fp or h["n_layers"] != cfg["n_layers"]
+        if (h is None or h["fingerprint"] != fp or h["n_layers"] != cfg["n_layers"]
                 or h["n_kv_heads"] != cfg["n_kv_heads"] or h["head_size"] != cfg["head_size"]):
             continue
         key = (h["c"], h["b"], h["weighting"])
@@ -164,12 +142,14 @@ def find_centroids(places, cfg, fp):
 
 def load_codebooks(path, cfg, c, b):
     """(L, 2, G, 2^b, c) float32 codebooks of a centroid file (keys before RoPE, values)."""
-    G = cfg["n_kv_heads"] * cfg["head_size"] // c
-    shape = (cfg["n_layers"], 2, G, 1 << b, c)
-    a = np.fromfile(path, dtype="<f4", offset=64)
-    if a.size != int(np.prod(shape)):
-        sys.exit("error: %s: %d floats, expected %d" % (path, a.size, int(np.prod(shape))))
-    return a.reshape(shape)
+    try:
+        h, cb = E.read_centroids(path)
+    except E.ExportError as e:
+        sys.exit("error: %s" % e)
+    if (h["c"], h["b"], h["n_layers"], h["n_kv_heads"], h["head_size"]) != (
+            c, b, cfg["n_layers"], cfg["n_kv_heads"], cfg["head_size"]):
+        sys.exit("error: %s does not hold %dc%db centroids for this model" % (path, c, b))
+    return cb
 
 
 # ------------------------------------------------------------------------------------------
@@ -181,13 +161,10 @@ class KVType:
         if name in ("fp32", "fp16") or name in SCALAR_BITS:
             self.kind, self.c, self.b = name, 0, 0
         else:
-            m = re.fullmatch(r"cq(\d+)c(\d+)b", name)
-            if name in NAMED_CQ:
-                self.c, self.b = NAMED_CQ[name]
-            elif m:
-                self.c, self.b = int(m.group(1)), int(m.group(2))
-            else:
-                raise ValueError("unknown cache type %r" % name)
+            try:
+                self.c, self.b = E.parse_cq_type(name)
+            except E.ExportError:
+                raise ValueError("unknown cache type %r" % name) from None
             self.kind = "cq"
 
     @property
@@ -198,7 +175,8 @@ class KVType:
 
 class Row:
     """One row of the table: a cache type for keys and values (TYPE, or KEYTYPE:VALUETYPE as
-    run.c's -k takes it), centroids, a window."""
+    run.c's -k takes it), centroids, a window.  Keys and values may use two CQ configurations
+    (cq2:cq1); each side then reads its own centroid file."""
 
     def __init__(self, spec):
         parts = spec.split("/")
@@ -207,10 +185,10 @@ class Row:
             raise ValueError("bad row %r" % spec)
         self.ktype, self.vtype = KVType(names[0]), KVType(names[-1])
         self.name = names[0] if names[0] == names[-1] else parts[0]
-        cq = [t for t in (self.ktype, self.vtype) if t.kind == "cq"]
-        if len(cq) == 2 and (cq[0].c, cq[0].b) != (cq[1].c, cq[1].b):
-            raise ValueError("row %r: keys and values need two centroid files; one CQ configuration per row" % spec)
-        self.cq = cq[0] if cq else None              # the CQ configuration, if any
+        self.cqs = []                                # the distinct CQ configurations (c, b)
+        for t in (self.ktype, self.vtype):
+            if t.kind == "cq" and (t.c, t.b) not in self.cqs:
+                self.cqs.append((t.c, t.b))
         self.is_fp32 = self.ktype.kind == self.vtype.kind == "fp32"
         self.bits = (self.ktype.bits + self.vtype.bits) / 2
         self.weighting, self.window = None, 0
@@ -221,15 +199,33 @@ class Row:
                 self.window = int(p[1:])
             else:
                 raise ValueError("bad row %r" % spec)
-        if self.cq and self.weighting is None:
+        if self.cqs and self.weighting is None:
             self.weighting = "fisher"
-        if not self.cq:
+        if not self.cqs:
             self.weighting = None
         if self.is_fp32:
             self.window = 0          # run.c ignores -w for fp32
         self.id = "/".join([self.name] + ([self.weighting] if self.weighting else [])
                            + (["w%d" % self.window] if self.window else []))
-        self.centroid_file = None
+        self.files = {}              # (c, b) -> centroid file
+
+    @property
+    def cq(self):
+        """The CQ configuration of a row with one (None without CQ; the keys' with two)."""
+        return self.ktype if self.ktype.kind == "cq" else self.vtype if self.vtype.kind == "cq" else None
+
+    @property
+    def centroid_file(self):
+        """The centroid file of a row with one CQ configuration."""
+        return self.files.get(self.cqs[0]) if len(self.cqs) == 1 else None
+
+    @centroid_file.setter
+    def centroid_file(self, path):
+        for key in self.cqs:
+            self.files[key] = path
+
+    def file_for(self, t):
+        return self.files[(t.c, t.b)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -414,7 +410,7 @@ class Evaluator:
             return half(xr)
         if kind == "cq":
             c, b = t.c, t.b
-            cb, sq = self.codebook(row.centroid_file, c, b)
+            cb, sq = self.codebook(row.file_for(t), c, b)
             cb, sq = cb[layer, 0 if is_key else 1], sq[layer, 0 if is_key else 1]
             G = cb.shape[0]
             codes = cq_encode(x.reshape(T, G, c), cb, sq)
@@ -575,7 +571,7 @@ def results(cfg, rows, totals):
         t = totals[r.id]
         n = t["tokens"]
         nbytes = 2 * r.bits / 8 * kv_dim * cfg["n_layers"]
-        out.append(dict(id=r.id, type=r.name, centroids=r.weighting, centroid_file=r.centroid_file,
+        out.append(dict(id=r.id, type=r.name, centroids=r.weighting, centroid_files=sorted(set(r.files.values())),
                         window=r.window, bits_per_channel=r.bits, kv_bytes_per_token=nbytes,
                         ratio_fp32=nbytes / fp32_bytes, tokens=n, nll=t["nll"] / n,
                         ppl=math.exp(t["nll"] / n), kl=max(t["kl"] / n, 0.0),
@@ -620,7 +616,13 @@ def run_decodes(args, model, rows, ids_file, L, threads, tmp):
             r = queue.pop(0)
             path = os.path.join(tmp, "logits.%d.%d" % (threads, n))
             n += 1
-            cmd = [args.run_bin, model, "-m", "ppl", "-f", ids_file, "--ids", "-l", str(L),
+            m = model
+            if len(r.cqs) == 2:   # run.c's -c names one file: two go under its default names
+                m = os.path.join(tmp, "twocq%d.bin" % n)
+                os.symlink(os.path.abspath(model), m)
+                for (c, b), f in r.files.items():
+                    os.symlink(os.path.abspath(f), "%s.%dc%db.cent" % (m[:-4], c, b))
+            cmd = [args.run_bin, m, "-m", "ppl", "-f", ids_file, "--ids", "-l", str(L),
                    "-k", r.name, "-w", str(r.window), "--logits", path]
             if r.centroid_file:
                 cmd += ["-c", r.centroid_file]
@@ -710,10 +712,8 @@ def compare(args, model, cfg, ev, rows, ids, L, n_windows, second):
             e["rel_nll_run2"] = abs(c2_nll - c_nll) / abs(c_nll)
             e["rel_kl_run2"] = abs(c2_kl - c_kl) / max(c_kl, args.kl_floor)
         out.append(e)
-    for d in (dec1, dec2 or {}):
-        for _, path in d.values():
-            os.remove(path)
-    os.remove(ids_file)
+    for f in os.listdir(tmp):    # logits, ids and the links of two-configuration rows
+        os.remove(os.path.join(tmp, f))
     os.rmdir(tmp)
     return out
 
@@ -765,25 +765,14 @@ def exact_model(real, seed=11, dim=64, n_layers=3, vocab=512, seq_len=512):
 
 
 def write_checkpoint(path, cfg, w):
-    """CQKV version 1 (README.md)."""
-    c = cfg
-    head = struct.pack("<Ii8iffiiiii", CQKV_MAGIC, 1, c["dim"], c["hidden_dim"], c["n_layers"], c["n_heads"],
-                       c["n_kv_heads"], c["vocab_size"], c["seq_len"], c["head_size"], c["rope_theta"],
-                       c["norm_eps"], c["bos_id"], c["eos_id"], int(c["shared_classifier"]), 0, 0)
-    with open(path, "wb") as f:
-        f.write(head + b"\0" * (256 - len(head)))
-        for name in ("token_embedding", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3",
-                     "final_norm") + (() if c["shared_classifier"] else ("classifier",)):
-            f.write(np.ascontiguousarray(w[name], dtype="<f4").tobytes())
+    """CQKV version 1 (export.write_checkpoint)."""
+    E.write_checkpoint(path, export_config(cfg), w)
 
 
 def write_centroids(path, cfg, w, c, b, weighting, codebooks):
-    """CQCB version 1 (README.md); codebooks (L, 2, G, 2^b, c)."""
-    head = struct.pack("<Iiiiiiiiq", CQCB_MAGIC, 1, cfg["n_layers"], cfg["n_kv_heads"], cfg["head_size"],
-                       c, b, 1 if weighting == "fisher" else 0, 0) + struct.pack("<Q", fingerprint(w))
-    with open(path, "wb") as f:
-        f.write(head + b"\0" * (64 - len(head)))
-        f.write(np.ascontiguousarray(codebooks, dtype="<f4").tobytes())
+    """CQCB version 1 (export.write_centroids); codebooks (L, 2, G, 2^b, c)."""
+    E.write_centroids(path, codebooks, cfg["n_kv_heads"], cfg["head_size"],
+                      1 if weighting == "fisher" else 0, 0, fingerprint(w))
 
 
 def grid_without_ties(C, X, g):
@@ -846,11 +835,10 @@ def exact_check_setup(args, real_cfg, rows, tmp):
     out = []
     for r in list(rows) + [probe]:
         r2 = Row(r.id) if r is not probe else probe
-        if r2.cq:
-            c, b = r2.cq.c, r2.cq.b
+        for c, b in r2.cqs:
             tag = "probe" if r2 is probe else r2.weighting
-            r2.centroid_file = os.path.join(tmp, "exact.%dc%db.%s.cent" % (c, b, tag))
-            if not os.path.exists(r2.centroid_file):
+            cent = r2.files[(c, b)] = os.path.join(tmp, "exact.%dc%db.%s.cent" % (c, b, tag))
+            if not os.path.exists(cent):
                 g = np.random.default_rng(1000 * c + b + (0 if tag == "fisher" else 500))
                 cbs = []
                 for layer in data:
@@ -863,7 +851,7 @@ def exact_check_setup(args, real_cfg, rows, tmp):
                         cen = pick + 0.25 * X.std() * g.standard_normal(pick.shape)
                         cen = np.clip(np.round(cen * 8) / 8, -31.875, 31.875)
                         cbs.append(grid_without_ties(cen, X, g))
-                write_centroids(r2.centroid_file, cfg, w, c, b, "fisher" if tag == "probe" else tag,
+                write_centroids(cent, cfg, w, c, b, "fisher" if tag == "probe" else tag,
                                 np.stack(cbs).reshape(cfg["n_layers"], 2, *cbs[0].shape))
         out.append(r2)
     return path, cfg, ev, out, ids
@@ -945,8 +933,9 @@ def plot(json_path, out_png):
     groups = [
         ("scalar (fp16, q8, q4, q2, q1)", lambda r: r["type"] in ("fp16", "q8", "q4", "q2", "q1") and not r["window"], "o-", "C0"),
         ("KIVI", lambda r: r["type"].startswith("kivi") and not r["window"], "s-", "C1"),
-        ("CQ Fisher", lambda r: r["centroids"] == "fisher" and not r["window"], "^-", "C2"),
-        ("CQ uniform", lambda r: r["centroids"] == "uniform" and not r["window"], "v-", "C3"),
+        ("CQ Fisher", lambda r: r["centroids"] == "fisher" and not r["window"] and ":" not in r["type"], "^-", "C2"),
+        ("CQ uniform", lambda r: r["centroids"] == "uniform" and not r["window"] and ":" not in r["type"], "v-", "C3"),
+        ("CQ, keys:values of two types", lambda r: r["centroids"] and ":" in r["type"], "P", "C7"),
         ("CQ Fisher, window", lambda r: r["centroids"] == "fisher" and r["window"], "^", "C4"),
         ("CQ uniform, window", lambda r: r["centroids"] == "uniform" and r["window"], "v", "C5"),
         ("scalar/KIVI, window", lambda r: r["centroids"] is None and r["window"], "D", "C6"),
@@ -981,6 +970,44 @@ def plot(json_path, out_png):
     log("wrote %s" % out_png)
 
 
+def summary(json_path):
+    """The short table printed last by scripts/smollm_gpu.sh."""
+    with open(json_path) as f:
+        data = json.load(f)
+    rows = data["rows"]
+    ref = next((r["ppl"] for r in rows if r["id"] == "fp32"), None)
+    print("%s: %d windows of %d, %d scored tokens" % (data.get("text"), data["windows"],
+                                                      data["window_length"], data["tokens"]))
+    print("| row | bits/channel | ppl | vs fp32 | KL |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        rel = "" if ref is None or r["id"] == "fp32" else "%+.1f %%" % (100 * (r["ppl"] / ref - 1))
+        print("| %s | %g | %.3f | %s | %.4f |" % (r["id"], round(r["bits_per_channel"], 3), r["ppl"], rel, r["kl"]))
+
+
+def objectives(paths):
+    """The weighted k-means objective of every type in export.py centroids --stats files: on
+    the calibration tokens (after the seeding, after some Lloyd iterations, final) and on the
+    held-out tokens (Fisher-weighted, and the plain relative MSE), keys and values."""
+    marks = (0, 1, 2, 5, 10, 20, 50, 100)
+    print("| run | type | K/V | seeding | after 1 | 2 | 5 | 10 | 20 | 50 | 100 iterations | final "
+          "| held-out | held-out plain rel. MSE | Lloyd iterations |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for path in paths:
+        with open(path) as f:
+            rep = json.load(f)
+        run = rep["weighting"] + (", %s seeding" % rep["seeding"] if rep["weighting"] == "fisher" else "")
+        for name, st in rep["types"].items():
+            h = st["history"]
+            for kv in range(2):
+                cells = ["%.5g" % h[min(m, len(h) - 1)][kv] for m in marks]
+                held = st.get("held_obj")
+                print("| %s | %s | %s | %s | %.5g | %s | %s | %s |" % (
+                    run, name, "KV"[kv], " | ".join(cells), st["obj"][kv],
+                    "%.5g" % held[kv] if held else "-",
+                    "%.4f" % (st["held_sse"][kv] / st["held_var"][kv]) if held else "-",
+                    "%d..%d" % (min(st["iters"]), max(st["iters"]))))
+
+
 # ------------------------------------------------------------------------------------------
 
 def token_ids(args):
@@ -1006,6 +1033,10 @@ def main():
     ap.add_argument("--centroids", nargs="+", help="centroid files or directories of *.cent files "
                     "(default: the checkpoint's directory)")
     ap.add_argument("--rows", help="comma-separated rows (default: the whole table): " + ",".join(DEFAULT_ROWS))
+    ap.add_argument("--list-rows", action="store_true", help="print the default rows (comma-separated) and exit")
+    ap.add_argument("--summary", metavar="RESULTS.json", help="print a short table of a --json result and exit")
+    ap.add_argument("--objectives", nargs="+", metavar="STATS.json",
+                    help="print the k-means objectives of export.py centroids --stats files and exit")
     ap.add_argument("--skip-missing", action="store_true", help="skip CQ rows without a centroid file")
     ap.add_argument("-l", "--length", type=int, default=2048, help="window length (2048)")
     ap.add_argument("--windows", type=int, default=0, help="evaluate the first N windows only (default all)")
@@ -1028,6 +1059,15 @@ def main():
     ap.add_argument("--plot", metavar="OUT.png", help="plot the --json results and exit")
     args = ap.parse_args()
 
+    if args.list_rows:
+        print(",".join(DEFAULT_ROWS))
+        return
+    if args.summary:
+        summary(args.summary)
+        return
+    if args.objectives:
+        objectives(args.objectives)
+        return
     if args.plot:
         if not args.json:
             sys.exit("error: --plot needs --json RESULTS")
@@ -1055,16 +1095,16 @@ def main():
     cents = find_centroids(args.centroids or [os.path.dirname(os.path.abspath(args.model))], cfg, fingerprint(w))
     keep = []
     for r in rows:
-        if r.cq:
-            h = cents.get((r.cq.c, r.cq.b, r.weighting))
-            if h is None:
-                msg = "no %s centroid file for %s (%dc%db) among %s" % (
-                    r.weighting, r.id, r.cq.c, r.cq.b, args.centroids or "the checkpoint's directory")
-                if args.skip_missing:
-                    log("skipping " + msg)
-                    continue
-                sys.exit("error: " + msg)
-            r.centroid_file = h["path"]
+        missing = [(c, b) for c, b in r.cqs if (c, b, r.weighting) not in cents]
+        if missing:
+            msg = "no %s centroid file for %s (%dc%db) among %s" % (
+                r.weighting, r.id, *missing[0], args.centroids or "the checkpoint's directory")
+            if args.skip_missing:
+                log("skipping " + msg)
+                continue
+            sys.exit("error: " + msg)
+        for c, b in r.cqs:
+            r.files[(c, b)] = cents[(c, b, r.weighting)]["path"]
         keep.append(r)
     rows = keep
     ids = token_ids(args)
