@@ -305,7 +305,7 @@ static void attention_layout(AttnArgs *a, int km, int vm, int cb_bytes) {
     a->off_fine = off; if (km == KM_CQ) off += align16((size_t)TILE * (a->hs / 2 + 2) * 8);  // padded rows (fine_row)
     a->off_kcb = off;  if (km == KM_CQ && a->stage_k) off += align16((size_t)a->hs * a->kK * cb_bytes);
     a->off_scores = off; off += align16((size_t)a->R * a->P * 4);
-    a->off_hist = off; if (vm == VM_HIST) off += align16((size_t)a->R * a->vG * a->vK * 4);
+    a->off_hist = off; if (vm == VM_HIST) off += align16((size_t)a->R * a->vG * a->vK * 8);  // two words a bin
     a->off_red = off;
     if (vm == VM_ROWS32 || vm == VM_ROWS16) {
         int lpr = lanes_per_row(a->hs, vm == VM_ROWS32 ? 4 : 2);
@@ -567,30 +567,51 @@ __device__ void row_value_sums(const AttnArgs &a, int b, int kvh, int lo, int hi
     }
 }
 
-// Phase 3 for CQ values, through histograms of the weights (see the comment above ATTN_THREADS).
-__device__ void cq_value_hist(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *sc, float *hist, float *o,
-                              uint8_t *codes_all) {
+/* Phase 3 for CQ values, through histograms of the weights (see the comment above ATTN_THREADS).
+   The bins are fixed-point sums in two 32-bit words, hi in units of 2^-18 and lo of 2^-32 (a
+   weight is at most 1 and a block has at most HIST_MAX_P positions, so neither word overflows):
+   atomicAdd on a float in shared memory is a compare-and-swap loop on this GPU, on an integer
+   one instruction.  The sums are exact to 2^-32 per weight, whatever the order of the adds. */
+#define HIST_MAX_P 8192
+__device__ void cq_value_hist(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *sc, uint32_t *hist,
+                              float *o, uint8_t *codes_all) {
     int n_bins = a.R * a.vG * a.vK, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int i = threadIdx.x; i < n_bins; i += ATTN_THREADS) hist[i] = 0.0f;
+    uint32_t *hist_hi = hist, *hist_lo = hist + n_bins;
+    for (int i = threadIdx.x; i < 2 * n_bins; i += ATTN_THREADS) hist[i] = 0;
     __syncthreads();
     uint8_t *buf = codes_all + (size_t)warp * 2 * TILE * code_stride(a.vrow_bytes);
     for_each_tile(a, a.vrows, a.vrow_bytes, b, kvh, lo + warp * TILE, ATTN_WARPS * TILE, hi, buf,
                   [&](int t0, int n, const uint8_t *codes) {
         if (lane >= n) return;
-        for (int g = 0; g < a.vG; g++) {
-            int code = code_at(codes, g, a.vwide);
-            for (int h = 0; h < a.R; h++)
-                atomicAdd(&hist[((size_t)h * a.vG + g) * a.vK + code], sc[(size_t)h * a.P + (t0 + lane - lo)]);
+        for (int h = 0; h < a.R; h++) {
+            float w = sc[(size_t)h * a.P + (t0 + lane - lo)] * 262144.0f;  // 2^18 w, exact
+            uint32_t whi = (uint32_t)w, wlo = (uint32_t)((w - (float)whi) * 16384.0f + 0.5f);
+            uint32_t *bh = hist_hi + (size_t)h * a.vG * a.vK, *bl = hist_lo + (size_t)h * a.vG * a.vK;
+            for (int g = 0; g < a.vG; g++) {
+                int bin = g * a.vK + code_at(codes, g, a.vwide);
+                atomicAdd(&bh[bin], whi);
+                atomicAdd(&bl[bin], wlo);
+            }
         }
     });
     __syncthreads();
+    // o[h][i] = sum_j bin[h][g][j] C_g[j][e] (i = g c + e): four lanes an output, each a quarter of the bins
     const float *cb = a.vcb + ((size_t)a.layer * a.KVH + kvh) * a.vG * a.vK * a.vc;  // this kv head's groups
-    for (int k = threadIdx.x; k < a.R * a.hs; k += ATTN_THREADS) {
-        int h = k / a.hs, i = k % a.hs, g = i / a.vc, e = i % a.vc;
-        const float *bins = hist + ((size_t)h * a.vG + g) * a.vK, *cg = cb + (size_t)g * a.vK * a.vc + e;
+    int quarter = threadIdx.x % 4, n_out = a.R * a.hs;
+    for (int base = 0; base < n_out; base += ATTN_THREADS / 4) {  // the same trips for every lane (shuffles)
+        int k = base + threadIdx.x / 4;
         float acc = 0.0f;
-        for (int j = 0; j < a.vK; j++) acc += bins[j] * cg[(size_t)j * a.vc];
-        o[k] = acc;
+        if (k < n_out) {
+            int h = k / a.hs, i = k % a.hs, g = i / a.vc, e = i % a.vc;
+            size_t bins = ((size_t)h * a.vG + g) * a.vK;
+            const float *cg = cb + (size_t)g * a.vK * a.vc + e;
+            for (int j = quarter; j < a.vK; j += 4)
+                acc += ((float)hist_hi[bins + j] * 3.814697265625e-06f + (float)hist_lo[bins + j] * 2.3283064365386963e-10f) *
+                       cg[(size_t)j * a.vc];
+        }
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        if (k < n_out && quarter == 0) o[k] = acc;
     }
 }
 
@@ -614,7 +635,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
     char *smem = (char *)smem4;
     float *qs = (float *)smem, *qc = (float *)(smem + a.off_qc), *sc = (float *)(smem + a.off_scores);
     float2 *fine = (float2 *)(smem + a.off_fine);
-    float *hist = (float *)(smem + a.off_hist), *red = (float *)(smem + a.off_red), *o_s = (float *)(smem + a.off_o);
+    uint32_t *hist = (uint32_t *)(smem + a.off_hist);
+    float *red = (float *)(smem + a.off_red), *o_s = (float *)(smem + a.off_o);
     uint8_t *codes = (uint8_t *)(smem + a.off_codes);
     float *red32 = (float *)(smem + a.smem - 128);
     int kvh = blockIdx.y, n = a.pos[0] + 1, hp = a.hs / 2;
@@ -628,8 +650,10 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
         cbk = src;
         if (a.stage_k && hi > lo) {
             CBT *dst = (CBT *)(smem + a.off_kcb);
-            size_t n16 = (size_t)a.hs * a.kK * sizeof(CBT) / 16;
-            for (size_t i = threadIdx.x; i < n16; i += ATTN_THREADS) ((uint4 *)dst)[i] = ((const uint4 *)src)[i];
+            size_t n16 = (size_t)a.hs * a.kK * sizeof(CBT) / 16;  // cp.async: all of it in flight at once
+            for (size_t i = threadIdx.x; i < n16; i += ATTN_THREADS) __pipeline_memcpy_async((uint4 *)dst + i, (const uint4 *)src + i, 16);
+            __pipeline_commit();
+            __pipeline_wait_prior(0);
             cbk = dst;
         }
     }
@@ -930,7 +954,7 @@ static void init_segment(Decoder *d, Segment *g, int segment) {
         break;
     }
     if (a->smem > budget) die("attention for this shape does not fit in the GPU's shared memory (%zu bytes)", budget);
-    for (g->P_max = 256; g->P_max < 8192; g->P_max *= 2) {
+    for (g->P_max = 256; g->P_max < HIST_MAX_P; g->P_max *= 2) {
         a->P = 2 * g->P_max;
         attention_layout(a, g->km, g->vm, g->cb_bytes);
         if (a->smem > budget) break;
@@ -1054,6 +1078,8 @@ static void enqueue_step_no_logits(Decoder *d) { enqueue_logits(d, 0); }
    splits depend on the context, so the graph is captured again when they change (every P
    positions). */
 static void run_graph(Decoder *d, cudaGraphExec_t *exec, int *key, void (*enqueue)(Decoder *)) {
+    static const char *graphs = getenv("RUNCU_GRAPHS");  // "0": launch one by one (a measurement knob, docs/PERF.md)
+    if (graphs && !strcmp(graphs, "0")) { enqueue(d); return; }
     int now[4] = {d->main_seg.P, d->main_seg.n_splits, d->win_seg.P, d->win_seg.n_splits};
     if (!*exec || memcmp(now, key, sizeof now)) {
         if (*exec) CUDA_CHECK(cudaGraphExecDestroy(*exec));

@@ -119,7 +119,7 @@ def main():
         results["sweeps"].update(old.get("sweeps", {}))
         results["attention_b16_64k"] = old.get("attention_b16_64k")
     if not args.no_attention:
-        results["attention_b16_64k"] = attention_b16([t for t in types if t != "cq8c10b"])
+        results["attention_b16_64k"] = attention_b16(["fp16"] + [t for t in types if t not in ("fp16", "cq8c10b")])
     for shape in args.shapes.split(","):
         for t in types:
             results["sweeps"]["%s %s" % (shape, t)] = sweep(shape, t, args.budget)

@@ -11,9 +11,12 @@ Part 2, end to end: ./runcu -m bench tokens/s against context for SmolLM2-135M's
 fp16, cq2 and cq1 caches (fp32 weights; the real model up to its 8K context when --smollm names
 it and its centroid files, a random model of its shape beyond), next to Hugging Face
 transformers' generate with the same weights (fp32, its default sdpa attention) on the same GPU.
+Part 3, the CUDA graph's effect: the same end-to-end bench (SmolLM2's shape, random weights) with
+every step replayed from its graph (the default) and with its kernels launched one by one
+(RUNCU_GRAPHS=0), at 1K and 16K, fp32 and cq1.
 
 Prints a table last; writes results/gpu_bench.json and results/gpu_bench.png (or --out DIR).
-Usage: python3 scripts/bench_gpu.py [--parts 1,2] [--smollm models/smollm2-135m-instruct.bin]
+Usage: python3 scripts/bench_gpu.py [--parts 1,2,3] [--smollm models/smollm2-135m-instruct.bin]
 """
 import argparse
 import json
@@ -31,9 +34,9 @@ SHAPES = {  # layer shapes: random: model keys
 TYPES = ["fp16", "cq4", "cq2", "cq1"]
 
 
-def bench(model, ctx, spec, steps=4, batch=1):
+def bench(model, ctx, spec, steps=4, batch=1, env=None):
     cmd = [RUNCU, model, "-m", "bench", "-l", str(ctx), "-n", str(steps), "-k", spec, "-b", str(batch)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})))
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
     return {k: v for k, v in (kv.split("=", 1) for kv in p.stdout.split())}
@@ -137,6 +140,19 @@ def part2(results, contexts, smollm):
     results["end_to_end"] = rows
 
 
+def part3(results, contexts=(1024, 16384)):
+    rows = []
+    for ctx in contexts:
+        for t in ["fp32", "cq1"]:
+            model = "random:smollm2-135m,seq_len=%d" % max(ctx, 8192)
+            on, off = bench(model, ctx, t, steps=32), bench(model, ctx, t, steps=32, env={"RUNCU_GRAPHS": "0"})
+            row = {"context": ctx, "type": t, "graph_tok_s": float(on.get("tok_per_s", "nan")),
+                   "launches_tok_s": float(off.get("tok_per_s", "nan"))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    results["graphs"] = rows
+
+
 def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -184,25 +200,32 @@ def table(results):
             c = r.get(t, {})
             cells.append("%s %.0f tok/s" % (t, c["tok_s"]) if "tok_s" in c else "%s -" % t)
         lines.append(" | ".join(cells))
+    for r in results.get("graphs", []):
+        lines.append("graph %dK %s: %.0f tok/s with the step's graph, %.0f launching one by one (%.2fx)" % (
+            r["context"] // 1024, r["type"], r["graph_tok_s"], r["launches_tok_s"], r["graph_tok_s"] / r["launches_tok_s"]))
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default="1,2")
+    ap.add_argument("--parts", default="1,2,3")
     ap.add_argument("--contexts", default="4096,16384,65536,131072")
     ap.add_argument("--e2e-contexts", default="1024,2048,4096,8192,16384,32768,65536")
     ap.add_argument("--smollm", help="converted SmolLM2 .bin (with its .4c8b.cent and .8c8b.cent beside it)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results"))
+    ap.add_argument("--merge", help="an earlier gpu_bench.json whose parts this run keeps unless it reruns them")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    results = {"device": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip()}
+    results = json.load(open(args.merge)) if args.merge else {}
+    results["device"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                       capture_output=True, text=True).stdout.strip()
     parts = args.parts.split(",")
     if "1" in parts:
         part1(results, [int(x) for x in args.contexts.split(",")])
     if "2" in parts:
         part2(results, [int(x) for x in args.e2e_contexts.split(",")], args.smollm)
+    if "3" in parts:
+        part3(results)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot(results, os.path.join(args.out, "gpu_bench.png"))
