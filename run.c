@@ -39,6 +39,13 @@
 #include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
+#define OMP(...) _Pragma(#__VA_ARGS__)  // an OpenMP directive: OMP(omp for) is #pragma omp for
+#else                                   // one thread, and no unknown-pragma warnings
+#define OMP(...)
+static inline int omp_get_max_threads(void) { return 1; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_in_parallel(void) { return 0; }
 #endif
 
 /* ------------------------------------------------------------------------------------------
@@ -100,17 +107,14 @@ static void huge_free(void *p, size_t n) {  // n: the size given to huge_alloc
     else if (p) munmap(p, huge_size(n));
 }
 
-static double now_seconds(void) {
+static double clock_seconds(clockid_t clock) {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(clock, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-static double cpu_seconds(void) {  // CPU time of the whole process, all threads
-    struct timespec t;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
+static double now_seconds(void) { return clock_seconds(CLOCK_MONOTONIC); }
+static double cpu_seconds(void) { return clock_seconds(CLOCK_PROCESS_CPUTIME_ID); }  // all threads
 
 /* xorshift*: the sampler's generator, also used for random models and bench fills. */
 static uint32_t random_u32(uint64_t *state) {
@@ -1310,16 +1314,11 @@ static float dot(const float *a, const float *b, int n) {
 static void matmuls(const float *x, int n, const Product *products, int count) {
     long macs = 0;
     for (int k = 0; k < count; k++) macs += (long)n * products[k].d;
-#ifdef _OPENMP
-#pragma omp parallel if (macs >= PARALLEL_MIN_MACS && omp_get_max_threads() > 1)
-#else
-    (void)macs;
-#endif
+    (void)macs;  // read only by OpenMP
+    OMP(omp parallel if (macs >= PARALLEL_MIN_MACS && omp_get_max_threads() > 1))
     for (int k = 0; k < count; k++) {
         const Product *p = &products[k];
-#ifdef _OPENMP
-#pragma omp for schedule(static) nowait
-#endif
+        OMP(omp for schedule(static) nowait)
         for (int i = 0; i < p->d; i++) p->out[i] = dot(p->w + (size_t)i * n, x, n);
     }
 }
@@ -1327,22 +1326,6 @@ static void matmuls(const float *x, int n, const Product *products, int count) {
 static void matmul(float *out, const float *x, const float *w, int n, int d) {
     Product p = {out, w, d};
     matmuls(x, n, &p, 1);
-}
-
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
 }
 
 /* RoPE on the CPU.  Keys and queries rotate with the exact table of section 4.  The fast CQ key
@@ -1705,7 +1688,7 @@ typedef struct {           // what kv_append and kv_attend work in; the Decoder 
 
 static void kv_scratch_init(KVScratch *sc, const Config *c) {
     int H = c->n_heads, hs = c->head_size, hsv = padded_head_size(hs);
-    sc->n_threads = max_threads();
+    sc->n_threads = omp_get_max_threads();
     sc->att = slots_new(sc->n_threads, (size_t)H * ATTN_CHUNK);
     sc->acc = slots_new(sc->n_threads, 2 * (size_t)H + (size_t)H * hs);
     sc->row = slots_new(sc->n_threads, kv_dim_of(c));
@@ -1749,22 +1732,20 @@ static void put_key(KVCache *kv, int layer, int pos, const float *k, float *buf)
 }
 
 static void kv_append(KVCache *kv, int layer, int pos, const float *k, const float *v, KVScratch *sc) {
-#ifdef _OPENMP
     /* CQ encoding (K x c multiply-adds per group) is the one costly part of appending: with two
        threads, the key and the value are coded side by side (not from inside a parallel region:
        the bench fill appends to the layers in parallel). */
     if (kv->k.type.kind == KV_CQ && kv->v.type.kind == KV_CQ && sc->n_threads > 1 && !omp_in_parallel()) {
-#pragma omp parallel sections num_threads(2)
+        OMP(omp parallel sections num_threads(2))
         {
-#pragma omp section
-            put_key(kv, layer, pos, k, slot(sc->row, thread_id()));
-#pragma omp section
+            OMP(omp section)
+            put_key(kv, layer, pos, k, slot(sc->row, omp_get_thread_num()));
+            OMP(omp section)
             store_put(&kv->v, layer, pos, v);
         }
         return;
     }
-#endif
-    put_key(kv, layer, pos, k, slot(sc->row, thread_id()));
+    put_key(kv, layer, pos, k, slot(sc->row, omp_get_thread_num()));
     store_put(&kv->v, layer, pos, v);
 }
 
@@ -2057,30 +2038,22 @@ static void attend_fast(const KVCache *kv, int layer, int pos, const float *q, f
     int cq_keys = ks->type.kind == KV_CQ && ks->type.c >= 2;  // c = 1 splits RoPE pairs: row path
     int cq_values = vs->type.kind == KV_CQ;
     int parallel = sc->n_threads > 1 && (long)n * H * hs >= PARALLEL_MIN_MACS / 4;
+    (void)parallel;  // read only by OpenMP
     if (cq_keys) {
         int hsv = padded_head_size(hs);
         float scale = 1.0f / sqrtf((float)hs);
         for (int h = 0; h < H; h++)
             for (int i = 0; i < hsv; i++) sc->qpad[(size_t)h * hsv + i] = i < hs ? scale * q[(size_t)h * hs + i] : 0.0f;
     }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(parallel ? sc->n_threads : 1)
-#else
-    (void)parallel;
-#endif
+    OMP(omp parallel num_threads(parallel ? sc->n_threads : 1))
     {
-        int tid = thread_id(), nth = 1;
-#ifdef _OPENMP
-        nth = omp_get_num_threads();
-#endif
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         float *buf = slot(sc->row, tid), *att = slot(sc->att, tid), *qrot = slot(sc->qrot, tid);
         float *mx = slot(sc->acc, tid), *sum = mx + H, *rows = sum + H;  // running maxima, sums, value sums (H, hs)
         for (int h = 0; h < H; h++) { mx[h] = -FLT_MAX; sum[h] = 0.0f; }
         memset(rows, 0, (size_t)H * hs * sizeof(float));
         int n_chunks = (n + ATTN_CHUNK - 1) / ATTN_CHUNK;
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic) nowait
-#endif
+        OMP(omp for schedule(dynamic) nowait)
         for (int chunk = 0; chunk < n_chunks; chunk++) {
             int a = chunk * ATTN_CHUNK, b = a + ATTN_CHUNK < n ? a + ATTN_CHUNK : n;
             // 1. scores of positions a..b-1
@@ -2111,10 +2084,8 @@ static void attend_fast(const KVCache *kv, int layer, int pos, const float *q, f
             if (coded_v > a) cq_value_sums(kv, layer, a, coded_v, att, rows);
             if (b > coded_v) row_value_sum(kv, layer, pos, coded_v > a ? coded_v : a, b, att, rows, buf);
         }
-#ifdef _OPENMP
-#pragma omp barrier
-#pragma omp for schedule(static)
-#endif
+        OMP(omp barrier)
+        OMP(omp for schedule(static))
         for (int h = 0; h < H; h++) {  // merge the threads: weight of thread th = e^(m_th - m) / total
             float m = -FLT_MAX, total = 0.0f;
             for (int th = 0; th < nth; th++) m = fmaxf(m, slot(sc->acc, th)[h]);
@@ -2255,7 +2226,7 @@ static Decoder *decoder_new(Model *m, const CacheSpec *spec, int batch) {
     run_state_init(&d->state, c);
     kv_scratch_init(&d->scratch, c);
     d->logits = NEW(float, (size_t)batch * c->vocab_size);
-    snprintf(d->device, sizeof d->device, "cpu threads=%d", max_threads());
+    snprintf(d->device, sizeof d->device, "cpu threads=%d", omp_get_max_threads());
     return d;
 }
 
@@ -2271,9 +2242,7 @@ static void decoder_fill(Decoder *d, int n) {
     int KD = kv_dim_of(c);
     for (int b = 0; b < d->batch; b++) {
         // layers are independent, so they are filled in parallel, each from its own random stream
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic)
-#endif
+        OMP(omp parallel for schedule(dynamic))
         for (int l = 0; l < c->n_layers; l++) {
             uint64_t rng = 42 + l + (uint64_t)b * c->n_layers;
             float *k = NEW(float, KD), *v = NEW(float, KD);
@@ -2282,7 +2251,7 @@ static void decoder_fill(Decoder *d, int n) {
                 kv_append(&d->caches[b], l, pos, k, v, &d->scratch);
             }
             free(k); free(v);
-            if (thread_id() == 0) fprintf(stderr, "\rbench: filling the cache, layer %d/%d", l + 1, c->n_layers);
+            if (omp_get_thread_num() == 0) fprintf(stderr, "\rbench: filling the cache, layer %d/%d", l + 1, c->n_layers);
         }
     }
 }
