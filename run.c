@@ -185,13 +185,23 @@ typedef struct {
 static int kv_dim_of(const Config *c) { return c->n_kv_heads * c->head_size; }
 static int q_dim_of(const Config *c) { return c->n_heads * c->head_size; }
 
-// Number of floats the weights take (excluding llama2.c's two obsolete RoPE tables).
-static uint64_t weight_floats(const Config *c) {
-    uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size;
-    uint64_t QD = q_dim_of(c), KD = kv_dim_of(c);
-    uint64_t n = V * D + L * D + L * QD * D + 2 * L * KD * D + L * D * QD + L * D + 3 * L * F * D + D;
-    if (!c->shared_classifier) n += V * D;
-    return n;
+/* The weights in file order: where each tensor's pointer goes, its floats, and its input width
+   (random weights are N(0, 1/in); 0: a norm, all ones).  A shared classifier takes no floats.
+   Returns the number of floats (without llama2.c's two obsolete RoPE tables). */
+#define N_TENSORS 12
+typedef struct { float **at; uint64_t n, in; } Tensor;
+
+static uint64_t weight_tensors(const Config *c, Weights *w, Tensor t[N_TENSORS]) {
+    uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size, QD = q_dim_of(c), KD = kv_dim_of(c);
+    Tensor all[N_TENSORS] = {
+        {&w->token_embedding, V * D, 1}, {&w->attn_norm, L * D, 0}, {&w->wq, L * QD * D, D},
+        {&w->wk, L * KD * D, D}, {&w->wv, L * KD * D, D}, {&w->wo, L * D * QD, QD}, {&w->ffn_norm, L * D, 0},
+        {&w->w1, L * F * D, D}, {&w->w2, L * D * F, F}, {&w->w3, L * F * D, D}, {&w->final_norm, D, 0},
+        {&w->classifier, c->shared_classifier ? 0 : V * D, D}};
+    memcpy(t, all, sizeof all);
+    uint64_t floats = 0;
+    for (int i = 0; i < N_TENSORS; i++) floats += t[i].n;
+    return floats;
 }
 
 static void check_config(const Config *c, const char *path) {
@@ -277,8 +287,8 @@ static void load_model(Model *m, const char *path) {
     check_config(c, path);
 
     // Validate the size before touching any weight.
-    uint64_t floats = weight_floats(c) + extra_floats;
-    uint64_t want = header_bytes + 4 * floats;
+    Tensor t[N_TENSORS];
+    uint64_t want = header_bytes + 4 * (weight_tensors(c, &m->w, t) + extra_floats);
     if (size < want)
         die("%s: truncated: %zu bytes, but the header (dim %d, %d layers, vocab %d) needs %llu", path,
             size, c->dim, c->n_layers, c->vocab_size, (unsigned long long)want);
@@ -287,22 +297,12 @@ static void load_model(Model *m, const char *path) {
             path, size, c->dim, c->n_layers, c->vocab_size, (unsigned long long)want);
 
     float *p = (float *)((char *)data + header_bytes);
-    uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size;
-    uint64_t QD = q_dim_of(c), KD = kv_dim_of(c);
-    Weights *w = &m->w;
-    w->token_embedding = p; p += V * D;
-    w->attn_norm = p;       p += L * D;
-    w->wq = p;              p += L * QD * D;
-    w->wk = p;              p += L * KD * D;
-    w->wv = p;              p += L * KD * D;
-    w->wo = p;              p += L * D * QD;
-    w->ffn_norm = p;        p += L * D;
-    w->w1 = p;              p += L * F * D;
-    w->w2 = p;              p += L * D * F;
-    w->w3 = p;              p += L * F * D;
-    w->final_norm = p;      p += D;
-    p += extra_floats;
-    w->classifier = c->shared_classifier ? w->token_embedding : p;
+    for (int i = 0; i < N_TENSORS; i++) {
+        if (i == N_TENSORS - 1) p += extra_floats;  // the classifier comes after the RoPE tables
+        *t[i].at = p;
+        p += t[i].n;
+    }
+    if (c->shared_classifier) m->w.classifier = m->w.token_embedding;
 }
 
 /* "random:PRESET[,key=value...]": a model of that shape with random weights, for benchmarks of
@@ -330,9 +330,7 @@ static void parse_random_model(Model *m, const char *spec) {
             } else if (!strcmp(item, "bf16")) {
                 m->bf16 = 1;
                 continue;
-            } else {
-                die("random:%s: unknown preset '%s' (smollm2-135m, llama2-7b, or bf16)", spec, item);
-            }
+            } else die("random:%s: unknown preset '%s' (smollm2-135m, llama2-7b, or bf16)", spec, item);
             c->head_size = c->dim / c->n_heads;
             continue;
         }
@@ -372,6 +370,7 @@ static void free_model(Model *m) { huge_free(m->file, m->file_size); }
    The Unicode table comes from export.py so that this file needs no Unicode database.  */
 
 #define BPE_MAGIC 0x31455042u  // "BPE1"
+#define MAX_PIECE_BYTES 4096
 enum { CLASS_OTHER = 0, CLASS_LETTER = 1, CLASS_NUMBER = 2, CLASS_SPACE = 3 };
 
 typedef struct {
@@ -426,6 +425,16 @@ static int lookup_piece(const Tokenizer *t, const char *s, int len) {
     return hit ? hit->id : -1;
 }
 
+// Id of the piece whose bytes are piece a's followed by piece b's, or -1.
+static int joined_piece(const Tokenizer *t, int a, int b) {
+    char buf[2 * MAX_PIECE_BYTES];
+    int la = t->vocab_len[a], lb = t->vocab_len[b];
+    if ((unsigned)(la + lb) > t->max_token_length) return -1;  // cannot be a piece
+    memcpy(buf, t->vocab[a], la);
+    memcpy(buf + la, t->vocab[b], lb);
+    return lookup_piece(t, buf, la + lb);
+}
+
 static uint64_t pair_key(int left, int right) { return (uint64_t)(uint32_t)left << 32 | (uint32_t)right; }
 
 static MergeRule *merge_slot(const Tokenizer *t, uint64_t pair) {
@@ -468,14 +477,17 @@ static long count_pieces(FILE *f, long from, unsigned max_len, uint32_t stop) {
     return stop ? -1 : n;
 }
 
+static void die_other_model(const char *path, long pieces, const char *where, int vocab_size) {
+    die("%s has %ld pieces%s, but the checkpoint's vocabulary has %d: the tokenizer belongs to another "
+        "model (name the right one with -z)", path, pieces, where, vocab_size);
+}
+
 static void load_bpe_tables(Tokenizer *t, FILE *f, long size, const char *path) {
     uint32_t magic;
     read_exact(&magic, 4, 1, f, path, "byte-level BPE header");
     if (magic != BPE_MAGIC) {
         long more = count_pieces(f, ftell(f) - 4, t->max_token_length, BPE_MAGIC);
-        if (more > 0)
-            die("%s has %ld pieces, but the checkpoint's vocabulary has %d: the tokenizer belongs to "
-                "another model (name the right one with -z)", path, t->vocab_size + more, t->vocab_size);
+        if (more > 0) die_other_model(path, t->vocab_size + more, "", t->vocab_size);
         die("%s has no byte-level BPE tables, but the checkpoint expects a byte-level BPE tokenizer "
             "(make one with export.py tokenizer)", path);
     }
@@ -487,31 +499,19 @@ static void load_bpe_tables(Tokenizer *t, FILE *f, long size, const char *path) 
     t->merge_slots = 64;
     while (t->merge_slots < 2 * n_merges) t->merge_slots *= 2;
     t->merges = NEW(MergeRule, t->merge_slots);
-    // buf lives only in this frame: it is freed before any error so that LeakSanitizer stays quiet
-    char *buf = NEW(char, 2 * (size_t)t->max_token_length + 1);
     for (int r = 0; r < n_merges; r++) {
         int32_t lr[2];
-        if (fread(lr, 4, 2, f) != 2) { free(buf); die("%s: truncated tokenizer (in the merges)", path); }
-        if (lr[0] < 0 || lr[0] >= t->vocab_size || lr[1] < 0 || lr[1] >= t->vocab_size || (lr[0] == 0 && lr[1] == 0)) {
-            free(buf);
+        read_exact(lr, 4, 2, f, path, "merges");
+        if (lr[0] < 0 || lr[0] >= t->vocab_size || lr[1] < 0 || lr[1] >= t->vocab_size || (lr[0] == 0 && lr[1] == 0))
             die("%s: merge %d names tokens outside the vocabulary", path, r);
-        }
-        int la = t->vocab_len[lr[0]], lb = t->vocab_len[lr[1]];
-        memcpy(buf, t->vocab[lr[0]], la);
-        memcpy(buf + la, t->vocab[lr[1]], lb);
-        int id = lookup_piece(t, buf, la + lb);
-        if (id < 0) {
-            free(buf);
-            die("%s: merge %d (%d, %d) makes a piece that is not in the vocabulary", path, r, lr[0], lr[1]);
-        }
+        int id = joined_piece(t, lr[0], lr[1]);
+        if (id < 0) die("%s: merge %d (%d, %d) makes a piece that is not in the vocabulary", path, r, lr[0], lr[1]);
         MergeRule *slot = merge_slot(t, pair_key(lr[0], lr[1]));
         if (!slot->pair) {  // a repeated pair keeps its first rank
-            slot->pair = pair_key(lr[0], lr[1]);
-            slot->rank = r;
-            slot->id = id;
+            MergeRule rule = {pair_key(lr[0], lr[1]), r, id};
+            *slot = rule;
         }
     }
-    free(buf);
     t->n_specials = read_count(f, size, path, "special tokens", t->vocab_size, 4);
     t->specials = NEW(int, t->n_specials);
     read_exact(t->specials, 4, t->n_specials, f, path, "special tokens");
@@ -548,20 +548,16 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
     t->vocab_len = NEW(int, vocab_size);
     t->scores = NEW(float, vocab_size);
     read_exact(&t->max_token_length, 4, 1, f, path, "header");
-    if (t->max_token_length == 0 || t->max_token_length > 4096)
+    if (t->max_token_length == 0 || t->max_token_length > MAX_PIECE_BYTES)
         die("%s: max_token_length %u is implausible; is this a tokenizer.bin?", path, t->max_token_length);
     long pos = 4;
     int tables_at = -1;  // byte-level: the first piece whose score reads as "BPE1" (tables too early?)
     for (int i = 0; i < vocab_size; i++) {
         int32_t len = 0;
-        if (pos == size)
-            die("%s has %d pieces, but the checkpoint's vocabulary has %d: the tokenizer belongs to another "
-                "model (name the right one with -z)", path, i, vocab_size);
+        if (pos == size) die_other_model(path, i, "", vocab_size);
         if (fread(&t->scores[i], 4, 1, f) != 1 || fread(&len, 4, 1, f) != 1 || len < 0 ||
             (unsigned)len > t->max_token_length || size - pos - 8 < len) {
-            if (tables_at >= 0)
-                die("%s has %d pieces before its byte-level BPE tables, but the checkpoint's vocabulary has %d: "
-                    "the tokenizer belongs to another model (name the right one with -z)", path, tables_at, vocab_size);
+            if (tables_at >= 0) die_other_model(path, tables_at, " before its byte-level BPE tables", vocab_size);
             if (size - pos < 8 || (len >= 0 && (unsigned)len <= t->max_token_length))
                 die("%s: truncated at token %d of %d (does the tokenizer belong to this model?)", path, i, vocab_size);
             die("%s: token %d has length %d (max %u): corrupt tokenizer", path, i, len, t->max_token_length);
@@ -594,9 +590,7 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
             die("%s: %ld bytes follow the byte-level BPE tables: corrupt tokenizer", path, size - end);
     } else if (pos != size) {
         long more = count_pieces(f, pos, t->max_token_length, 0);
-        if (more > 0)
-            die("%s has %ld pieces, but the checkpoint's vocabulary has %d: the tokenizer belongs to another "
-                "model (name the right one with -z)", path, vocab_size + more, vocab_size);
+        if (more > 0) die_other_model(path, vocab_size + more, "", vocab_size);
         die("%s: %ld bytes follow the %d pieces of the checkpoint's vocabulary: another model's tokenizer, "
             "or a corrupt one", path, size - pos, vocab_size);
     }
@@ -622,8 +616,7 @@ typedef struct { float score; int left; int right_version; int left_version; int
 typedef struct { MergeCand *a; int n, cap; } MergeHeap;
 
 static int cand_before(const MergeCand *x, const MergeCand *y) {
-    if (x->score != y->score) return x->score > y->score;
-    return x->left < y->left;
+    return x->score != y->score ? x->score > y->score : x->left < y->left;
 }
 
 static void heap_push(MergeHeap *h, MergeCand c) {
@@ -633,21 +626,17 @@ static void heap_push(MergeHeap *h, MergeCand c) {
         if (!h->a) die("out of memory in the tokenizer");
     }
     int i = h->n++;
-    while (i > 0) {
-        int parent = (i - 1) / 2;
-        if (!cand_before(&c, &h->a[parent])) break;
-        h->a[i] = h->a[parent];
-        i = parent;
+    while (i > 0 && cand_before(&c, &h->a[(i - 1) / 2])) {  // sift up
+        h->a[i] = h->a[(i - 1) / 2];
+        i = (i - 1) / 2;
     }
     h->a[i] = c;
 }
 
 static MergeCand heap_pop(MergeHeap *h) {
     MergeCand top = h->a[0], last = h->a[--h->n];
-    int i = 0;
-    for (;;) {
-        int child = 2 * i + 1;
-        if (child >= h->n) break;
+    int i = 0, child;
+    while ((child = 2 * i + 1) < h->n) {  // sift down
         if (child + 1 < h->n && cand_before(&h->a[child + 1], &h->a[child])) child++;
         if (!cand_before(&h->a[child], &last)) break;
         h->a[i] = h->a[child];
@@ -657,15 +646,13 @@ static MergeCand heap_pop(MergeHeap *h) {
     return top;
 }
 
-typedef struct {
-    int *id, *prev, *next, *version;  // per symbol; a merged-away symbol has id -1
-} Symbols;
+typedef struct { int id, prev, next, version; } Symbol;  // a merged-away symbol has id -1
 
-// Pushes the pair (left, next[left]) when it can merge.
-static void push_pair(const Tokenizer *t, MergeHeap *heap, const Symbols *s, int left, char *buf) {
-    int right = s->next[left];
+// Pushes the pair (left, its next symbol) when it can merge.
+static void push_pair(const Tokenizer *t, MergeHeap *heap, const Symbol *sym, int left) {
+    int right = sym[left].next;
     if (right < 0) return;
-    int a = s->id[left], b = s->id[right], id;
+    int a = sym[left].id, b = sym[right].id, id;
     float priority;
     if (t->kind == 1) {  // byte-level BPE: only the listed merges, by rank
         MergeRule *rule = merge_slot(t, pair_key(a, b));
@@ -673,51 +660,40 @@ static void push_pair(const Tokenizer *t, MergeHeap *heap, const Symbols *s, int
         id = rule->id;
         priority = -(float)rule->rank;
     } else {             // sentencepiece-style: any pair whose concatenation is a piece, by its score
-        int la = t->vocab_len[a], lb = t->vocab_len[b];
-        if ((unsigned)(la + lb) > t->max_token_length) return;  // cannot be a piece
-        memcpy(buf, t->vocab[a], la);
-        memcpy(buf + la, t->vocab[b], lb);
-        id = lookup_piece(t, buf, la + lb);
-        if (id < 0) return;
+        if ((id = joined_piece(t, a, b)) < 0) return;
         priority = t->scores[id];
     }
-    MergeCand cand = {priority, left, s->version[right], s->version[left], id};
+    MergeCand cand = {priority, left, sym[right].version, sym[left].version, id};
     heap_push(heap, cand);
 }
 
 // Merges the symbol ids in place (count of them), returns the new count.
 static int bpe_merge(const Tokenizer *t, int *ids, int count) {
     if (count < 2) return count;
-    Symbols s;
-    int *mem = NEW(int, 3 * (size_t)count);
-    s.id = ids; s.prev = mem; s.next = mem + count; s.version = mem + 2 * count;
+    Symbol *sym = NEW(Symbol, count);
     for (int i = 0; i < count; i++) {
-        s.prev[i] = i - 1;
-        s.next[i] = i + 1 < count ? i + 1 : -1;
-        s.version[i] = 0;
+        Symbol si = {ids[i], i - 1, i + 1 < count ? i + 1 : -1, 0};
+        sym[i] = si;
     }
-    char *buf = NEW(char, 2 * (size_t)t->max_token_length + 1);
     MergeHeap heap = {NULL, 0, 0};
-    for (int i = 0; i + 1 < count; i++) push_pair(t, &heap, &s, i, buf);
+    for (int i = 0; i + 1 < count; i++) push_pair(t, &heap, sym, i);
     while (heap.n > 0) {
         MergeCand c = heap_pop(&heap);
-        int left = c.left, right = s.next[left];
-        if (s.id[left] < 0 || right < 0 || s.version[left] != c.left_version ||
-            s.version[right] != c.right_version)
+        Symbol *left = &sym[c.left], *right = left->next >= 0 ? &sym[left->next] : NULL;
+        if (left->id < 0 || !right || left->version != c.left_version || right->version != c.right_version)
             continue;  // stale: one of the two symbols changed after this candidate was pushed
-        s.id[left] = c.id;
-        s.version[left]++;
-        s.id[right] = -1;
-        s.next[left] = s.next[right];
-        if (s.next[right] >= 0) s.prev[s.next[right]] = left;
-        if (s.prev[left] >= 0) push_pair(t, &heap, &s, s.prev[left], buf);
-        push_pair(t, &heap, &s, left, buf);
+        left->id = c.id;
+        left->version++;
+        right->id = -1;
+        left->next = right->next;
+        if (right->next >= 0) sym[right->next].prev = c.left;
+        if (left->prev >= 0) push_pair(t, &heap, sym, left->prev);
+        push_pair(t, &heap, sym, c.left);
     }
     int n = 0;
-    for (int i = 0; i >= 0; i = s.next[i]) ids[n++] = s.id[i];
+    for (int i = 0; i >= 0; i = sym[i].next) ids[n++] = sym[i].id;
     free(heap.a);
-    free(buf);
-    free(mem);
+    free(sym);
     return n;
 }
 
@@ -2189,28 +2165,18 @@ static void forward(Decoder *d, KVCache *kv, int token, int pos, float *logits) 
 /* The random weights of a random: model in host memory (the CPU path; run.cu makes its own on
    the device): matrices N(0, 1/in), norms 1, embeddings N(0, 1). */
 static void make_random_weights(Model *m) {
-    const Config *c = &m->cfg;
-    uint64_t floats = weight_floats(c);
-    m->file_size = 4 * floats;
+    Tensor t[N_TENSORS];
+    m->file_size = 4 * weight_tensors(&m->cfg, &m->w, t);
     float *p = (float *)huge_alloc(m->file_size);
     m->file = p;
-    uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size;
-    uint64_t QD = q_dim_of(c), KD = kv_dim_of(c);
-    Weights *w = &m->w;
-    struct { float **dst; uint64_t n; float scale; } parts[] = {
-        {&w->token_embedding, V * D, 1.0f}, {&w->attn_norm, L * D, 0.0f}, {&w->wq, L * QD * D, 1.0f / sqrtf((float)D)},
-        {&w->wk, L * KD * D, 1.0f / sqrtf((float)D)}, {&w->wv, L * KD * D, 1.0f / sqrtf((float)D)},
-        {&w->wo, L * D * QD, 1.0f / sqrtf((float)QD)}, {&w->ffn_norm, L * D, 0.0f},
-        {&w->w1, L * F * D, 1.0f / sqrtf((float)D)}, {&w->w2, L * D * F, 1.0f / sqrtf((float)F)},
-        {&w->w3, L * F * D, 1.0f / sqrtf((float)D)}, {&w->final_norm, D, 0.0f},
-        {&w->classifier, c->shared_classifier ? 0 : V * D, 1.0f / sqrtf((float)D)}};
     uint64_t rng = 1234;
-    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) {
-        *parts[i].dst = p;
-        for (uint64_t j = 0; j < parts[i].n; j++) p[j] = parts[i].scale > 0 ? parts[i].scale * random_normal(&rng) : 1.0f;
-        p += parts[i].n;
+    for (int i = 0; i < N_TENSORS; i++) {
+        float scale = t[i].in ? 1.0f / sqrtf((float)t[i].in) : 1.0f;
+        *t[i].at = p;
+        for (uint64_t j = 0; j < t[i].n; j++) p[j] = t[i].in ? scale * random_normal(&rng) : 1.0f;
+        p += t[i].n;
     }
-    if (c->shared_classifier) w->classifier = w->token_embedding;
+    if (m->cfg.shared_classifier) m->w.classifier = m->w.token_embedding;
 }
 
 static Decoder *decoder_new(Model *m, const CacheSpec *spec, int batch) {
