@@ -373,21 +373,10 @@ static void free_model(Model *m) { huge_free(m->file, m->file_size); }
 #define MAX_PIECE_BYTES 4096
 enum { CLASS_OTHER = 0, CLASS_LETTER = 1, CLASS_NUMBER = 2, CLASS_SPACE = 3 };
 
-typedef struct {
-    const char *str;
-    int len;
-    int id;
-} TokenIndex;
-
-typedef struct {
-    uint64_t pair;         // left << 32 | right; 0 marks an empty slot (no pair (0, 0) is stored)
-    int rank, id;
-} MergeRule;
-
-typedef struct {
-    uint32_t first, last;
-    int32_t cls;
-} CodeRange;
+typedef struct { const char *str; int len, id; } TokenIndex;
+// pair: left << 32 | right; 0 marks an empty slot (no pair (0, 0) is stored)
+typedef struct { uint64_t pair; int rank, id; } MergeRule;
+typedef struct { uint32_t first, last; int32_t cls; } CodeRange;
 
 typedef struct {
     int kind;              // 0: sentencepiece-style, 1: byte-level BPE
@@ -408,14 +397,10 @@ typedef struct {
     unsigned char ascii_class[128];
 } Tokenizer;
 
-static int compare_bytes(const char *a, int la, const char *b, int lb) {
-    int c = memcmp(a, b, la < lb ? la : lb);
-    return c ? c : (la > lb) - (la < lb);
-}
-
-static int compare_tokens(const void *a, const void *b) {
+static int compare_tokens(const void *a, const void *b) {  // by bytes, a prefix first
     const TokenIndex *x = (const TokenIndex *)a, *y = (const TokenIndex *)b;
-    return compare_bytes(x->str, x->len, y->str, y->len);
+    int c = memcmp(x->str, y->str, x->len < y->len ? x->len : y->len);
+    return c ? c : (x->len > y->len) - (x->len < y->len);
 }
 
 // Id of the piece with exactly these bytes, or -1.
@@ -433,6 +418,19 @@ static int joined_piece(const Tokenizer *t, int a, int b) {
     memcpy(buf, t->vocab[a], la);
     memcpy(buf + la, t->vocab[b], lb);
     return lookup_piece(t, buf, la + lb);
+}
+
+// The class of a code point (CLASS_*), from the file's Unicode table.
+static int code_class(const Tokenizer *t, uint32_t cp) {
+    if (cp < 128 && t->ascii_class[cp]) return t->ascii_class[cp];
+    int lo = 0, hi = t->n_ranges - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (cp < t->ranges[mid].first) hi = mid - 1;
+        else if (cp > t->ranges[mid].last) lo = mid + 1;
+        else return t->ranges[mid].cls;
+    }
+    return CLASS_OTHER;
 }
 
 static uint64_t pair_key(int left, int right) { return (uint64_t)(uint32_t)left << 32 | (uint32_t)right; }
@@ -531,8 +529,6 @@ static void load_bpe_tables(Tokenizer *t, FILE *f, long size, const char *path) 
             die("%s: corrupt Unicode table", path);
 }
 
-static int code_class(const Tokenizer *t, uint32_t cp);
-
 /* The file has no count of its pieces: the checkpoint's vocab_size says how many to read, and
    the file must end where they (and, byte-level, the BPE tables) end; a tokenizer of another
    model is refused with the two sizes.  */
@@ -547,6 +543,7 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
     t->vocab = NEW(char *, vocab_size);
     t->vocab_len = NEW(int, vocab_size);
     t->scores = NEW(float, vocab_size);
+    t->sorted = NEW(TokenIndex, vocab_size);
     read_exact(&t->max_token_length, 4, 1, f, path, "header");
     if (t->max_token_length == 0 || t->max_token_length > MAX_PIECE_BYTES)
         die("%s: max_token_length %u is implausible; is this a tokenizer.bin?", path, t->max_token_length);
@@ -569,12 +566,9 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
         if (len > 0 && fread(t->vocab[i], len, 1, f) != 1) die("%s: read error at token %d", path, i);
         t->vocab[i][len] = '\0';
         t->vocab_len[i] = len;
-        pos += 8 + len;
-    }
-    t->sorted = NEW(TokenIndex, vocab_size);
-    for (int i = 0; i < vocab_size; i++) {
-        TokenIndex entry = {t->vocab[i], t->vocab_len[i], i};
+        TokenIndex entry = {t->vocab[i], len, i};
         t->sorted[i] = entry;
+        pos += 8 + len;
     }
     qsort(t->sorted, vocab_size, sizeof(TokenIndex), compare_tokens);
     for (int b = 0; b < 256; b++) {
@@ -586,8 +580,7 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
         load_bpe_tables(t, f, size, path);
         for (int c = 0; c < 128; c++) t->ascii_class[c] = (unsigned char)code_class(t, c);
         long end = ftell(f);
-        if (end != size)
-            die("%s: %ld bytes follow the byte-level BPE tables: corrupt tokenizer", path, size - end);
+        if (end != size) die("%s: %ld bytes follow the byte-level BPE tables: corrupt tokenizer", path, size - end);
     } else if (pos != size) {
         long more = count_pieces(f, pos, t->max_token_length, 0);
         if (more > 0) die_other_model(path, vocab_size + more, "", vocab_size);
@@ -697,12 +690,14 @@ static int bpe_merge(const Tokenizer *t, int *ids, int count) {
     return n;
 }
 
-/* A character (code point) that is not a piece: its bytes' "<0xHH>" pieces, as sentencepiece's
-   byte fallback does (llama2.c's files have them at id byte + 3).  A vocabulary without them (a
-   small one) gives one <unk>, id 0, per such character, as sentencepiece without byte fallback
-   does: every id stays inside the vocabulary.  Returns the number of ids written. */
+/* The ids of one character (code point): its piece, or else its bytes' "<0xHH>" pieces, as
+   sentencepiece's byte fallback does (llama2.c's files have them at id byte + 3).  A vocabulary
+   without them (a small one) gives one <unk>, id 0, per such character, as sentencepiece without
+   byte fallback does: every id stays inside the vocabulary.  Returns the number of ids written. */
 #define UNK_ID 0
-static int unknown_char(const Tokenizer *t, const char *s, size_t len, int *tokens) {
+static int char_ids(const Tokenizer *t, const char *s, size_t len, int *tokens) {
+    int id = lookup_piece(t, s, (int)len);
+    if (id >= 0) { tokens[0] = id; return 1; }
     for (size_t j = 0; j < len; j++)
         if (t->byte_piece[(unsigned char)s[j]] < 0) { tokens[0] = UNK_ID; return 1; }
     for (size_t j = 0; j < len; j++) tokens[j] = t->byte_piece[(unsigned char)s[j]];
@@ -711,19 +706,12 @@ static int unknown_char(const Tokenizer *t, const char *s, size_t len, int *toke
 
 // Sentencepiece-style: the ids of text (no BOS); tokens needs room for strlen(text) + 1 ids.
 static int encode_sentencepiece(const Tokenizer *t, const char *text, size_t len, int *tokens) {
-    int n = 0;
-    if (len > 0) {  // sentencepiece's "dummy prefix": the text is encoded as if it began with a space
-        int space = lookup_piece(t, " ", 1);
-        if (space >= 0) tokens[n++] = space;
-        else n += unknown_char(t, " ", 1, tokens + n);
-    }
-    // One symbol per UTF-8 code point if the vocabulary has it, otherwise one per byte.
-    for (size_t i = 0; i < len;) {
+    // sentencepiece's "dummy prefix": the text is encoded as if it began with a space
+    int n = len > 0 ? char_ids(t, " ", 1, tokens) : 0;
+    for (size_t i = 0; i < len;) {  // one symbol per UTF-8 code point
         size_t cp_len = 1;
         while (i + cp_len < len && cp_len < 4 && ((unsigned char)text[i + cp_len] & 0xC0) == 0x80) cp_len++;
-        int id = lookup_piece(t, text + i, (int)cp_len);
-        if (id >= 0) tokens[n++] = id;
-        else n += unknown_char(t, text + i, cp_len, tokens + n);
+        n += char_ids(t, text + i, cp_len, tokens + n);
         i += cp_len;
     }
     return bpe_merge(t, tokens, n);
@@ -733,18 +721,6 @@ static int encode_sentencepiece(const Tokenizer *t, const char *text, size_t len
      's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
    (after splitting off every number code point when pretokenizer is 1), written out below as a
    scanner over code-point classes; each pre-token's bytes are then merged by rank. */
-
-static int code_class(const Tokenizer *t, uint32_t cp) {
-    if (cp < 128 && t->ascii_class[cp]) return t->ascii_class[cp];
-    int lo = 0, hi = t->n_ranges - 1;
-    while (lo <= hi) {
-        int mid = (lo + hi) / 2;
-        if (cp < t->ranges[mid].first) hi = mid - 1;
-        else if (cp > t->ranges[mid].last) lo = mid + 1;
-        else return t->ranges[mid].cls;
-    }
-    return CLASS_OTHER;
-}
 
 // Decodes the UTF-8 code point at s (n bytes left) into *cp; returns its length (1 for a bad byte).
 static int utf8_next(const unsigned char *s, size_t n, uint32_t *cp) {
@@ -858,11 +834,8 @@ static void print_piece(const Tokenizer *t, int bos_id, int prev_token, int toke
         byte_buf[0] = (char)byte;
         piece = byte_buf;
     }
-    if (!piece[0]) return;
-    if (piece[1] == '\0') {
-        unsigned char b = (unsigned char)piece[0];
-        if (!(isprint(b) || isspace(b))) return;
-    }
+    unsigned char b = (unsigned char)piece[0];
+    if (!b || (!piece[1] && !isprint(b) && !isspace(b))) return;  // nothing, or a lone control byte
     fputs(piece, stdout);
 }
 
@@ -926,16 +899,12 @@ static int sample_topp(const float *probs, int n, float topp, ProbIndex *cand, f
        none reaches it (a nearly uniform distribution, a small topp) every token is a candidate. */
     const float cutoff = (1.0f - topp) / (n - 1);  // n >= 2 (sample() answers n = 1 itself)
     int n_cand = 0;
-    for (int i = 0; i < n; i++)
-        if (probs[i] >= cutoff) {
-            cand[n_cand].prob = probs[i];
-            cand[n_cand++].index = i;
-        }
-    if (n_cand == 0)  // none reached it
-        for (int i = 0; i < n; i++) {
-            cand[n_cand].prob = probs[i];
-            cand[n_cand++].index = i;
-        }
+    for (int all = 0; all < 2 && n_cand == 0; all++)  // all: none reached it
+        for (int i = 0; i < n; i++)
+            if (all || probs[i] >= cutoff) {
+                ProbIndex c = {probs[i], i};
+                cand[n_cand++] = c;
+            }
     qsort(cand, n_cand, sizeof(ProbIndex), compare_prob_desc);
     float mass = 0.0f;
     int last = n_cand - 1;
