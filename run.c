@@ -1015,21 +1015,18 @@ static int parse_kv_type(const char *s, KVType *out) {
         {"q2", KV_Q2, 0, 0}, {"q1", KV_Q1, 0, 0}, {"kivi4", KV_KIVI4, 0, 0}, {"kivi2", KV_KIVI2, 0, 0},
         {"cq4", KV_CQ, 2, 8}, {"cq2", KV_CQ, 4, 8}, {"cq1", KV_CQ, 8, 8}};
     memset(out, 0, sizeof *out);
+    snprintf(out->name, sizeof out->name, "%s", s);
     for (size_t i = 0; i < sizeof named / sizeof *named; i++)
         if (!strcmp(s, named[i].name)) {
             out->kind = named[i].kind; out->c = named[i].c; out->b = named[i].b;
-            snprintf(out->name, sizeof out->name, "%s", s);
             return 1;
         }
     int c, b, used = 0;
-    if (sscanf(s, "cq%dc%db%n", &c, &b, &used) == 2 && used == (int)strlen(s)) {
-        if (c < 1 || (c & (c - 1))) die("-k %s: c must be a power of two", s);
-        if (b < 1 || b > 16) die("-k %s: b must be in [1, 16]", s);
-        out->kind = KV_CQ; out->c = c; out->b = b;
-        snprintf(out->name, sizeof out->name, "%s", s);
-        return 1;
-    }
-    return 0;
+    if (sscanf(s, "cq%dc%db%n", &c, &b, &used) != 2 || used != (int)strlen(s)) return 0;
+    if (c < 1 || (c & (c - 1))) die("-k %s: c must be a power of two", s);
+    if (b < 1 || b > 16) die("-k %s: b must be in [1, 16]", s);
+    out->kind = KV_CQ; out->c = c; out->b = b;
+    return 1;
 }
 
 // "-k K" or "-k K:V"
@@ -1084,17 +1081,10 @@ static size_t codebook_floats(const Codebooks *cb, const Config *c) {
     return (size_t)c->n_layers * cb->n_groups * cb->n_centroids * cb->c;
 }
 
-static uint64_t model_fingerprint(const float *wk_layer0, size_t n_floats) {
+static uint64_t model_fingerprint(const float *wk_layer0, size_t n_floats) {  // sum of the words
     uint64_t sum = 0;
-    const uint32_t *words = (const uint32_t *)wk_layer0;
-    for (size_t i = 0; i < n_floats; i++) sum += words[i];
+    for (size_t i = 0; i < n_floats; i++) sum += ((const uint32_t *)wk_layer0)[i];
     return sum;
-}
-
-static void default_centroid_path(char *out, size_t size, const char *checkpoint, const KVType *t) {
-    size_t len = strlen(checkpoint);
-    if (len > 4 && !strcmp(checkpoint + len - 4, ".bin")) len -= 4;
-    snprintf(out, size, "%.*s.%dc%db.cent", (int)len, checkpoint, t->c, t->b);
 }
 
 // Reads the keys' (is_key) or the values' codebooks of `path` after checking its header.
@@ -1142,8 +1132,7 @@ static void load_codebooks(Codebooks *cb, const KVType *t, int is_key, const Mod
     const Config *c = &m->cfg;
     if (t->c > c->head_size || c->head_size % t->c)
         die("-k %s: c = %d must divide the head size %d", t->name, t->c, c->head_size);
-    cb->c = t->c;
-    cb->b = t->b;
+    cb->c = t->c; cb->b = t->b;
     cb->n_groups = kv_dim_of(c) / t->c;
     cb->n_centroids = 1 << t->b;
     size_t n = codebook_floats(cb, c);
@@ -1154,8 +1143,10 @@ static void load_codebooks(Codebooks *cb, const KVType *t, int is_key, const Mod
         for (size_t i = 0; i < n; i++) cb->centroids[i] = random_normal(&rng);
     } else {
         char path[4096];
+        size_t len = strlen(checkpoint);  // the default: <checkpoint minus .bin>.<c>c<b>b.cent
+        if (len > 4 && !strcmp(checkpoint + len - 4, ".bin")) len -= 4;
         if (centroid_path) snprintf(path, sizeof path, "%s", centroid_path);
-        else default_centroid_path(path, sizeof path, checkpoint, t);
+        else snprintf(path, sizeof path, "%.*s.%dc%db.cent", (int)len, checkpoint, t->c, t->b);
         read_centroid_file(cb, t, is_key, path, checkpoint, m);
     }
     for (size_t j = 0; j < n / t->c; j++) {
@@ -1174,8 +1165,7 @@ static void free_codebooks(Codebooks *cb, const Config *c) {
 static void cache_spec_init(CacheSpec *s, KVType k, KVType v, int window, int reference, const Model *m,
                             const char *checkpoint, const char *centroids) {
     memset(s, 0, sizeof *s);
-    s->k = k;
-    s->v = v;
+    s->k = k; s->v = v;
     s->window = window;
     s->reference = reference;
     if (centroids && k.kind == KV_CQ && v.kind == KV_CQ && (k.c != v.c || k.b != v.b))
@@ -1293,6 +1283,14 @@ typedef struct {
     int width;                         // hs rounded up to 8; lanes past hs are zero
 } RopeTable;
 
+static void rope_pairs(const Config *c, int t, float *cos2, float *sin2) {  // one row of those tables
+    for (int i = 0; i < c->head_size / 2; i++) {
+        float cs, sn;
+        rope_angle(c, t, i, &cs, &sn);
+        cos2[2 * i] = cos2[2 * i + 1] = cs; sin2[2 * i] = -sn; sin2[2 * i + 1] = sn;
+    }
+}
+
 static void rope_init(RopeTable *r, const Config *c) {
     int n_coarse = c->seq_len / ROPE_FINE + 1, w = padded_head_size(c->head_size);
     r->half = c->head_size / 2;
@@ -1302,19 +1300,8 @@ static void rope_init(RopeTable *r, const Config *c) {
     r->coarse_sin2 = NEW(float, (size_t)n_coarse * w);
     r->fine_cos2 = NEW(float, (size_t)ROPE_FINE * w);
     r->fine_sin2 = NEW(float, (size_t)ROPE_FINE * w);
-    for (int i = 0; i < r->half; i++) {
-        float cs, sn;
-        for (int a = 0; a < n_coarse; a++) {
-            rope_angle(c, a * ROPE_FINE, i, &cs, &sn);
-            float *c2 = r->coarse_cos2 + (size_t)a * w + 2 * i, *s2 = r->coarse_sin2 + (size_t)a * w + 2 * i;
-            c2[0] = c2[1] = cs; s2[0] = -sn; s2[1] = sn;
-        }
-        for (int b = 0; b < ROPE_FINE; b++) {
-            rope_angle(c, b, i, &cs, &sn);
-            float *c2 = r->fine_cos2 + (size_t)b * w + 2 * i, *s2 = r->fine_sin2 + (size_t)b * w + 2 * i;
-            c2[0] = c2[1] = cs; s2[0] = -sn; s2[1] = sn;
-        }
-    }
+    for (int a = 0; a < n_coarse; a++) rope_pairs(c, a * ROPE_FINE, r->coarse_cos2 + (size_t)a * w, r->coarse_sin2 + (size_t)a * w);
+    for (int b = 0; b < ROPE_FINE; b++) rope_pairs(c, b, r->fine_cos2 + (size_t)b * w, r->fine_sin2 + (size_t)b * w);
 }
 
 static void rope_free(RopeTable *r) {
@@ -1481,6 +1468,10 @@ static size_t kivi_blocks_size(const KVStore *s) {  // bytes of the KIVI key blo
     return (size_t)s->n_layers * (s->seq_len / QBLOCK + 1) * s->kv_dim * s->kivi_block_bytes;
 }
 
+static uint8_t *kivi_block(const KVStore *s, int layer, int block) {  // (kv_dim, kivi_block_bytes)
+    return s->kivi_blocks + (((size_t)layer * (s->seq_len / QBLOCK + 1) + block) * s->kv_dim) * s->kivi_block_bytes;
+}
+
 static size_t rows_size(const KVStore *s) {  // bytes of the cache rows, all layers
     return (size_t)s->n_layers * s->seq_len * s->row_bytes;
 }
@@ -1489,11 +1480,8 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
     memset(s, 0, sizeof *s);
     s->type = type;
     s->is_key = is_key;
-    s->n_layers = c->n_layers;
-    s->n_kv_heads = c->n_kv_heads;
-    s->head_size = c->head_size;
-    s->kv_dim = kv_dim_of(c);
-    s->seq_len = c->seq_len;
+    s->n_layers = c->n_layers; s->n_kv_heads = c->n_kv_heads; s->head_size = c->head_size;
+    s->kv_dim = kv_dim_of(c); s->seq_len = c->seq_len;
     s->window = type.kind != KV_FP32 ? window : 0;
     size_t L = s->n_layers, KD = s->kv_dim, n_blocks = (KD + QBLOCK - 1) / QBLOCK;
     switch (type.kind) {
@@ -1554,7 +1542,7 @@ static void store_put(KVStore *s, int layer, int pos, const float *x) {
             float *recent = s->kivi_recent + (size_t)layer * QBLOCK * KD;
             memcpy(recent + (size_t)(pos % QBLOCK) * KD, x, KD * sizeof(float));
             if (pos % QBLOCK == QBLOCK - 1) {
-                uint8_t *blk = s->kivi_blocks + (((size_t)layer * (s->seq_len / QBLOCK + 1) + pos / QBLOCK) * KD) * s->kivi_block_bytes;
+                uint8_t *blk = kivi_block(s, layer, pos / QBLOCK);
                 for (int ch = 0; ch < KD; ch++)
                     quantize_block(recent + ch, QBLOCK, KD, scalar_bits(s->type.kind), blk + ch * s->kivi_block_bytes);
             }
@@ -1590,7 +1578,7 @@ static const float *store_get(const KVStore *s, const RopeTable *rope, int layer
             int block = t / QBLOCK, bits = scalar_bits(s->type.kind);
             if (block * QBLOCK + QBLOCK - 1 > pos)  // unfinished block: still full precision
                 return s->kivi_recent + ((size_t)layer * QBLOCK + t % QBLOCK) * KD;
-            const uint8_t *blk = s->kivi_blocks + (((size_t)layer * (s->seq_len / QBLOCK + 1) + block) * KD) * s->kivi_block_bytes;
+            const uint8_t *blk = kivi_block(s, layer, block);
             for (int ch = 0; ch < KD; ch++) buf[ch] = block_value(blk + ch * s->kivi_block_bytes, t % QBLOCK, bits);
         } else {
             int bits = scalar_bits(s->type.kind);
