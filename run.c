@@ -39,6 +39,13 @@
 #include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
+#define OMP(...) _Pragma(#__VA_ARGS__)  // an OpenMP directive: OMP(omp for) is #pragma omp for
+#else                                   // one thread, and no unknown-pragma warnings
+#define OMP(...)
+static inline int omp_get_max_threads(void) { return 1; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_in_parallel(void) { return 0; }
 #endif
 
 /* ------------------------------------------------------------------------------------------
@@ -100,17 +107,14 @@ static void huge_free(void *p, size_t n) {  // n: the size given to huge_alloc
     else if (p) munmap(p, huge_size(n));
 }
 
-static double now_seconds(void) {
+static double clock_seconds(clockid_t clock) {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(clock, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-static double cpu_seconds(void) {  // CPU time of the whole process, all threads
-    struct timespec t;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
+static double now_seconds(void) { return clock_seconds(CLOCK_MONOTONIC); }
+static double cpu_seconds(void) { return clock_seconds(CLOCK_PROCESS_CPUTIME_ID); }  // all threads
 
 /* xorshift*: the sampler's generator, also used for random models and bench fills. */
 static uint32_t random_u32(uint64_t *state) {
@@ -181,13 +185,23 @@ typedef struct {
 static int kv_dim_of(const Config *c) { return c->n_kv_heads * c->head_size; }
 static int q_dim_of(const Config *c) { return c->n_heads * c->head_size; }
 
-// Number of floats the weights take (excluding llama2.c's two obsolete RoPE tables).
-static uint64_t weight_floats(const Config *c) {
-    uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size;
-    uint64_t QD = q_dim_of(c), KD = kv_dim_of(c);
-    uint64_t n = V * D + L * D + L * QD * D + 2 * L * KD * D + L * D * QD + L * D + 3 * L * F * D + D;
-    if (!c->shared_classifier) n += V * D;
-    return n;
+/* The weights in file order: where each tensor's pointer goes, its floats, and its input width
+   (random weights are N(0, 1/in); 0: a norm, all ones).  A shared classifier takes no floats.
+   Returns the number of floats (without llama2.c's two obsolete RoPE tables). */
+#define N_TENSORS 12
+typedef struct { float **at; uint64_t n, in; } Tensor;
+
+static uint64_t weight_tensors(const Config *c, Weights *w, Tensor t[N_TENSORS]) {
+    uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size, QD = q_dim_of(c), KD = kv_dim_of(c);
+    Tensor all[N_TENSORS] = {
+        {&w->token_embedding, V * D, 1}, {&w->attn_norm, L * D, 0}, {&w->wq, L * QD * D, D},
+        {&w->wk, L * KD * D, D}, {&w->wv, L * KD * D, D}, {&w->wo, L * D * QD, QD}, {&w->ffn_norm, L * D, 0},
+        {&w->w1, L * F * D, D}, {&w->w2, L * D * F, F}, {&w->w3, L * F * D, D}, {&w->final_norm, D, 0},
+        {&w->classifier, c->shared_classifier ? 0 : V * D, D}};
+    memcpy(t, all, sizeof all);
+    uint64_t floats = 0;
+    for (int i = 0; i < N_TENSORS; i++) floats += t[i].n;
+    return floats;
 }
 
 static void check_config(const Config *c, const char *path) {
@@ -273,8 +287,8 @@ static void load_model(Model *m, const char *path) {
     check_config(c, path);
 
     // Validate the size before touching any weight.
-    uint64_t floats = weight_floats(c) + extra_floats;
-    uint64_t want = header_bytes + 4 * floats;
+    Tensor t[N_TENSORS];
+    uint64_t want = header_bytes + 4 * (weight_tensors(c, &m->w, t) + extra_floats);
     if (size < want)
         die("%s: truncated: %zu bytes, but the header (dim %d, %d layers, vocab %d) needs %llu", path,
             size, c->dim, c->n_layers, c->vocab_size, (unsigned long long)want);
@@ -283,22 +297,12 @@ static void load_model(Model *m, const char *path) {
             path, size, c->dim, c->n_layers, c->vocab_size, (unsigned long long)want);
 
     float *p = (float *)((char *)data + header_bytes);
-    uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size;
-    uint64_t QD = q_dim_of(c), KD = kv_dim_of(c);
-    Weights *w = &m->w;
-    w->token_embedding = p; p += V * D;
-    w->attn_norm = p;       p += L * D;
-    w->wq = p;              p += L * QD * D;
-    w->wk = p;              p += L * KD * D;
-    w->wv = p;              p += L * KD * D;
-    w->wo = p;              p += L * D * QD;
-    w->ffn_norm = p;        p += L * D;
-    w->w1 = p;              p += L * F * D;
-    w->w2 = p;              p += L * D * F;
-    w->w3 = p;              p += L * F * D;
-    w->final_norm = p;      p += D;
-    p += extra_floats;
-    w->classifier = c->shared_classifier ? w->token_embedding : p;
+    for (int i = 0; i < N_TENSORS; i++) {
+        if (i == N_TENSORS - 1) p += extra_floats;  // the classifier comes after the RoPE tables
+        *t[i].at = p;
+        p += t[i].n;
+    }
+    if (c->shared_classifier) m->w.classifier = m->w.token_embedding;
 }
 
 /* "random:PRESET[,key=value...]": a model of that shape with random weights, for benchmarks of
@@ -326,9 +330,7 @@ static void parse_random_model(Model *m, const char *spec) {
             } else if (!strcmp(item, "bf16")) {
                 m->bf16 = 1;
                 continue;
-            } else {
-                die("random:%s: unknown preset '%s' (smollm2-135m, llama2-7b, or bf16)", spec, item);
-            }
+            } else die("random:%s: unknown preset '%s' (smollm2-135m, llama2-7b, or bf16)", spec, item);
             c->head_size = c->dim / c->n_heads;
             continue;
         }
@@ -368,23 +370,13 @@ static void free_model(Model *m) { huge_free(m->file, m->file_size); }
    The Unicode table comes from export.py so that this file needs no Unicode database.  */
 
 #define BPE_MAGIC 0x31455042u  // "BPE1"
+#define MAX_PIECE_BYTES 4096
 enum { CLASS_OTHER = 0, CLASS_LETTER = 1, CLASS_NUMBER = 2, CLASS_SPACE = 3 };
 
-typedef struct {
-    const char *str;
-    int len;
-    int id;
-} TokenIndex;
-
-typedef struct {
-    uint64_t pair;         // left << 32 | right; 0 marks an empty slot (no pair (0, 0) is stored)
-    int rank, id;
-} MergeRule;
-
-typedef struct {
-    uint32_t first, last;
-    int32_t cls;
-} CodeRange;
+typedef struct { const char *str; int len, id; } TokenIndex;
+// pair: left << 32 | right; 0 marks an empty slot (no pair (0, 0) is stored)
+typedef struct { uint64_t pair; int rank, id; } MergeRule;
+typedef struct { uint32_t first, last; int32_t cls; } CodeRange;
 
 typedef struct {
     int kind;              // 0: sentencepiece-style, 1: byte-level BPE
@@ -405,14 +397,10 @@ typedef struct {
     unsigned char ascii_class[128];
 } Tokenizer;
 
-static int compare_bytes(const char *a, int la, const char *b, int lb) {
-    int c = memcmp(a, b, la < lb ? la : lb);
-    return c ? c : (la > lb) - (la < lb);
-}
-
-static int compare_tokens(const void *a, const void *b) {
+static int compare_tokens(const void *a, const void *b) {  // by bytes, a prefix first
     const TokenIndex *x = (const TokenIndex *)a, *y = (const TokenIndex *)b;
-    return compare_bytes(x->str, x->len, y->str, y->len);
+    int c = memcmp(x->str, y->str, x->len < y->len ? x->len : y->len);
+    return c ? c : (x->len > y->len) - (x->len < y->len);
 }
 
 // Id of the piece with exactly these bytes, or -1.
@@ -420,6 +408,29 @@ static int lookup_piece(const Tokenizer *t, const char *s, int len) {
     TokenIndex key = {s, len, 0};
     TokenIndex *hit = (TokenIndex *)bsearch(&key, t->sorted, t->vocab_size, sizeof(TokenIndex), compare_tokens);
     return hit ? hit->id : -1;
+}
+
+// Id of the piece whose bytes are piece a's followed by piece b's, or -1.
+static int joined_piece(const Tokenizer *t, int a, int b) {
+    char buf[2 * MAX_PIECE_BYTES];
+    int la = t->vocab_len[a], lb = t->vocab_len[b];
+    if ((unsigned)(la + lb) > t->max_token_length) return -1;  // cannot be a piece
+    memcpy(buf, t->vocab[a], la);
+    memcpy(buf + la, t->vocab[b], lb);
+    return lookup_piece(t, buf, la + lb);
+}
+
+// The class of a code point (CLASS_*), from the file's Unicode table.
+static int code_class(const Tokenizer *t, uint32_t cp) {
+    if (cp < 128 && t->ascii_class[cp]) return t->ascii_class[cp];
+    int lo = 0, hi = t->n_ranges - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (cp < t->ranges[mid].first) hi = mid - 1;
+        else if (cp > t->ranges[mid].last) lo = mid + 1;
+        else return t->ranges[mid].cls;
+    }
+    return CLASS_OTHER;
 }
 
 static uint64_t pair_key(int left, int right) { return (uint64_t)(uint32_t)left << 32 | (uint32_t)right; }
@@ -464,14 +475,17 @@ static long count_pieces(FILE *f, long from, unsigned max_len, uint32_t stop) {
     return stop ? -1 : n;
 }
 
+static void die_other_model(const char *path, long pieces, const char *where, int vocab_size) {
+    die("%s has %ld pieces%s, but the checkpoint's vocabulary has %d: the tokenizer belongs to another "
+        "model (name the right one with -z)", path, pieces, where, vocab_size);
+}
+
 static void load_bpe_tables(Tokenizer *t, FILE *f, long size, const char *path) {
     uint32_t magic;
     read_exact(&magic, 4, 1, f, path, "byte-level BPE header");
     if (magic != BPE_MAGIC) {
         long more = count_pieces(f, ftell(f) - 4, t->max_token_length, BPE_MAGIC);
-        if (more > 0)
-            die("%s has %ld pieces, but the checkpoint's vocabulary has %d: the tokenizer belongs to "
-                "another model (name the right one with -z)", path, t->vocab_size + more, t->vocab_size);
+        if (more > 0) die_other_model(path, t->vocab_size + more, "", t->vocab_size);
         die("%s has no byte-level BPE tables, but the checkpoint expects a byte-level BPE tokenizer "
             "(make one with export.py tokenizer)", path);
     }
@@ -483,31 +497,19 @@ static void load_bpe_tables(Tokenizer *t, FILE *f, long size, const char *path) 
     t->merge_slots = 64;
     while (t->merge_slots < 2 * n_merges) t->merge_slots *= 2;
     t->merges = NEW(MergeRule, t->merge_slots);
-    // buf lives only in this frame: it is freed before any error so that LeakSanitizer stays quiet
-    char *buf = NEW(char, 2 * (size_t)t->max_token_length + 1);
     for (int r = 0; r < n_merges; r++) {
         int32_t lr[2];
-        if (fread(lr, 4, 2, f) != 2) { free(buf); die("%s: truncated tokenizer (in the merges)", path); }
-        if (lr[0] < 0 || lr[0] >= t->vocab_size || lr[1] < 0 || lr[1] >= t->vocab_size || (lr[0] == 0 && lr[1] == 0)) {
-            free(buf);
+        read_exact(lr, 4, 2, f, path, "merges");
+        if (lr[0] < 0 || lr[0] >= t->vocab_size || lr[1] < 0 || lr[1] >= t->vocab_size || (lr[0] == 0 && lr[1] == 0))
             die("%s: merge %d names tokens outside the vocabulary", path, r);
-        }
-        int la = t->vocab_len[lr[0]], lb = t->vocab_len[lr[1]];
-        memcpy(buf, t->vocab[lr[0]], la);
-        memcpy(buf + la, t->vocab[lr[1]], lb);
-        int id = lookup_piece(t, buf, la + lb);
-        if (id < 0) {
-            free(buf);
-            die("%s: merge %d (%d, %d) makes a piece that is not in the vocabulary", path, r, lr[0], lr[1]);
-        }
+        int id = joined_piece(t, lr[0], lr[1]);
+        if (id < 0) die("%s: merge %d (%d, %d) makes a piece that is not in the vocabulary", path, r, lr[0], lr[1]);
         MergeRule *slot = merge_slot(t, pair_key(lr[0], lr[1]));
         if (!slot->pair) {  // a repeated pair keeps its first rank
-            slot->pair = pair_key(lr[0], lr[1]);
-            slot->rank = r;
-            slot->id = id;
+            MergeRule rule = {pair_key(lr[0], lr[1]), r, id};
+            *slot = rule;
         }
     }
-    free(buf);
     t->n_specials = read_count(f, size, path, "special tokens", t->vocab_size, 4);
     t->specials = NEW(int, t->n_specials);
     read_exact(t->specials, 4, t->n_specials, f, path, "special tokens");
@@ -527,8 +529,6 @@ static void load_bpe_tables(Tokenizer *t, FILE *f, long size, const char *path) 
             die("%s: corrupt Unicode table", path);
 }
 
-static int code_class(const Tokenizer *t, uint32_t cp);
-
 /* The file has no count of its pieces: the checkpoint's vocab_size says how many to read, and
    the file must end where they (and, byte-level, the BPE tables) end; a tokenizer of another
    model is refused with the two sizes.  */
@@ -543,21 +543,18 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
     t->vocab = NEW(char *, vocab_size);
     t->vocab_len = NEW(int, vocab_size);
     t->scores = NEW(float, vocab_size);
+    t->sorted = NEW(TokenIndex, vocab_size);
     read_exact(&t->max_token_length, 4, 1, f, path, "header");
-    if (t->max_token_length == 0 || t->max_token_length > 4096)
+    if (t->max_token_length == 0 || t->max_token_length > MAX_PIECE_BYTES)
         die("%s: max_token_length %u is implausible; is this a tokenizer.bin?", path, t->max_token_length);
     long pos = 4;
     int tables_at = -1;  // byte-level: the first piece whose score reads as "BPE1" (tables too early?)
     for (int i = 0; i < vocab_size; i++) {
         int32_t len = 0;
-        if (pos == size)
-            die("%s has %d pieces, but the checkpoint's vocabulary has %d: the tokenizer belongs to another "
-                "model (name the right one with -z)", path, i, vocab_size);
+        if (pos == size) die_other_model(path, i, "", vocab_size);
         if (fread(&t->scores[i], 4, 1, f) != 1 || fread(&len, 4, 1, f) != 1 || len < 0 ||
             (unsigned)len > t->max_token_length || size - pos - 8 < len) {
-            if (tables_at >= 0)
-                die("%s has %d pieces before its byte-level BPE tables, but the checkpoint's vocabulary has %d: "
-                    "the tokenizer belongs to another model (name the right one with -z)", path, tables_at, vocab_size);
+            if (tables_at >= 0) die_other_model(path, tables_at, " before its byte-level BPE tables", vocab_size);
             if (size - pos < 8 || (len >= 0 && (unsigned)len <= t->max_token_length))
                 die("%s: truncated at token %d of %d (does the tokenizer belong to this model?)", path, i, vocab_size);
             die("%s: token %d has length %d (max %u): corrupt tokenizer", path, i, len, t->max_token_length);
@@ -569,12 +566,9 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
         if (len > 0 && fread(t->vocab[i], len, 1, f) != 1) die("%s: read error at token %d", path, i);
         t->vocab[i][len] = '\0';
         t->vocab_len[i] = len;
-        pos += 8 + len;
-    }
-    t->sorted = NEW(TokenIndex, vocab_size);
-    for (int i = 0; i < vocab_size; i++) {
-        TokenIndex entry = {t->vocab[i], t->vocab_len[i], i};
+        TokenIndex entry = {t->vocab[i], len, i};
         t->sorted[i] = entry;
+        pos += 8 + len;
     }
     qsort(t->sorted, vocab_size, sizeof(TokenIndex), compare_tokens);
     for (int b = 0; b < 256; b++) {
@@ -586,13 +580,10 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
         load_bpe_tables(t, f, size, path);
         for (int c = 0; c < 128; c++) t->ascii_class[c] = (unsigned char)code_class(t, c);
         long end = ftell(f);
-        if (end != size)
-            die("%s: %ld bytes follow the byte-level BPE tables: corrupt tokenizer", path, size - end);
+        if (end != size) die("%s: %ld bytes follow the byte-level BPE tables: corrupt tokenizer", path, size - end);
     } else if (pos != size) {
         long more = count_pieces(f, pos, t->max_token_length, 0);
-        if (more > 0)
-            die("%s has %ld pieces, but the checkpoint's vocabulary has %d: the tokenizer belongs to another "
-                "model (name the right one with -z)", path, vocab_size + more, vocab_size);
+        if (more > 0) die_other_model(path, vocab_size + more, "", vocab_size);
         die("%s: %ld bytes follow the %d pieces of the checkpoint's vocabulary: another model's tokenizer, "
             "or a corrupt one", path, size - pos, vocab_size);
     }
@@ -618,8 +609,7 @@ typedef struct { float score; int left; int right_version; int left_version; int
 typedef struct { MergeCand *a; int n, cap; } MergeHeap;
 
 static int cand_before(const MergeCand *x, const MergeCand *y) {
-    if (x->score != y->score) return x->score > y->score;
-    return x->left < y->left;
+    return x->score != y->score ? x->score > y->score : x->left < y->left;
 }
 
 static void heap_push(MergeHeap *h, MergeCand c) {
@@ -629,21 +619,17 @@ static void heap_push(MergeHeap *h, MergeCand c) {
         if (!h->a) die("out of memory in the tokenizer");
     }
     int i = h->n++;
-    while (i > 0) {
-        int parent = (i - 1) / 2;
-        if (!cand_before(&c, &h->a[parent])) break;
-        h->a[i] = h->a[parent];
-        i = parent;
+    while (i > 0 && cand_before(&c, &h->a[(i - 1) / 2])) {  // sift up
+        h->a[i] = h->a[(i - 1) / 2];
+        i = (i - 1) / 2;
     }
     h->a[i] = c;
 }
 
 static MergeCand heap_pop(MergeHeap *h) {
     MergeCand top = h->a[0], last = h->a[--h->n];
-    int i = 0;
-    for (;;) {
-        int child = 2 * i + 1;
-        if (child >= h->n) break;
+    int i = 0, child;
+    while ((child = 2 * i + 1) < h->n) {  // sift down
         if (child + 1 < h->n && cand_before(&h->a[child + 1], &h->a[child])) child++;
         if (!cand_before(&h->a[child], &last)) break;
         h->a[i] = h->a[child];
@@ -653,15 +639,13 @@ static MergeCand heap_pop(MergeHeap *h) {
     return top;
 }
 
-typedef struct {
-    int *id, *prev, *next, *version;  // per symbol; a merged-away symbol has id -1
-} Symbols;
+typedef struct { int id, prev, next, version; } Symbol;  // a merged-away symbol has id -1
 
-// Pushes the pair (left, next[left]) when it can merge.
-static void push_pair(const Tokenizer *t, MergeHeap *heap, const Symbols *s, int left, char *buf) {
-    int right = s->next[left];
+// Pushes the pair (left, its next symbol) when it can merge.
+static void push_pair(const Tokenizer *t, MergeHeap *heap, const Symbol *sym, int left) {
+    int right = sym[left].next;
     if (right < 0) return;
-    int a = s->id[left], b = s->id[right], id;
+    int a = sym[left].id, b = sym[right].id, id;
     float priority;
     if (t->kind == 1) {  // byte-level BPE: only the listed merges, by rank
         MergeRule *rule = merge_slot(t, pair_key(a, b));
@@ -669,60 +653,51 @@ static void push_pair(const Tokenizer *t, MergeHeap *heap, const Symbols *s, int
         id = rule->id;
         priority = -(float)rule->rank;
     } else {             // sentencepiece-style: any pair whose concatenation is a piece, by its score
-        int la = t->vocab_len[a], lb = t->vocab_len[b];
-        if ((unsigned)(la + lb) > t->max_token_length) return;  // cannot be a piece
-        memcpy(buf, t->vocab[a], la);
-        memcpy(buf + la, t->vocab[b], lb);
-        id = lookup_piece(t, buf, la + lb);
-        if (id < 0) return;
+        if ((id = joined_piece(t, a, b)) < 0) return;
         priority = t->scores[id];
     }
-    MergeCand cand = {priority, left, s->version[right], s->version[left], id};
+    MergeCand cand = {priority, left, sym[right].version, sym[left].version, id};
     heap_push(heap, cand);
 }
 
 // Merges the symbol ids in place (count of them), returns the new count.
 static int bpe_merge(const Tokenizer *t, int *ids, int count) {
     if (count < 2) return count;
-    Symbols s;
-    int *mem = NEW(int, 3 * (size_t)count);
-    s.id = ids; s.prev = mem; s.next = mem + count; s.version = mem + 2 * count;
+    Symbol *sym = NEW(Symbol, count);
     for (int i = 0; i < count; i++) {
-        s.prev[i] = i - 1;
-        s.next[i] = i + 1 < count ? i + 1 : -1;
-        s.version[i] = 0;
+        Symbol si = {ids[i], i - 1, i + 1 < count ? i + 1 : -1, 0};
+        sym[i] = si;
     }
-    char *buf = NEW(char, 2 * (size_t)t->max_token_length + 1);
     MergeHeap heap = {NULL, 0, 0};
-    for (int i = 0; i + 1 < count; i++) push_pair(t, &heap, &s, i, buf);
+    for (int i = 0; i + 1 < count; i++) push_pair(t, &heap, sym, i);
     while (heap.n > 0) {
         MergeCand c = heap_pop(&heap);
-        int left = c.left, right = s.next[left];
-        if (s.id[left] < 0 || right < 0 || s.version[left] != c.left_version ||
-            s.version[right] != c.right_version)
+        Symbol *left = &sym[c.left], *right = left->next >= 0 ? &sym[left->next] : NULL;
+        if (left->id < 0 || !right || left->version != c.left_version || right->version != c.right_version)
             continue;  // stale: one of the two symbols changed after this candidate was pushed
-        s.id[left] = c.id;
-        s.version[left]++;
-        s.id[right] = -1;
-        s.next[left] = s.next[right];
-        if (s.next[right] >= 0) s.prev[s.next[right]] = left;
-        if (s.prev[left] >= 0) push_pair(t, &heap, &s, s.prev[left], buf);
-        push_pair(t, &heap, &s, left, buf);
+        left->id = c.id;
+        left->version++;
+        right->id = -1;
+        left->next = right->next;
+        if (right->next >= 0) sym[right->next].prev = c.left;
+        if (left->prev >= 0) push_pair(t, &heap, sym, left->prev);
+        push_pair(t, &heap, sym, c.left);
     }
     int n = 0;
-    for (int i = 0; i >= 0; i = s.next[i]) ids[n++] = s.id[i];
+    for (int i = 0; i >= 0; i = sym[i].next) ids[n++] = sym[i].id;
     free(heap.a);
-    free(buf);
-    free(mem);
+    free(sym);
     return n;
 }
 
-/* A character (code point) that is not a piece: its bytes' "<0xHH>" pieces, as sentencepiece's
-   byte fallback does (llama2.c's files have them at id byte + 3).  A vocabulary without them (a
-   small one) gives one <unk>, id 0, per such character, as sentencepiece without byte fallback
-   does: every id stays inside the vocabulary.  Returns the number of ids written. */
+/* The ids of one character (code point): its piece, or else its bytes' "<0xHH>" pieces, as
+   sentencepiece's byte fallback does (llama2.c's files have them at id byte + 3).  A vocabulary
+   without them (a small one) gives one <unk>, id 0, per such character, as sentencepiece without
+   byte fallback does: every id stays inside the vocabulary.  Returns the number of ids written. */
 #define UNK_ID 0
-static int unknown_char(const Tokenizer *t, const char *s, size_t len, int *tokens) {
+static int char_ids(const Tokenizer *t, const char *s, size_t len, int *tokens) {
+    int id = lookup_piece(t, s, (int)len);
+    if (id >= 0) { tokens[0] = id; return 1; }
     for (size_t j = 0; j < len; j++)
         if (t->byte_piece[(unsigned char)s[j]] < 0) { tokens[0] = UNK_ID; return 1; }
     for (size_t j = 0; j < len; j++) tokens[j] = t->byte_piece[(unsigned char)s[j]];
@@ -731,19 +706,12 @@ static int unknown_char(const Tokenizer *t, const char *s, size_t len, int *toke
 
 // Sentencepiece-style: the ids of text (no BOS); tokens needs room for strlen(text) + 1 ids.
 static int encode_sentencepiece(const Tokenizer *t, const char *text, size_t len, int *tokens) {
-    int n = 0;
-    if (len > 0) {  // sentencepiece's "dummy prefix": the text is encoded as if it began with a space
-        int space = lookup_piece(t, " ", 1);
-        if (space >= 0) tokens[n++] = space;
-        else n += unknown_char(t, " ", 1, tokens + n);
-    }
-    // One symbol per UTF-8 code point if the vocabulary has it, otherwise one per byte.
-    for (size_t i = 0; i < len;) {
+    // sentencepiece's "dummy prefix": the text is encoded as if it began with a space
+    int n = len > 0 ? char_ids(t, " ", 1, tokens) : 0;
+    for (size_t i = 0; i < len;) {  // one symbol per UTF-8 code point
         size_t cp_len = 1;
         while (i + cp_len < len && cp_len < 4 && ((unsigned char)text[i + cp_len] & 0xC0) == 0x80) cp_len++;
-        int id = lookup_piece(t, text + i, (int)cp_len);
-        if (id >= 0) tokens[n++] = id;
-        else n += unknown_char(t, text + i, cp_len, tokens + n);
+        n += char_ids(t, text + i, cp_len, tokens + n);
         i += cp_len;
     }
     return bpe_merge(t, tokens, n);
@@ -753,18 +721,6 @@ static int encode_sentencepiece(const Tokenizer *t, const char *text, size_t len
      's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
    (after splitting off every number code point when pretokenizer is 1), written out below as a
    scanner over code-point classes; each pre-token's bytes are then merged by rank. */
-
-static int code_class(const Tokenizer *t, uint32_t cp) {
-    if (cp < 128 && t->ascii_class[cp]) return t->ascii_class[cp];
-    int lo = 0, hi = t->n_ranges - 1;
-    while (lo <= hi) {
-        int mid = (lo + hi) / 2;
-        if (cp < t->ranges[mid].first) hi = mid - 1;
-        else if (cp > t->ranges[mid].last) lo = mid + 1;
-        else return t->ranges[mid].cls;
-    }
-    return CLASS_OTHER;
-}
 
 // Decodes the UTF-8 code point at s (n bytes left) into *cp; returns its length (1 for a bad byte).
 static int utf8_next(const unsigned char *s, size_t n, uint32_t *cp) {
@@ -878,11 +834,8 @@ static void print_piece(const Tokenizer *t, int bos_id, int prev_token, int toke
         byte_buf[0] = (char)byte;
         piece = byte_buf;
     }
-    if (!piece[0]) return;
-    if (piece[1] == '\0') {
-        unsigned char b = (unsigned char)piece[0];
-        if (!(isprint(b) || isspace(b))) return;
-    }
+    unsigned char b = (unsigned char)piece[0];
+    if (!b || (!piece[1] && !isprint(b) && !isspace(b))) return;  // nothing, or a lone control byte
     fputs(piece, stdout);
 }
 
@@ -946,16 +899,12 @@ static int sample_topp(const float *probs, int n, float topp, ProbIndex *cand, f
        none reaches it (a nearly uniform distribution, a small topp) every token is a candidate. */
     const float cutoff = (1.0f - topp) / (n - 1);  // n >= 2 (sample() answers n = 1 itself)
     int n_cand = 0;
-    for (int i = 0; i < n; i++)
-        if (probs[i] >= cutoff) {
-            cand[n_cand].prob = probs[i];
-            cand[n_cand++].index = i;
-        }
-    if (n_cand == 0)  // none reached it
-        for (int i = 0; i < n; i++) {
-            cand[n_cand].prob = probs[i];
-            cand[n_cand++].index = i;
-        }
+    for (int all = 0; all < 2 && n_cand == 0; all++)  // all: none reached it
+        for (int i = 0; i < n; i++)
+            if (all || probs[i] >= cutoff) {
+                ProbIndex c = {probs[i], i};
+                cand[n_cand++] = c;
+            }
     qsort(cand, n_cand, sizeof(ProbIndex), compare_prob_desc);
     float mass = 0.0f;
     int last = n_cand - 1;
@@ -1066,21 +1015,18 @@ static int parse_kv_type(const char *s, KVType *out) {
         {"q2", KV_Q2, 0, 0}, {"q1", KV_Q1, 0, 0}, {"kivi4", KV_KIVI4, 0, 0}, {"kivi2", KV_KIVI2, 0, 0},
         {"cq4", KV_CQ, 2, 8}, {"cq2", KV_CQ, 4, 8}, {"cq1", KV_CQ, 8, 8}};
     memset(out, 0, sizeof *out);
+    snprintf(out->name, sizeof out->name, "%s", s);
     for (size_t i = 0; i < sizeof named / sizeof *named; i++)
         if (!strcmp(s, named[i].name)) {
             out->kind = named[i].kind; out->c = named[i].c; out->b = named[i].b;
-            snprintf(out->name, sizeof out->name, "%s", s);
             return 1;
         }
     int c, b, used = 0;
-    if (sscanf(s, "cq%dc%db%n", &c, &b, &used) == 2 && used == (int)strlen(s)) {
-        if (c < 1 || (c & (c - 1))) die("-k %s: c must be a power of two", s);
-        if (b < 1 || b > 16) die("-k %s: b must be in [1, 16]", s);
-        out->kind = KV_CQ; out->c = c; out->b = b;
-        snprintf(out->name, sizeof out->name, "%s", s);
-        return 1;
-    }
-    return 0;
+    if (sscanf(s, "cq%dc%db%n", &c, &b, &used) != 2 || used != (int)strlen(s)) return 0;
+    if (c < 1 || (c & (c - 1))) die("-k %s: c must be a power of two", s);
+    if (b < 1 || b > 16) die("-k %s: b must be in [1, 16]", s);
+    out->kind = KV_CQ; out->c = c; out->b = b;
+    return 1;
 }
 
 // "-k K" or "-k K:V"
@@ -1135,17 +1081,10 @@ static size_t codebook_floats(const Codebooks *cb, const Config *c) {
     return (size_t)c->n_layers * cb->n_groups * cb->n_centroids * cb->c;
 }
 
-static uint64_t model_fingerprint(const float *wk_layer0, size_t n_floats) {
+static uint64_t model_fingerprint(const float *wk_layer0, size_t n_floats) {  // sum of the words
     uint64_t sum = 0;
-    const uint32_t *words = (const uint32_t *)wk_layer0;
-    for (size_t i = 0; i < n_floats; i++) sum += words[i];
+    for (size_t i = 0; i < n_floats; i++) sum += ((const uint32_t *)wk_layer0)[i];
     return sum;
-}
-
-static void default_centroid_path(char *out, size_t size, const char *checkpoint, const KVType *t) {
-    size_t len = strlen(checkpoint);
-    if (len > 4 && !strcmp(checkpoint + len - 4, ".bin")) len -= 4;
-    snprintf(out, size, "%.*s.%dc%db.cent", (int)len, checkpoint, t->c, t->b);
 }
 
 // Reads the keys' (is_key) or the values' codebooks of `path` after checking its header.
@@ -1193,8 +1132,7 @@ static void load_codebooks(Codebooks *cb, const KVType *t, int is_key, const Mod
     const Config *c = &m->cfg;
     if (t->c > c->head_size || c->head_size % t->c)
         die("-k %s: c = %d must divide the head size %d", t->name, t->c, c->head_size);
-    cb->c = t->c;
-    cb->b = t->b;
+    cb->c = t->c; cb->b = t->b;
     cb->n_groups = kv_dim_of(c) / t->c;
     cb->n_centroids = 1 << t->b;
     size_t n = codebook_floats(cb, c);
@@ -1205,8 +1143,10 @@ static void load_codebooks(Codebooks *cb, const KVType *t, int is_key, const Mod
         for (size_t i = 0; i < n; i++) cb->centroids[i] = random_normal(&rng);
     } else {
         char path[4096];
+        size_t len = strlen(checkpoint);  // the default: <checkpoint minus .bin>.<c>c<b>b.cent
+        if (len > 4 && !strcmp(checkpoint + len - 4, ".bin")) len -= 4;
         if (centroid_path) snprintf(path, sizeof path, "%s", centroid_path);
-        else default_centroid_path(path, sizeof path, checkpoint, t);
+        else snprintf(path, sizeof path, "%.*s.%dc%db.cent", (int)len, checkpoint, t->c, t->b);
         read_centroid_file(cb, t, is_key, path, checkpoint, m);
     }
     for (size_t j = 0; j < n / t->c; j++) {
@@ -1225,8 +1165,7 @@ static void free_codebooks(Codebooks *cb, const Config *c) {
 static void cache_spec_init(CacheSpec *s, KVType k, KVType v, int window, int reference, const Model *m,
                             const char *checkpoint, const char *centroids) {
     memset(s, 0, sizeof *s);
-    s->k = k;
-    s->v = v;
+    s->k = k; s->v = v;
     s->window = window;
     s->reference = reference;
     if (centroids && k.kind == KV_CQ && v.kind == KV_CQ && (k.c != v.c || k.b != v.b))
@@ -1310,16 +1249,11 @@ static float dot(const float *a, const float *b, int n) {
 static void matmuls(const float *x, int n, const Product *products, int count) {
     long macs = 0;
     for (int k = 0; k < count; k++) macs += (long)n * products[k].d;
-#ifdef _OPENMP
-#pragma omp parallel if (macs >= PARALLEL_MIN_MACS && omp_get_max_threads() > 1)
-#else
-    (void)macs;
-#endif
+    (void)macs;  // read only by OpenMP
+    OMP(omp parallel if (macs >= PARALLEL_MIN_MACS && omp_get_max_threads() > 1))
     for (int k = 0; k < count; k++) {
         const Product *p = &products[k];
-#ifdef _OPENMP
-#pragma omp for schedule(static) nowait
-#endif
+        OMP(omp for schedule(static) nowait)
         for (int i = 0; i < p->d; i++) p->out[i] = dot(p->w + (size_t)i * n, x, n);
     }
 }
@@ -1327,22 +1261,6 @@ static void matmuls(const float *x, int n, const Product *products, int count) {
 static void matmul(float *out, const float *x, const float *w, int n, int d) {
     Product p = {out, w, d};
     matmuls(x, n, &p, 1);
-}
-
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
 }
 
 /* RoPE on the CPU.  Keys and queries rotate with the exact table of section 4.  The fast CQ key
@@ -1365,6 +1283,14 @@ typedef struct {
     int width;                         // hs rounded up to 8; lanes past hs are zero
 } RopeTable;
 
+static void rope_pairs(const Config *c, int t, float *cos2, float *sin2) {  // one row of those tables
+    for (int i = 0; i < c->head_size / 2; i++) {
+        float cs, sn;
+        rope_angle(c, t, i, &cs, &sn);
+        cos2[2 * i] = cos2[2 * i + 1] = cs; sin2[2 * i] = -sn; sin2[2 * i + 1] = sn;
+    }
+}
+
 static void rope_init(RopeTable *r, const Config *c) {
     int n_coarse = c->seq_len / ROPE_FINE + 1, w = padded_head_size(c->head_size);
     r->half = c->head_size / 2;
@@ -1374,19 +1300,8 @@ static void rope_init(RopeTable *r, const Config *c) {
     r->coarse_sin2 = NEW(float, (size_t)n_coarse * w);
     r->fine_cos2 = NEW(float, (size_t)ROPE_FINE * w);
     r->fine_sin2 = NEW(float, (size_t)ROPE_FINE * w);
-    for (int i = 0; i < r->half; i++) {
-        float cs, sn;
-        for (int a = 0; a < n_coarse; a++) {
-            rope_angle(c, a * ROPE_FINE, i, &cs, &sn);
-            float *c2 = r->coarse_cos2 + (size_t)a * w + 2 * i, *s2 = r->coarse_sin2 + (size_t)a * w + 2 * i;
-            c2[0] = c2[1] = cs; s2[0] = -sn; s2[1] = sn;
-        }
-        for (int b = 0; b < ROPE_FINE; b++) {
-            rope_angle(c, b, i, &cs, &sn);
-            float *c2 = r->fine_cos2 + (size_t)b * w + 2 * i, *s2 = r->fine_sin2 + (size_t)b * w + 2 * i;
-            c2[0] = c2[1] = cs; s2[0] = -sn; s2[1] = sn;
-        }
-    }
+    for (int a = 0; a < n_coarse; a++) rope_pairs(c, a * ROPE_FINE, r->coarse_cos2 + (size_t)a * w, r->coarse_sin2 + (size_t)a * w);
+    for (int b = 0; b < ROPE_FINE; b++) rope_pairs(c, b, r->fine_cos2 + (size_t)b * w, r->fine_sin2 + (size_t)b * w);
 }
 
 static void rope_free(RopeTable *r) {
@@ -1553,6 +1468,10 @@ static size_t kivi_blocks_size(const KVStore *s) {  // bytes of the KIVI key blo
     return (size_t)s->n_layers * (s->seq_len / QBLOCK + 1) * s->kv_dim * s->kivi_block_bytes;
 }
 
+static uint8_t *kivi_block(const KVStore *s, int layer, int block) {  // (kv_dim, kivi_block_bytes)
+    return s->kivi_blocks + (((size_t)layer * (s->seq_len / QBLOCK + 1) + block) * s->kv_dim) * s->kivi_block_bytes;
+}
+
 static size_t rows_size(const KVStore *s) {  // bytes of the cache rows, all layers
     return (size_t)s->n_layers * s->seq_len * s->row_bytes;
 }
@@ -1561,11 +1480,8 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
     memset(s, 0, sizeof *s);
     s->type = type;
     s->is_key = is_key;
-    s->n_layers = c->n_layers;
-    s->n_kv_heads = c->n_kv_heads;
-    s->head_size = c->head_size;
-    s->kv_dim = kv_dim_of(c);
-    s->seq_len = c->seq_len;
+    s->n_layers = c->n_layers; s->n_kv_heads = c->n_kv_heads; s->head_size = c->head_size;
+    s->kv_dim = kv_dim_of(c); s->seq_len = c->seq_len;
     s->window = type.kind != KV_FP32 ? window : 0;
     size_t L = s->n_layers, KD = s->kv_dim, n_blocks = (KD + QBLOCK - 1) / QBLOCK;
     switch (type.kind) {
@@ -1626,7 +1542,7 @@ static void store_put(KVStore *s, int layer, int pos, const float *x) {
             float *recent = s->kivi_recent + (size_t)layer * QBLOCK * KD;
             memcpy(recent + (size_t)(pos % QBLOCK) * KD, x, KD * sizeof(float));
             if (pos % QBLOCK == QBLOCK - 1) {
-                uint8_t *blk = s->kivi_blocks + (((size_t)layer * (s->seq_len / QBLOCK + 1) + pos / QBLOCK) * KD) * s->kivi_block_bytes;
+                uint8_t *blk = kivi_block(s, layer, pos / QBLOCK);
                 for (int ch = 0; ch < KD; ch++)
                     quantize_block(recent + ch, QBLOCK, KD, scalar_bits(s->type.kind), blk + ch * s->kivi_block_bytes);
             }
@@ -1662,7 +1578,7 @@ static const float *store_get(const KVStore *s, const RopeTable *rope, int layer
             int block = t / QBLOCK, bits = scalar_bits(s->type.kind);
             if (block * QBLOCK + QBLOCK - 1 > pos)  // unfinished block: still full precision
                 return s->kivi_recent + ((size_t)layer * QBLOCK + t % QBLOCK) * KD;
-            const uint8_t *blk = s->kivi_blocks + (((size_t)layer * (s->seq_len / QBLOCK + 1) + block) * KD) * s->kivi_block_bytes;
+            const uint8_t *blk = kivi_block(s, layer, block);
             for (int ch = 0; ch < KD; ch++) buf[ch] = block_value(blk + ch * s->kivi_block_bytes, t % QBLOCK, bits);
         } else {
             int bits = scalar_bits(s->type.kind);
@@ -1705,7 +1621,7 @@ typedef struct {           // what kv_append and kv_attend work in; the Decoder 
 
 static void kv_scratch_init(KVScratch *sc, const Config *c) {
     int H = c->n_heads, hs = c->head_size, hsv = padded_head_size(hs);
-    sc->n_threads = max_threads();
+    sc->n_threads = omp_get_max_threads();
     sc->att = slots_new(sc->n_threads, (size_t)H * ATTN_CHUNK);
     sc->acc = slots_new(sc->n_threads, 2 * (size_t)H + (size_t)H * hs);
     sc->row = slots_new(sc->n_threads, kv_dim_of(c));
@@ -1749,22 +1665,20 @@ static void put_key(KVCache *kv, int layer, int pos, const float *k, float *buf)
 }
 
 static void kv_append(KVCache *kv, int layer, int pos, const float *k, const float *v, KVScratch *sc) {
-#ifdef _OPENMP
     /* CQ encoding (K x c multiply-adds per group) is the one costly part of appending: with two
        threads, the key and the value are coded side by side (not from inside a parallel region:
        the bench fill appends to the layers in parallel). */
     if (kv->k.type.kind == KV_CQ && kv->v.type.kind == KV_CQ && sc->n_threads > 1 && !omp_in_parallel()) {
-#pragma omp parallel sections num_threads(2)
+        OMP(omp parallel sections num_threads(2))
         {
-#pragma omp section
-            put_key(kv, layer, pos, k, slot(sc->row, thread_id()));
-#pragma omp section
+            OMP(omp section)
+            put_key(kv, layer, pos, k, slot(sc->row, omp_get_thread_num()));
+            OMP(omp section)
             store_put(&kv->v, layer, pos, v);
         }
         return;
     }
-#endif
-    put_key(kv, layer, pos, k, slot(sc->row, thread_id()));
+    put_key(kv, layer, pos, k, slot(sc->row, omp_get_thread_num()));
     store_put(&kv->v, layer, pos, v);
 }
 
@@ -2057,30 +1971,22 @@ static void attend_fast(const KVCache *kv, int layer, int pos, const float *q, f
     int cq_keys = ks->type.kind == KV_CQ && ks->type.c >= 2;  // c = 1 splits RoPE pairs: row path
     int cq_values = vs->type.kind == KV_CQ;
     int parallel = sc->n_threads > 1 && (long)n * H * hs >= PARALLEL_MIN_MACS / 4;
+    (void)parallel;  // read only by OpenMP
     if (cq_keys) {
         int hsv = padded_head_size(hs);
         float scale = 1.0f / sqrtf((float)hs);
         for (int h = 0; h < H; h++)
             for (int i = 0; i < hsv; i++) sc->qpad[(size_t)h * hsv + i] = i < hs ? scale * q[(size_t)h * hs + i] : 0.0f;
     }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(parallel ? sc->n_threads : 1)
-#else
-    (void)parallel;
-#endif
+    OMP(omp parallel num_threads(parallel ? sc->n_threads : 1))
     {
-        int tid = thread_id(), nth = 1;
-#ifdef _OPENMP
-        nth = omp_get_num_threads();
-#endif
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         float *buf = slot(sc->row, tid), *att = slot(sc->att, tid), *qrot = slot(sc->qrot, tid);
         float *mx = slot(sc->acc, tid), *sum = mx + H, *rows = sum + H;  // running maxima, sums, value sums (H, hs)
         for (int h = 0; h < H; h++) { mx[h] = -FLT_MAX; sum[h] = 0.0f; }
         memset(rows, 0, (size_t)H * hs * sizeof(float));
         int n_chunks = (n + ATTN_CHUNK - 1) / ATTN_CHUNK;
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic) nowait
-#endif
+        OMP(omp for schedule(dynamic) nowait)
         for (int chunk = 0; chunk < n_chunks; chunk++) {
             int a = chunk * ATTN_CHUNK, b = a + ATTN_CHUNK < n ? a + ATTN_CHUNK : n;
             // 1. scores of positions a..b-1
@@ -2111,10 +2017,8 @@ static void attend_fast(const KVCache *kv, int layer, int pos, const float *q, f
             if (coded_v > a) cq_value_sums(kv, layer, a, coded_v, att, rows);
             if (b > coded_v) row_value_sum(kv, layer, pos, coded_v > a ? coded_v : a, b, att, rows, buf);
         }
-#ifdef _OPENMP
-#pragma omp barrier
-#pragma omp for schedule(static)
-#endif
+        OMP(omp barrier)
+        OMP(omp for schedule(static))
         for (int h = 0; h < H; h++) {  // merge the threads: weight of thread th = e^(m_th - m) / total
             float m = -FLT_MAX, total = 0.0f;
             for (int th = 0; th < nth; th++) m = fmaxf(m, slot(sc->acc, th)[h]);
@@ -2218,28 +2122,18 @@ static void forward(Decoder *d, KVCache *kv, int token, int pos, float *logits) 
 /* The random weights of a random: model in host memory (the CPU path; run.cu makes its own on
    the device): matrices N(0, 1/in), norms 1, embeddings N(0, 1). */
 static void make_random_weights(Model *m) {
-    const Config *c = &m->cfg;
-    uint64_t floats = weight_floats(c);
-    m->file_size = 4 * floats;
+    Tensor t[N_TENSORS];
+    m->file_size = 4 * weight_tensors(&m->cfg, &m->w, t);
     float *p = (float *)huge_alloc(m->file_size);
     m->file = p;
-    uint64_t D = c->dim, F = c->hidden_dim, L = c->n_layers, V = c->vocab_size;
-    uint64_t QD = q_dim_of(c), KD = kv_dim_of(c);
-    Weights *w = &m->w;
-    struct { float **dst; uint64_t n; float scale; } parts[] = {
-        {&w->token_embedding, V * D, 1.0f}, {&w->attn_norm, L * D, 0.0f}, {&w->wq, L * QD * D, 1.0f / sqrtf((float)D)},
-        {&w->wk, L * KD * D, 1.0f / sqrtf((float)D)}, {&w->wv, L * KD * D, 1.0f / sqrtf((float)D)},
-        {&w->wo, L * D * QD, 1.0f / sqrtf((float)QD)}, {&w->ffn_norm, L * D, 0.0f},
-        {&w->w1, L * F * D, 1.0f / sqrtf((float)D)}, {&w->w2, L * D * F, 1.0f / sqrtf((float)F)},
-        {&w->w3, L * F * D, 1.0f / sqrtf((float)D)}, {&w->final_norm, D, 0.0f},
-        {&w->classifier, c->shared_classifier ? 0 : V * D, 1.0f / sqrtf((float)D)}};
     uint64_t rng = 1234;
-    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) {
-        *parts[i].dst = p;
-        for (uint64_t j = 0; j < parts[i].n; j++) p[j] = parts[i].scale > 0 ? parts[i].scale * random_normal(&rng) : 1.0f;
-        p += parts[i].n;
+    for (int i = 0; i < N_TENSORS; i++) {
+        float scale = t[i].in ? 1.0f / sqrtf((float)t[i].in) : 1.0f;
+        *t[i].at = p;
+        for (uint64_t j = 0; j < t[i].n; j++) p[j] = t[i].in ? scale * random_normal(&rng) : 1.0f;
+        p += t[i].n;
     }
-    if (c->shared_classifier) w->classifier = w->token_embedding;
+    if (m->cfg.shared_classifier) m->w.classifier = m->w.token_embedding;
 }
 
 static Decoder *decoder_new(Model *m, const CacheSpec *spec, int batch) {
@@ -2255,7 +2149,7 @@ static Decoder *decoder_new(Model *m, const CacheSpec *spec, int batch) {
     run_state_init(&d->state, c);
     kv_scratch_init(&d->scratch, c);
     d->logits = NEW(float, (size_t)batch * c->vocab_size);
-    snprintf(d->device, sizeof d->device, "cpu threads=%d", max_threads());
+    snprintf(d->device, sizeof d->device, "cpu threads=%d", omp_get_max_threads());
     return d;
 }
 
@@ -2271,9 +2165,7 @@ static void decoder_fill(Decoder *d, int n) {
     int KD = kv_dim_of(c);
     for (int b = 0; b < d->batch; b++) {
         // layers are independent, so they are filled in parallel, each from its own random stream
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic)
-#endif
+        OMP(omp parallel for schedule(dynamic))
         for (int l = 0; l < c->n_layers; l++) {
             uint64_t rng = 42 + l + (uint64_t)b * c->n_layers;
             float *k = NEW(float, KD), *v = NEW(float, KD);
@@ -2282,7 +2174,7 @@ static void decoder_fill(Decoder *d, int n) {
                 kv_append(&d->caches[b], l, pos, k, v, &d->scratch);
             }
             free(k); free(v);
-            if (thread_id() == 0) fprintf(stderr, "\rbench: filling the cache, layer %d/%d", l + 1, c->n_layers);
+            if (omp_get_thread_num() == 0) fprintf(stderr, "\rbench: filling the cache, layer %d/%d", l + 1, c->n_layers);
         }
     }
 }
