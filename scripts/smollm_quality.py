@@ -618,7 +618,7 @@ def run_decodes(args, model, rows, ids_file, L, threads, tmp):
             n += 1
             m = model
             if len(r.cqs) == 2:   # run.c's -c names one file: two go under its default names
-                m = os.path.join(tmp, "twocq%d.bin" % n)
+                m = os.path.join(tmp, "twocq%d.%d.bin" % (threads, n))  # one name per call and row
                 os.symlink(os.path.abspath(model), m)
                 for (c, b), f in r.files.items():
                     os.symlink(os.path.abspath(f), "%s.%dc%db.cent" % (m[:-4], c, b))
