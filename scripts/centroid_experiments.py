@@ -22,13 +22,17 @@ the first --windows windows of 2048 tokens.  Prints a Markdown table (perplexity
   split        Which half of the cache costs the perplexity?  The plain Fisher codebooks with
                only the keys coded (values in full precision, run.c's -k cq1:fp32) and only the
                values coded (-k fp32:cq1).
+  seeds        How much do the k-means++ draws move the result?  The Fisher codebooks learned
+               again with --n-seeds seeds of the weighted seeding (the default; seed 0 is the
+               plain Fisher row) and of the plain one (export.py --seeding plain).
   first-exact  How much of it comes from the first position alone (the BOS token that opens
                every window, an attention sink that most queries read)?  The plain Fisher
                codebooks with position 0's key and value read in full precision.  Not a cache
                type of run.c: a measurement of where the error sits.
 
 Usage: python3 scripts/centroid_experiments.py --model M.bin --calib VALID_IDS --ids TEST_IDS
-           [--variants rotate-half,clip99,split,first-exact] [--types cq1,cq2,cq4] [--windows 32]
+           [--variants rotate-half,clip99,split,first-exact,seeds] [--n-seeds 3]
+           [--types cq1,cq2,cq4] [--windows 32]
            [--device cuda] [--json OUT]
 (the id files as for scripts/smollm_gpu.sh: ./run -m encode output, BOS dropped)
 """
@@ -100,6 +104,7 @@ def main():
     ap.add_argument("--types", default="cq1,cq2,cq4")
     ap.add_argument("--variants", default="rotate-half,clip99,split,first-exact")
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--n-seeds", type=int, default=3, help="seeds per seeding (variant seeds)")
     ap.add_argument("--seqs", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("-l", "--length", type=int, default=2048)
@@ -137,7 +142,11 @@ def main():
     for name in args.types.split(","):
         kvt = Q.KVType(name)
         c, b = kvt.c, kvt.b
-        for variant in ["fisher"] + [v for v in variants if v in ("rotate-half", "clip99")]:
+        runs = [("fisher", 0, E.SEEDING)] + [(v, 0, E.SEEDING) for v in variants if v in ("rotate-half", "clip99")]
+        if "seeds" in variants:
+            runs += [(f"{seeding} seed {s}", s, seeding) for seeding in E.SEEDINGS
+                     for s in range(args.n_seeds) if (s, seeding) != (0, E.SEEDING)]
+        for variant, seed, seeding in runs:
             a, g = acts, g2
             if variant == "rotate-half":  # keys (index 0 of the K/V axis) in HF channel order
                 a, g = acts.clone(), g2.clone()
@@ -147,12 +156,14 @@ def main():
                 cap = g2.kthvalue(int(0.99 * g2.shape[2]), dim=2, keepdim=True).values  # per (layer, K/V, channel)
                 g = torch.minimum(g2, cap)
             t0 = time.time()
-            cb, st = E.learn_codebooks(a, g, cfg, c, b, 100, 0, f"{name} {variant}", E.PROGRESS)
-            path = os.path.join(tmp, f"{name}.{variant}.cent")
+            cb, st = E.learn_codebooks(a, g, cfg, c, b, 100, seed, f"{name} {variant}", E.PROGRESS,
+                                       seeding=seeding)
+            path = os.path.join(tmp, f"{name}.{variant.replace(' ', '_')}.cent")
             E.write_centroids(path, cb, cfg.n_kv_heads, cfg.head_size, 1, n_tokens, fp)
             files[(name, variant)] = path
             print(f"{name} {variant}: plain relative MSE of keys "
                   f"{st['sse'][0] / st['var'][0]:.4f}, values {st['sse'][1] / st['var'][1]:.4f}; "
+                  f"weighted objective K {st['obj'][0]:.6g} V {st['obj'][1]:.6g}; "
                   f"{time.time() - t0:.1f} s", flush=True)
     del acts, g2
 
@@ -169,7 +180,7 @@ def main():
         return r
 
     for (name, variant), path in files.items():
-        for window in (0, 128) if name == "cq1" else (0,):
+        for window in (0, 128) if name == "cq1" and "seed" not in variant else (0,):
             w_spec, w_label = (f"/w{window}", f", {window}-token window") if window else ("", "")
             add(f"{name}/fisher{w_spec}", path, variant, name + w_label)
             if variant == "rotate-half":
