@@ -809,13 +809,13 @@ static int encode_bytes(const Tokenizer *t, const char *text, size_t len, int *t
     return n;
 }
 
-// text -> ids.  tokens needs room for strlen(text) + 3 ids.
-static void encode(const Tokenizer *t, const char *text, int bos_id, int add_bos, int *tokens, int *n_tokens) {
-    int n = 0;
-    if (add_bos) tokens[n++] = bos_id;
+// text -> ids (*n of them; the caller frees them).
+static int *encode(const Tokenizer *t, const char *text, int bos_id, int add_bos, int *n) {
     size_t len = strlen(text);
-    n += t->kind == 1 ? encode_bytes(t, text, len, tokens + n) : encode_sentencepiece(t, text, len, tokens + n);
-    *n_tokens = n;
+    int *tokens = NEW(int, len + 3), b = add_bos != 0;
+    if (add_bos) tokens[0] = bos_id;
+    *n = b + (t->kind == 1 ? encode_bytes(t, text, len, tokens + b) : encode_sentencepiece(t, text, len, tokens + b));
+    return tokens;
 }
 
 /* Prints `token` following `prev_token`.  Sentencepiece-style, as llama2.c: no leading space
@@ -1180,14 +1180,18 @@ static void cache_spec_free(CacheSpec *s, const Config *c) {
     free_codebooks(&s->vcb, c);
 }
 
-// Bytes one token takes in the cache, keys and values, all layers (codebooks and window excluded).
-static double cache_bytes_per_token(const CacheSpec *s, const Config *c) {
-    return (kv_type_bits(&s->k) + kv_type_bits(&s->v)) / 8.0 * kv_dim_of(c) * c->n_layers;
-}
+// label: "cq1", or "cq2:q4" for two types; bits per channel; bytes per token: this cache and fp32
+typedef struct { char label[64]; double bits, bytes, fp32; } CacheSize;
 
-static void cache_label(char *buf, size_t n, const CacheSpec *s) {
-    if (strcmp(s->k.name, s->v.name) == 0) snprintf(buf, n, "%s", s->k.name);
-    else snprintf(buf, n, "%s:%s", s->k.name, s->v.name);
+// What one token takes in the cache, keys and values, all layers (codebooks and window excluded).
+static CacheSize cache_size(const CacheSpec *s, const Config *c) {
+    CacheSize z;
+    if (strcmp(s->k.name, s->v.name) == 0) snprintf(z.label, sizeof z.label, "%s", s->k.name);
+    else snprintf(z.label, sizeof z.label, "%s:%s", s->k.name, s->v.name);
+    z.bits = (kv_type_bits(&s->k) + kv_type_bits(&s->v)) / 2;
+    z.bytes = (kv_type_bits(&s->k) + kv_type_bits(&s->v)) / 8.0 * kv_dim_of(c) * c->n_layers;
+    z.fp32 = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
+    return z;
 }
 
 /* ==========================================================================================
@@ -2210,8 +2214,7 @@ typedef struct {           // everything the command line chooses
     float temperature, topp;
     long long seed;
     int steps, window, length, batch;
-    int ids_input, kl, lines, reference;
-    int steps_given;
+    int ids_input, kl, lines, reference, steps_given;
 } Options;
 
 typedef struct {           // a model ready to run: weights, tokenizer, what its cache keeps
@@ -2231,27 +2234,18 @@ static void write_logits(FILE *f, const float *logits, int n) {
     if (f && fwrite(logits, sizeof(float), n, f) != (size_t)n) die("writing logits failed: %s", strerror(errno));
 }
 
-static int *encode_prompt(const Runtime *rt, const char *text, int *n) {
-    int *ids = NEW(int, strlen(text) + 3);
-    encode(&rt->tok, text, rt->model.cfg.bos_id, 1, ids, n);
-    return ids;
-}
-
-// One line on stderr: what the cache held, against an fp32 cache of the same positions.
-static void report_kv_memory(const Runtime *rt, int positions) {
-    const Config *c = &rt->model.cfg;
-    double bytes = cache_bytes_per_token(&rt->spec, c), fp32 = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
-    char label[64];
-    cache_label(label, sizeof label, &rt->spec);
+// After generate and chat, on stderr: the speed since `start`, and what the cache held against fp32.
+static void report_run(const Runtime *rt, int positions, double start) {
+    if (start > 0 && positions > 1) fprintf(stderr, "achieved tok/s: %f\n", (positions - 1) / (now_seconds() - start));
+    CacheSize z = cache_size(&rt->spec, &rt->model.cfg);
     fprintf(stderr, "KV cache %s: %.0f bytes per token, %.1f KB for %d positions; fp32 would take %.0f bytes "
-            "per token (%.1fx more)\n", label, bytes, bytes * positions / 1024, positions, fp32, fp32 / bytes);
+            "per token (%.1fx more)\n", z.label, z.bytes, z.bytes * positions / 1024, positions, z.fp32, z.fp32 / z.bytes);
 }
 
 static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
     const Config *c = &rt->model.cfg;
-    const char *prompt = o->prompt ? o->prompt : "";
     int n_prompt;
-    int *prompt_ids = encode_prompt(rt, prompt, &n_prompt);
+    int *prompt_ids = encode(&rt->tok, o->prompt ? o->prompt : "", c->bos_id, 1, &n_prompt);
     if (n_prompt > c->seq_len)
         die("the prompt is %d tokens long but the model's context is %d", n_prompt, c->seq_len);
     Decoder *d = decoder_new(&rt->model, &rt->spec, 1);
@@ -2272,8 +2266,7 @@ static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
         if (start == 0) start = now_seconds();  // the first step is excluded: it warms up
     }
     printf("\n");
-    if (pos > 1) fprintf(stderr, "achieved tok/s: %f\n", (pos - 1) / (now_seconds() - start));
-    report_kv_memory(rt, pos);
+    report_run(rt, pos, start);
     if (logits_out) fclose(logits_out);
     free(prompt_ids);
     decoder_free(d);
@@ -2289,30 +2282,18 @@ static int read_line(const char *guide, char **buf, size_t *cap) {
     return 1;
 }
 
-// printf into a buffer of the right size.
-static char *format_alloc(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *format_alloc(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    int len = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    if (len < 0) die("cannot format a string: %s", strerror(errno));
-    char *out = NEW(char, (size_t)len + 1);
-    va_start(ap, fmt);
-    vsnprintf(out, (size_t)len + 1, fmt, ap);
-    va_end(ap);
-    return out;
-}
-
 // Renders one user turn with the checkpoint's chat template (the caller frees it).
 static char *render_turn(int chat_template, int first, const char *sys, const char *user) {
-    if (chat_template == 1) {  // ChatML
-        if (first && sys[0])
-            return format_alloc("<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys, user);
-        return format_alloc("<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", user);
-    }
-    if (first && sys[0]) return format_alloc("[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);  // Llama-2-chat
-    return format_alloc("[INST] %s [/INST]", user);
+    char *out;
+    int len, with_sys = first && sys[0];
+    if (chat_template == 1 && with_sys)  // ChatML
+        len = asprintf(&out, "<|im_start|>system\n%s<|im_end|>\n"
+                       "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys, user);
+    else if (chat_template == 1) len = asprintf(&out, "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", user);
+    else if (with_sys) len = asprintf(&out, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);  // Llama-2-chat
+    else len = asprintf(&out, "[INST] %s [/INST]", user);
+    if (len < 0) die("out of memory rendering a chat turn");
+    return out;
 }
 
 static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
@@ -2323,9 +2304,9 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
     int *prompt_ids = NULL;
     int n_prompt = 0, user_idx = 0, user_turn = 1, next = 0, token, pos = 0;
     Decoder *d = decoder_new(&rt->model, &rt->spec, 1);
-    double chat_start = 0;  // tok/s counts the time after the first step, as in generate
+    double start = 0;  // tok/s counts the time after the first step, as in generate
     while (pos < o->steps) {
-        if (pos == 1) chat_start = now_seconds();
+        if (pos == 1) start = now_seconds();
         if (user_turn) {
             if (pos == 0 && !o->system_prompt) {
                 if (!read_line("Enter system prompt (optional): ", &system_line, &system_cap)) break;
@@ -2338,9 +2319,8 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
             }
             char *rendered = render_turn(c->chat_template, pos == 0, system_prompt, user_prompt);
             free(prompt_ids);
-            prompt_ids = NEW(int, strlen(rendered) + 3);
             // Llama-2-chat starts every turn with BOS; ChatML's turns start with their own marker
-            encode(&rt->tok, rendered, c->bos_id, c->chat_template == 0, prompt_ids, &n_prompt);
+            prompt_ids = encode(&rt->tok, rendered, c->bos_id, c->chat_template == 0, &n_prompt);
             free(rendered);
             if (pos + n_prompt > c->seq_len)
                 die("chat: this turn (%d tokens) does not fit in the remaining context (%d of %d positions)",
@@ -2352,8 +2332,7 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
         int from_prompt = user_idx < n_prompt;
         token = from_prompt ? prompt_ids[user_idx++] : next;
         if (!from_prompt && token == c->eos_id) user_turn = 1;  // ChatML prompts contain eos themselves
-        float *logits = decoder_forward(d, &token, pos, 1);
-        next = sample(sampler, logits);
+        next = sample(sampler, decoder_forward(d, &token, pos, 1));
         pos++;
         if (user_idx >= n_prompt && next != c->eos_id) {
             print_piece(&rt->tok, c->bos_id, token, next);
@@ -2362,8 +2341,7 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
         if (next == c->eos_id) printf("\n");
     }
     printf("\n");
-    if (chat_start > 0 && pos > 1) fprintf(stderr, "achieved tok/s: %f\n", (pos - 1) / (now_seconds() - chat_start));
-    report_kv_memory(rt, pos);
+    report_run(rt, pos, start);
     free(prompt_ids);
     free(system_line);
     free(user_line);
@@ -2394,22 +2372,21 @@ static char *read_file(const char *path, size_t *len_out) {
 // The token stream a perplexity run scores: the text's ids (no BOS), or ids given directly.
 static int *read_eval_tokens(const Runtime *rt, const Options *o, int *n_out) {
     size_t len;
-    char *text = read_file(o->text_file, &len);
-    int *ids = NEW(int, len + 3), n = 0;
+    char *text = read_file(o->text_file, &len), *p = text, *end;
+    int *ids, n = 0, V = rt->model.cfg.vocab_size;
     if (o->ids_input) {
-        char *p = text, *end;
+        ids = NEW(int, len + 3);
         for (;;) {
             while (isspace((unsigned char)*p)) p++;
             if (!*p) break;
             errno = 0;
             long v = strtol(p, &end, 10);
-            if (end == p || errno || v < 0 || v >= rt->model.cfg.vocab_size)
-                die("%s: token id #%d is not an integer in [0, %d)", o->text_file, n + 1, rt->model.cfg.vocab_size);
+            if (end == p || errno || v < 0 || v >= V) die("%s: token id #%d is not an integer in [0, %d)", o->text_file, n + 1, V);
             ids[n++] = (int)v;
             p = end;
         }
     } else {
-        encode(&rt->tok, text, rt->model.cfg.bos_id, 0, ids, &n);
+        ids = encode(&rt->tok, text, rt->model.cfg.bos_id, 0, &n);
     }
     free(text);
     if (n < 1) die("%s holds no tokens to score", o->text_file);
@@ -2443,16 +2420,12 @@ static void perplexity(Runtime *rt, const Options *o) {
     const Config *c = &rt->model.cfg;
     int n_tokens;
     int *ids = read_eval_tokens(rt, o, &n_tokens);
-    int window = o->length > 0 ? o->length : c->seq_len;
-    int chunk = window - 1;
-    Decoder *d = decoder_new(&rt->model, &rt->spec, 1), *ref = NULL;
+    int chunk = (o->length > 0 ? o->length : c->seq_len) - 1;  // a window: BOS, then chunk tokens
+    KVType f32;
+    parse_kv_type("fp32", &f32);
     CacheSpec fp32;  // --kl: an fp32 cache runs side by side
-    if (o->kl) {
-        KVType t;
-        parse_kv_type("fp32", &t);
-        cache_spec_init(&fp32, t, t, 0, rt->spec.reference, &rt->model, NULL, NULL);
-        ref = decoder_new(&rt->model, &fp32, 1);
-    }
+    cache_spec_init(&fp32, f32, f32, 0, rt->spec.reference, &rt->model, NULL, NULL);
+    Decoder *d = decoder_new(&rt->model, &rt->spec, 1), *ref = o->kl ? decoder_new(&rt->model, &fp32, 1) : NULL;
     FILE *logits_out = open_logits(o);
     double nll = 0.0, kl = 0.0;
     long scored = 0;
@@ -2479,18 +2452,16 @@ static void perplexity(Runtime *rt, const Options *o) {
         }
     }
     fprintf(stderr, "\n");
-    char label[64];
-    cache_label(label, sizeof label, &rt->spec);
-    double bytes = cache_bytes_per_token(&rt->spec, c), fp32_bytes = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
+    CacheSize z = cache_size(&rt->spec, c);
     printf("type=%s bits_per_channel=%.3f kv_bytes_per_token=%.1f ratio_fp32=%.4f tokens=%ld nll=%.6f ppl=%.6f",
-           label, (kv_type_bits(&rt->spec.k) + kv_type_bits(&rt->spec.v)) / 2, bytes, bytes / fp32_bytes,
-           scored, nll / scored, exp(nll / scored));
+           z.label, z.bits, z.bytes, z.bytes / z.fp32, scored, nll / scored, exp(nll / scored));
     if (o->kl) printf(" kl=%.6f", fmax(kl / scored, 0.0));  // KL >= 0; rounding can leave -1e-12
     printf("\n");
     if (logits_out) fclose(logits_out);
     free(ids);
     decoder_free(d);
-    if (ref) { decoder_free(ref); cache_spec_free(&fp32, c); }
+    if (ref) decoder_free(ref);
+    cache_spec_free(&fp32, c);
 }
 
 /* Decode speed at context L: positions 0 .. L-n-1 of every sequence's cache are filled with
@@ -2520,13 +2491,11 @@ static void benchmark(Runtime *rt, const Options *o) {
         if (B == 1) tokens[0] = argmax(logits, c->vocab_size);
     }
     double elapsed = now_seconds() - start, cpu = cpu_seconds() - cpu_start;
-    char label[64];
-    cache_label(label, sizeof label, &rt->spec);
-    double bytes = cache_bytes_per_token(&rt->spec, c);
+    CacheSize z = cache_size(&rt->spec, c);
     printf("type=%s device=%s context=%d batch=%d steps=%d tok_per_s=%.2f ms_per_step=%.3f cache_ms=%.3f "
            "cpu_ms_per_step=%.3f kv_bytes_per_token=%.1f kv_bytes_total=%.0f\n",
-           label, decoder_device(d), context, B, steps, B * steps / elapsed, 1000 * elapsed / steps,
-           decoder_cache_ms(d), 1000 * cpu / steps, bytes, bytes * context * B);
+           z.label, decoder_device(d), context, B, steps, B * steps / elapsed, 1000 * elapsed / steps,
+           decoder_cache_ms(d), 1000 * cpu / steps, z.bytes, z.bytes * context * B);
     free(tokens);
     decoder_free(d);
 }
@@ -2544,17 +2513,15 @@ static void print_decoding(Runtime *rt, const Options *o) {
 static void print_encoding(Runtime *rt, const Options *o) {
     size_t len;
     char *text = o->text_file ? read_file(o->text_file, &len) : strdup(o->prompt ? o->prompt : "");
-    int *ids = NEW(int, strlen(text) + 3), n;
-    char *line = text;
-    do {
+    for (char *line = text; line;) {
         char *newline = o->lines ? strchr(line, '\n') : NULL;
         if (newline) *newline = '\0';
-        encode(&rt->tok, line, rt->model.cfg.bos_id, !o->lines, ids, &n);
+        int n, *ids = encode(&rt->tok, line, rt->model.cfg.bos_id, !o->lines, &n);
         for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
         printf("\n");
-        line = newline ? newline + 1 : NULL;
-    } while (line && *line);
-    free(ids);
+        free(ids);
+        line = newline && newline[1] ? newline + 1 : NULL;
+    }
     free(text);
 }
 
@@ -2595,21 +2562,18 @@ static void usage(FILE *f) {
         "seq_len theta; e.g. random:llama2-7b,layers=1,seq_len=65536).\n");
 }
 
-static int parse_int(const char *flag, const char *s) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end || errno || v < INT_MIN || v > INT_MAX)
-        die("%s expects an integer, got '%s'", flag, s);
-    return (int)v;
-}
-
 static long long parse_ll(const char *flag, const char *s) {
     char *end;
     errno = 0;
     long long v = strtoll(s, &end, 10);
     if (end == s || *end || errno) die("%s expects an integer, got '%s'", flag, s);
     return v;
+}
+
+static int parse_int(const char *flag, const char *s) {
+    long long v = parse_ll(flag, s);
+    if (v < INT_MIN || v > INT_MAX) die("%s expects an integer, got '%s'", flag, s);
+    return (int)v;
 }
 
 static float parse_float(const char *flag, const char *s) {
@@ -2622,13 +2586,8 @@ static float parse_float(const char *flag, const char *s) {
 
 static void parse_args(int argc, char **argv, Options *o) {
     memset(o, 0, sizeof *o);
-    o->tokenizer = "tokenizer.bin";
-    o->mode = "generate";
-    o->kv_spec = "fp32";
-    o->temperature = 1.0f;
-    o->topp = 0.9f;
-    o->steps = 256;
-    o->batch = 1;
+    o->tokenizer = "tokenizer.bin"; o->mode = "generate"; o->kv_spec = "fp32";
+    o->temperature = 1.0f; o->topp = 0.9f; o->steps = 256; o->batch = 1;
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { usage(stdout); exit(0); }
     if (argc < 2) { usage(stderr); die("no checkpoint given"); }
     o->checkpoint = argv[1];
@@ -2671,17 +2630,18 @@ static void parse_args(int argc, char **argv, Options *o) {
     int known = 0;
     for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) known |= !strcmp(o->mode, modes[i]);
     if (!known) die("unknown mode '%s' (generate, chat, ppl, bench, encode, decode)", o->mode);
-    if (!strcmp(o->mode, "decode")) o->ids_input = 1;  // decode reads ids, like ppl --ids
-    if (!strcmp(o->mode, "decode") && !o->text_file) die("-m decode needs -f FILE of token ids");
+    int ppl = !strcmp(o->mode, "ppl"), decode = !strcmp(o->mode, "decode");
+    if (decode) o->ids_input = 1;  // decode reads ids, like ppl --ids
+    if (decode && !o->text_file) die("-m decode needs -f FILE of token ids");
     if (o->temperature < 0) die("-t must be >= 0, got %g", o->temperature);
     if (o->topp < 0 || o->topp > 1) die("-p must be in [0, 1], got %g", o->topp);
     if (o->steps < 0) die("-n must be >= 0, got %d", o->steps);
     if (o->window < 0) die("-w must be >= 0, got %d", o->window);
     if (o->batch < 1) die("-b must be >= 1, got %d", o->batch);
     if (o->batch > 1 && strcmp(o->mode, "bench")) die("-b only applies to -m bench");
-    if (!strcmp(o->mode, "ppl") && !o->text_file) die("-m ppl needs -f FILE");
-    if (o->ids_input && strcmp(o->mode, "ppl") && strcmp(o->mode, "decode")) die("--ids only applies to -m ppl");
-    if (o->kl && strcmp(o->mode, "ppl")) die("--kl only applies to -m ppl");
+    if (ppl && !o->text_file) die("-m ppl needs -f FILE");
+    if (o->ids_input && !ppl && !decode) die("--ids only applies to -m ppl");
+    if (o->kl && !ppl) die("--kl only applies to -m ppl");
     if (o->lines && (strcmp(o->mode, "encode") || !o->text_file)) die("--lines only applies to -m encode -f FILE");
 }
 
@@ -2700,19 +2660,15 @@ int main(int argc, char **argv) {
         die("-l must be in [2, %d] (the model's context), got %d", c->seq_len, o.length);
     if (!strcmp(o.mode, "ppl") && c->seq_len < 2)  // a window is BOS plus at least one scored token
         die("-m ppl needs a context of at least 2 positions; this model's is %d", c->seq_len);
-    int needs_tokenizer = strcmp(o.mode, "bench") && !(strcmp(o.mode, "ppl") == 0 && o.ids_input);
-    if (needs_tokenizer) load_tokenizer(&rt.tok, o.tokenizer, c->vocab_size, c->tokenizer_kind);
+    if (strcmp(o.mode, "bench") && !(strcmp(o.mode, "ppl") == 0 && o.ids_input))  // these need no tokenizer
+        load_tokenizer(&rt.tok, o.tokenizer, c->vocab_size, c->tokenizer_kind);
     cache_spec_init(&rt.spec, ktype, vtype, o.window, o.reference, &rt.model, o.checkpoint, o.centroids);
 
-    if (!strcmp(o.mode, "encode")) {
-        print_encoding(&rt, &o);
-    } else if (!strcmp(o.mode, "decode")) {
-        print_decoding(&rt, &o);
-    } else if (!strcmp(o.mode, "ppl")) {
-        perplexity(&rt, &o);
-    } else if (!strcmp(o.mode, "bench")) {
-        benchmark(&rt, &o);
-    } else {
+    if (!strcmp(o.mode, "encode")) print_encoding(&rt, &o);
+    else if (!strcmp(o.mode, "decode")) print_decoding(&rt, &o);
+    else if (!strcmp(o.mode, "ppl")) perplexity(&rt, &o);
+    else if (!strcmp(o.mode, "bench")) benchmark(&rt, &o);
+    else {
         Sampler sampler = {c->vocab_size, NEW(ProbIndex, c->vocab_size), o.temperature, o.topp,
                            o.seed > 0 ? (uint64_t)o.seed : (uint64_t)time(NULL)};
         if (!strcmp(o.mode, "generate")) generate(&rt, &sampler, &o);
