@@ -977,28 +977,30 @@ typedef enum { KV_FP32, KV_FP16, KV_Q8, KV_Q4, KV_Q2, KV_Q1, KV_KIVI4, KV_KIVI2,
 typedef struct {
     KVKind kind;
     int c, b;        // CQ only: channels per group, bits per code
+    double bits;     // per channel: a stored token's bits over its channels
     char name[24];   // as printed
 } KVType;
 
 #define QBLOCK 32    // channels per block (q types), tokens per block (KIVI keys)
 
 static int parse_kv_type(const char *s, KVType *out) {
-    static const struct { const char *name; KVKind kind; int c, b; } named[] = {
-        {"fp32", KV_FP32, 0, 0}, {"fp16", KV_FP16, 0, 0}, {"q8", KV_Q8, 0, 0}, {"q4", KV_Q4, 0, 0},
-        {"q2", KV_Q2, 0, 0}, {"q1", KV_Q1, 0, 0}, {"kivi4", KV_KIVI4, 0, 0}, {"kivi2", KV_KIVI2, 0, 0},
-        {"cq4", KV_CQ, 2, 8}, {"cq2", KV_CQ, 4, 8}, {"cq1", KV_CQ, 8, 8}};
+    static const struct { const char *name; KVKind kind; int c, b; double bits; } named[] = {  // bits: block scales included
+        {"fp32", KV_FP32, 0, 0, 32}, {"fp16", KV_FP16, 0, 0, 16}, {"q8", KV_Q8, 0, 0, 8 + 16.0 / QBLOCK},
+        {"q4", KV_Q4, 0, 0, 4 + 32.0 / QBLOCK}, {"q2", KV_Q2, 0, 0, 2 + 32.0 / QBLOCK}, {"q1", KV_Q1, 0, 0, 1 + 32.0 / QBLOCK},
+        {"kivi4", KV_KIVI4, 0, 0, 4 + 32.0 / QBLOCK}, {"kivi2", KV_KIVI2, 0, 0, 2 + 32.0 / QBLOCK},
+        {"cq4", KV_CQ, 2, 8, 4}, {"cq2", KV_CQ, 4, 8, 2}, {"cq1", KV_CQ, 8, 8, 1}};
     memset(out, 0, sizeof *out);
     snprintf(out->name, sizeof out->name, "%s", s);
     for (size_t i = 0; i < sizeof named / sizeof *named; i++)
         if (!strcmp(s, named[i].name)) {
-            out->kind = named[i].kind; out->c = named[i].c; out->b = named[i].b;
+            out->kind = named[i].kind; out->c = named[i].c; out->b = named[i].b; out->bits = named[i].bits;
             return 1;
         }
     int c, b, used = 0;
     if (sscanf(s, "cq%dc%db%n", &c, &b, &used) != 2 || used != (int)strlen(s)) return 0;
     if (c < 1 || (c & (c - 1))) die("-k %s: c must be a power of two", s);
     if (b < 1 || b > 16) die("-k %s: b must be in [1, 16]", s);
-    out->kind = KV_CQ; out->c = c; out->b = b;
+    out->kind = KV_CQ; out->c = c; out->b = b; out->bits = (double)b / c;
     return 1;
 }
 
@@ -1014,18 +1016,6 @@ static void parse_kv_spec(const char *spec, KVType *k, KVType *v) {
     if (!parse_kv_type(vname, v)) die("unknown KV cache type '%s' (see --help for the types)", vname);
 }
 
-static double kv_type_bits(const KVType *t) {
-    switch (t->kind) {
-    case KV_FP32: return 32;
-    case KV_FP16: return 16;
-    case KV_Q8: return 8 + 16.0 / QBLOCK;
-    case KV_Q4: case KV_KIVI4: return 4 + 32.0 / QBLOCK;
-    case KV_Q2: case KV_KIVI2: return 2 + 32.0 / QBLOCK;
-    case KV_Q1: return 1 + 32.0 / QBLOCK;
-    case KV_CQ: return (double)t->b / t->c;
-    }
-    return 0;
-}
 
 /* ---- CQ codebooks.  One per (layer, keys or values, group): 2^b centroids of c floats, learned
    offline by export.py centroids.  Files ("CQCB", format in README.md) hold, after a 64-byte
@@ -1155,8 +1145,8 @@ static CacheSize cache_size(const CacheSpec *s, const Config *c) {
     CacheSize z;
     if (strcmp(s->k.name, s->v.name) == 0) snprintf(z.label, sizeof z.label, "%s", s->k.name);
     else snprintf(z.label, sizeof z.label, "%s:%s", s->k.name, s->v.name);
-    z.bits = (kv_type_bits(&s->k) + kv_type_bits(&s->v)) / 2;
-    z.bytes = (kv_type_bits(&s->k) + kv_type_bits(&s->v)) / 8.0 * kv_dim_of(c) * c->n_layers;
+    z.bits = (s->k.bits + s->v.bits) / 2;
+    z.bytes = (s->k.bits + s->v.bits) / 8.0 * kv_dim_of(c) * c->n_layers;
     z.fp32 = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
     return z;
 }
