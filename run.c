@@ -77,10 +77,8 @@ static void *xmalloc(size_t n) {
 
 #define NEW(type, n) ((type *)xmalloc((size_t)(n) * sizeof(type)))  // n zeroed elements
 
-/* Big buffers that every token reads (the weights, the cache rows, CQ's codebooks) ask the
-   kernel for 2 MB pages (transparent huge pages; a hint): with 4 KB pages those streams miss the
-   TLB every 4 KB (docs/PERF.md has the figures).  Zeroed like xmalloc.  Under AddressSanitizer
-   they come from xmalloc, which it checks. */
+/* Big buffers that every token reads (weights, cache rows, codebooks) ask for 2 MB pages (a hint):
+   4 KB pages miss the TLB every 4 KB (docs/PERF.md).  Zeroed; under ASan they come from xmalloc. */
 #define HUGE_PAGE ((size_t)2 << 20)
 #ifdef __SANITIZE_ADDRESS__
 #define HUGE_MIN SIZE_MAX   // every buffer from xmalloc
@@ -220,20 +218,15 @@ static void check_config(const Config *c, const char *path) {
         die("%s: rope_theta and norm_eps must be positive", path);
     if (c->bos_id < 0 || c->bos_id >= c->vocab_size || c->eos_id < 0 || c->eos_id >= c->vocab_size)
         die("%s: bos/eos ids (%d, %d) are outside the vocabulary", path, c->bos_id, c->eos_id);
-    if (c->tokenizer_kind != 0 && c->tokenizer_kind != 1)
-        die("%s: unknown tokenizer kind %d", path, c->tokenizer_kind);
-    if (c->chat_template != 0 && c->chat_template != 1)
-        die("%s: unknown chat template %d", path, c->chat_template);
+    if (c->tokenizer_kind != 0 && c->tokenizer_kind != 1) die("%s: unknown tokenizer kind %d", path, c->tokenizer_kind);
+    if (c->chat_template != 0 && c->chat_template != 1) die("%s: unknown chat template %d", path, c->chat_template);
 }
 
 static void parse_random_model(Model *m, const char *spec);
 
 static void load_model(Model *m, const char *path) {
     memset(m, 0, sizeof *m);
-    if (!strncmp(path, "random:", 7)) {
-        parse_random_model(m, path + 7);
-        return;
-    }
+    if (!strncmp(path, "random:", 7)) { parse_random_model(m, path + 7); return; }
     int fd = open(path, O_RDONLY);
     if (fd < 0) die("cannot open checkpoint %s: %s", path, strerror(errno));
     struct stat st;
@@ -251,7 +244,6 @@ static void load_model(Model *m, const char *path) {
     m->file_size = size;
 
     Config *c = &m->cfg;
-    memset(c, 0, sizeof *c);
     const int32_t *h = (const int32_t *)data;
     size_t header_bytes;
     uint64_t extra_floats = 0;  // legacy files carry two unused RoPE tables before the classifier
@@ -260,8 +252,7 @@ static void load_model(Model *m, const char *path) {
         if (h[1] != 1) die("%s: CQKV version %d is not supported (this program reads version 1)", path, h[1]);
         c->dim = h[2]; c->hidden_dim = h[3]; c->n_layers = h[4]; c->n_heads = h[5];
         c->n_kv_heads = h[6]; c->vocab_size = h[7]; c->seq_len = h[8]; c->head_size = h[9];
-        memcpy(&c->rope_theta, &h[10], 4);
-        memcpy(&c->norm_eps, &h[11], 4);
+        memcpy(&c->rope_theta, &h[10], 4); memcpy(&c->norm_eps, &h[11], 4);
         c->bos_id = h[12]; c->eos_id = h[13]; c->shared_classifier = h[14];
         c->tokenizer_kind = h[15]; c->chat_template = h[16];
         if (c->shared_classifier != 0 && c->shared_classifier != 1)
@@ -277,10 +268,8 @@ static void load_model(Model *m, const char *path) {
         if (c->vocab_size < 0 && c->vocab_size != INT_MIN) c->vocab_size = -c->vocab_size;
         c->head_size = c->n_heads > 0 && c->dim % c->n_heads == 0 ? c->dim / c->n_heads : 0;
         if (c->n_heads > 0 && c->dim > 0 && c->dim % c->n_heads != 0)
-            die("%s: dim %d is not a multiple of n_heads %d (or this is not a checkpoint)", path,
-                c->dim, c->n_heads);
-        c->rope_theta = 10000.0f; c->norm_eps = 1e-5f;
-        c->bos_id = 1; c->eos_id = 2;
+            die("%s: dim %d is not a multiple of n_heads %d (or this is not a checkpoint)", path, c->dim, c->n_heads);
+        c->rope_theta = 10000.0f; c->norm_eps = 1e-5f; c->bos_id = 1; c->eos_id = 2;
         header_bytes = LEGACY_HEADER_BYTES;
         if (c->seq_len > 0 && c->head_size > 0) extra_floats = (uint64_t)c->seq_len * c->head_size;
     }
@@ -306,10 +295,8 @@ static void load_model(Model *m, const char *path) {
 }
 
 /* "random:PRESET[,key=value...]": a model of that shape with random weights, for benchmarks of
-   shapes whose checkpoints are large (nothing is read; no tokenizer is needed for -m bench).
-   Presets: smollm2-135m, llama2-7b; keys: dim hidden layers heads kv_heads head_size vocab
-   seq_len theta; the flag bf16 (GPU only) keeps the weights in bf16 instead of fp32.
-   E.g. random:llama2-7b,layers=1,seq_len=131072 for one layer at 128K. */
+   large shapes (nothing is read; -m bench needs no tokenizer), e.g. one layer at 128K:
+   random:llama2-7b,layers=1,seq_len=131072.  The flag bf16 (GPU only) keeps weights in bf16. */
 static void parse_random_model(Model *m, const char *spec) {
     Config *c = &m->cfg;
     char buf[256];
@@ -321,15 +308,13 @@ static void parse_random_model(Model *m, const char *spec) {
     for (char *item = strtok(buf, ","); item; item = strtok(NULL, ",")) {
         char *eq = strchr(item, '=');
         if (!eq) {
+            if (!strcmp(item, "bf16")) { m->bf16 = 1; continue; }
             if (!strcmp(item, "smollm2-135m")) {
                 c->dim = 576; c->hidden_dim = 1536; c->n_layers = 30; c->n_heads = 9; c->n_kv_heads = 3;
                 c->vocab_size = 49152; c->seq_len = 8192; c->rope_theta = 100000.0f; c->eos_id = 2;
             } else if (!strcmp(item, "llama2-7b")) {
                 c->dim = 4096; c->hidden_dim = 11008; c->n_layers = 32; c->n_heads = 32; c->n_kv_heads = 32;
                 c->vocab_size = 32000; c->seq_len = 4096; c->shared_classifier = 0;
-            } else if (!strcmp(item, "bf16")) {
-                m->bf16 = 1;
-                continue;
             } else die("random:%s: unknown preset '%s' (smollm2-135m, llama2-7b, or bf16)", spec, item);
             c->head_size = c->dim / c->n_heads;
             continue;
@@ -540,10 +525,8 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size, int k
     long size = (long)st.st_size;
     t->kind = kind;
     t->vocab_size = vocab_size;
-    t->vocab = NEW(char *, vocab_size);
-    t->vocab_len = NEW(int, vocab_size);
-    t->scores = NEW(float, vocab_size);
-    t->sorted = NEW(TokenIndex, vocab_size);
+    t->vocab = NEW(char *, vocab_size); t->vocab_len = NEW(int, vocab_size);
+    t->scores = NEW(float, vocab_size); t->sorted = NEW(TokenIndex, vocab_size);
     read_exact(&t->max_token_length, 4, 1, f, path, "header");
     if (t->max_token_length == 0 || t->max_token_length > MAX_PIECE_BYTES)
         die("%s: max_token_length %u is implausible; is this a tokenizer.bin?", path, t->max_token_length);
@@ -605,7 +588,6 @@ static void free_tokenizer(Tokenizer *t) {
    symbols.  The priority is the merged piece's score (kind 0) or minus the merge's rank (kind 1). */
 
 typedef struct { float score; int left; int right_version; int left_version; int id; } MergeCand;
-
 typedef struct { MergeCand *a; int n, cap; } MergeHeap;
 
 static int cand_before(const MergeCand *x, const MergeCand *y) {
@@ -690,10 +672,9 @@ static int bpe_merge(const Tokenizer *t, int *ids, int count) {
     return n;
 }
 
-/* The ids of one character (code point): its piece, or else its bytes' "<0xHH>" pieces, as
-   sentencepiece's byte fallback does (llama2.c's files have them at id byte + 3).  A vocabulary
-   without them (a small one) gives one <unk>, id 0, per such character, as sentencepiece without
-   byte fallback does: every id stays inside the vocabulary.  Returns the number of ids written. */
+/* The ids of one character (code point): its piece, or else its bytes' "<0xHH>" pieces
+   (sentencepiece's byte fallback); a vocabulary without them gives one <unk>, id 0, as
+   sentencepiece without byte fallback does.  Returns the number of ids written. */
 #define UNK_ID 0
 static int char_ids(const Tokenizer *t, const char *s, size_t len, int *tokens) {
     int id = lookup_piece(t, s, (int)len);
@@ -809,13 +790,13 @@ static int encode_bytes(const Tokenizer *t, const char *text, size_t len, int *t
     return n;
 }
 
-// text -> ids.  tokens needs room for strlen(text) + 3 ids.
-static void encode(const Tokenizer *t, const char *text, int bos_id, int add_bos, int *tokens, int *n_tokens) {
-    int n = 0;
-    if (add_bos) tokens[n++] = bos_id;
+// text -> ids (*n of them; the caller frees them).
+static int *encode(const Tokenizer *t, const char *text, int bos_id, int add_bos, int *n) {
     size_t len = strlen(text);
-    n += t->kind == 1 ? encode_bytes(t, text, len, tokens + n) : encode_sentencepiece(t, text, len, tokens + n);
-    *n_tokens = n;
+    int *tokens = NEW(int, len + 3), b = add_bos != 0;
+    if (add_bos) tokens[0] = bos_id;
+    *n = b + (t->kind == 1 ? encode_bytes(t, text, len, tokens + b) : encode_sentencepiece(t, text, len, tokens + b));
+    return tokens;
 }
 
 /* Prints `token` following `prev_token`.  Sentencepiece-style, as llama2.c: no leading space
@@ -823,10 +804,7 @@ static void encode(const Tokenizer *t, const char *text, int bos_id, int add_bos
    Byte-level: the piece's bytes as they are (a UTF-8 character may span tokens). */
 static void print_piece(const Tokenizer *t, int bos_id, int prev_token, int token) {
     const char *piece = t->vocab[token];
-    if (t->kind == 1) {
-        fwrite(piece, 1, t->vocab_len[token], stdout);
-        return;
-    }
+    if (t->kind == 1) { fwrite(piece, 1, t->vocab_len[token], stdout); return; }
     if (prev_token == bos_id && piece[0] == ' ') piece++;
     unsigned int byte;
     char byte_buf[2] = {0};
@@ -843,16 +821,12 @@ static void print_piece(const Tokenizer *t, int bos_id, int prev_token, int toke
    3. Sampler
    ========================================================================================== */
 
-typedef struct {
-    float prob;
-    int index;
-} ProbIndex;
+typedef struct { float prob; int index; } ProbIndex;
 
 typedef struct {
     int vocab_size;
     ProbIndex *candidates;  // top-p scratch
-    float temperature;
-    float topp;
+    float temperature, topp;
     uint64_t rng_state;
 } Sampler;
 
@@ -971,8 +945,7 @@ static int sample(Sampler *s, float *logits) {
    is rotated by the angle t * theta^(-2i/hs).  The float expressions are llama2.c's, so outputs
    match it bit for bit; both compute paths read their (cos, sin) from this one table. */
 static void rope_angle(const Config *c, int t, int i, float *cs, float *sn) {
-    float freq = 1.0f / powf(c->rope_theta, (2 * i) / (float)c->head_size);
-    float angle = t * freq;
+    float freq = 1.0f / powf(c->rope_theta, (2 * i) / (float)c->head_size), angle = t * freq;
     *cs = cosf(angle);
     *sn = sinf(angle);
 }
@@ -1004,28 +977,30 @@ typedef enum { KV_FP32, KV_FP16, KV_Q8, KV_Q4, KV_Q2, KV_Q1, KV_KIVI4, KV_KIVI2,
 typedef struct {
     KVKind kind;
     int c, b;        // CQ only: channels per group, bits per code
+    double bits;     // per channel: a stored token's bits over its channels
     char name[24];   // as printed
 } KVType;
 
 #define QBLOCK 32    // channels per block (q types), tokens per block (KIVI keys)
 
 static int parse_kv_type(const char *s, KVType *out) {
-    static const struct { const char *name; KVKind kind; int c, b; } named[] = {
-        {"fp32", KV_FP32, 0, 0}, {"fp16", KV_FP16, 0, 0}, {"q8", KV_Q8, 0, 0}, {"q4", KV_Q4, 0, 0},
-        {"q2", KV_Q2, 0, 0}, {"q1", KV_Q1, 0, 0}, {"kivi4", KV_KIVI4, 0, 0}, {"kivi2", KV_KIVI2, 0, 0},
-        {"cq4", KV_CQ, 2, 8}, {"cq2", KV_CQ, 4, 8}, {"cq1", KV_CQ, 8, 8}};
+    static const struct { const char *name; KVKind kind; int c, b; double bits; } named[] = {  // bits: block scales included
+        {"fp32", KV_FP32, 0, 0, 32}, {"fp16", KV_FP16, 0, 0, 16}, {"q8", KV_Q8, 0, 0, 8 + 16.0 / QBLOCK},
+        {"q4", KV_Q4, 0, 0, 4 + 32.0 / QBLOCK}, {"q2", KV_Q2, 0, 0, 2 + 32.0 / QBLOCK}, {"q1", KV_Q1, 0, 0, 1 + 32.0 / QBLOCK},
+        {"kivi4", KV_KIVI4, 0, 0, 4 + 32.0 / QBLOCK}, {"kivi2", KV_KIVI2, 0, 0, 2 + 32.0 / QBLOCK},
+        {"cq4", KV_CQ, 2, 8, 4}, {"cq2", KV_CQ, 4, 8, 2}, {"cq1", KV_CQ, 8, 8, 1}};
     memset(out, 0, sizeof *out);
     snprintf(out->name, sizeof out->name, "%s", s);
     for (size_t i = 0; i < sizeof named / sizeof *named; i++)
         if (!strcmp(s, named[i].name)) {
-            out->kind = named[i].kind; out->c = named[i].c; out->b = named[i].b;
+            out->kind = named[i].kind; out->c = named[i].c; out->b = named[i].b; out->bits = named[i].bits;
             return 1;
         }
     int c, b, used = 0;
     if (sscanf(s, "cq%dc%db%n", &c, &b, &used) != 2 || used != (int)strlen(s)) return 0;
     if (c < 1 || (c & (c - 1))) die("-k %s: c must be a power of two", s);
     if (b < 1 || b > 16) die("-k %s: b must be in [1, 16]", s);
-    out->kind = KV_CQ; out->c = c; out->b = b;
+    out->kind = KV_CQ; out->c = c; out->b = b; out->bits = (double)b / c;
     return 1;
 }
 
@@ -1041,18 +1016,6 @@ static void parse_kv_spec(const char *spec, KVType *k, KVType *v) {
     if (!parse_kv_type(vname, v)) die("unknown KV cache type '%s' (see --help for the types)", vname);
 }
 
-static double kv_type_bits(const KVType *t) {
-    switch (t->kind) {
-    case KV_FP32: return 32;
-    case KV_FP16: return 16;
-    case KV_Q8: return 8 + 16.0 / QBLOCK;
-    case KV_Q4: case KV_KIVI4: return 4 + 32.0 / QBLOCK;
-    case KV_Q2: case KV_KIVI2: return 2 + 32.0 / QBLOCK;
-    case KV_Q1: return 1 + 32.0 / QBLOCK;
-    case KV_CQ: return (double)t->b / t->c;
-    }
-    return 0;
-}
 
 /* ---- CQ codebooks.  One per (layer, keys or values, group): 2^b centroids of c floats, learned
    offline by export.py centroids.  Files ("CQCB", format in README.md) hold, after a 64-byte
@@ -1133,8 +1096,7 @@ static void load_codebooks(Codebooks *cb, const KVType *t, int is_key, const Mod
     if (t->c > c->head_size || c->head_size % t->c)
         die("-k %s: c = %d must divide the head size %d", t->name, t->c, c->head_size);
     cb->c = t->c; cb->b = t->b;
-    cb->n_groups = kv_dim_of(c) / t->c;
-    cb->n_centroids = 1 << t->b;
+    cb->n_groups = kv_dim_of(c) / t->c; cb->n_centroids = 1 << t->b;
     size_t n = codebook_floats(cb, c);
     cb->centroids = (float *)huge_alloc(n * sizeof(float));  // read at random by the key kernel: few TLB entries
     cb->sqnorm = NEW(float, n / t->c);
@@ -1165,9 +1127,7 @@ static void free_codebooks(Codebooks *cb, const Config *c) {
 static void cache_spec_init(CacheSpec *s, KVType k, KVType v, int window, int reference, const Model *m,
                             const char *checkpoint, const char *centroids) {
     memset(s, 0, sizeof *s);
-    s->k = k; s->v = v;
-    s->window = window;
-    s->reference = reference;
+    s->k = k; s->v = v; s->window = window; s->reference = reference;
     if (centroids && k.kind == KV_CQ && v.kind == KV_CQ && (k.c != v.c || k.b != v.b))
         die("-c names one centroid file, but keys and values use two CQ configurations; "
             "keep the default file names instead");
@@ -1175,19 +1135,20 @@ static void cache_spec_init(CacheSpec *s, KVType k, KVType v, int window, int re
     if (v.kind == KV_CQ) load_codebooks(&s->vcb, &v, 0, m, checkpoint, centroids);
 }
 
-static void cache_spec_free(CacheSpec *s, const Config *c) {
-    free_codebooks(&s->kcb, c);
-    free_codebooks(&s->vcb, c);
-}
+static void cache_spec_free(CacheSpec *s, const Config *c) { free_codebooks(&s->kcb, c); free_codebooks(&s->vcb, c); }
 
-// Bytes one token takes in the cache, keys and values, all layers (codebooks and window excluded).
-static double cache_bytes_per_token(const CacheSpec *s, const Config *c) {
-    return (kv_type_bits(&s->k) + kv_type_bits(&s->v)) / 8.0 * kv_dim_of(c) * c->n_layers;
-}
+// label: "cq1", or "cq2:q4" for two types; bits per channel; bytes per token: this cache and fp32
+typedef struct { char label[64]; double bits, bytes, fp32; } CacheSize;
 
-static void cache_label(char *buf, size_t n, const CacheSpec *s) {
-    if (strcmp(s->k.name, s->v.name) == 0) snprintf(buf, n, "%s", s->k.name);
-    else snprintf(buf, n, "%s:%s", s->k.name, s->v.name);
+// What one token takes in the cache, keys and values, all layers (codebooks and window excluded).
+static CacheSize cache_size(const CacheSpec *s, const Config *c) {
+    CacheSize z;
+    if (strcmp(s->k.name, s->v.name) == 0) snprintf(z.label, sizeof z.label, "%s", s->k.name);
+    else snprintf(z.label, sizeof z.label, "%s:%s", s->k.name, s->v.name);
+    z.bits = (s->k.bits + s->v.bits) / 2;
+    z.bytes = (s->k.bits + s->v.bits) / 8.0 * kv_dim_of(c) * c->n_layers;
+    z.fp32 = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
+    return z;
 }
 
 /* ==========================================================================================
@@ -1227,18 +1188,13 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
     for (int i = 0; i < n; i++) out[i] = weight[i] * (ss * x[i]);
 }
 
-/* out (d) = W (d, n) @ x (n), for one or several products that share x (q, k, v; w1, w3).
-   The OpenMP fork/join costs a few microseconds, more than a small product takes (stories260K's
-   largest is 512 x 64), so only large products are split across threads; products that share x
-   are split in one parallel region (each thread takes its share of every product's rows), which
-   saves fork/joins and lets k and v, too small alone, be split too. */
+/* out (d) = W (d, n) @ x (n), for one or several products that share x (q, k, v; w1, w3).  A
+   fork/join costs more than a small product (stories260K's largest is 512 x 64), so only large
+   ones are split across threads, those that share x in one parallel region (each thread takes
+   its share of every product's rows): fewer fork/joins, and k and v, too small alone, split too. */
 #define PARALLEL_MIN_MACS (1 << 17)
 
-typedef struct {
-    float *out;       // (d)
-    const float *w;   // (d, n)
-    int d;
-} Product;
+typedef struct { float *out; const float *w; int d; } Product;  // out (d) = w (d, n) @ x (n)
 
 static float dot(const float *a, const float *b, int n) {
     float v = 0.0f;
@@ -1263,24 +1219,21 @@ static void matmul(float *out, const float *x, const float *w, int n, int d) {
     matmuls(x, n, &p, 1);
 }
 
-/* RoPE on the CPU.  Keys and queries rotate with the exact table of section 4.  The fast CQ key
-   kernel rotates every cached key when it reads it, and a (seq_len, hs) table is as large as one
-   layer's fp32 keys: streaming it for every layer would cost what CQ saves.  So it builds the
-   rotation of position t = 64a + b from two small tables that stay in cache,
-   e^{i w t} = e^{i w 64a} * e^{i w b}: the queries turn back by the coarse angle once per
-   ROPE_FINE positions and each key turns by its fine angle.  Both use the layout
-   cos2 = (cos, cos), sin2 = (-sin, sin) per pair, which makes a rotation the element-wise
-   x * cos2 + swap_pairs(x) * sin2. */
+/* RoPE on the CPU: keys and queries rotate with section 4's exact table.  The fast CQ key kernel
+   rotates every cached key it reads, and a (seq_len, hs) table is as large as a layer's fp32
+   keys: streaming it would cost what CQ saves.  So position t = 64a + b turns by
+   e^{i w t} = e^{i w 64a} * e^{i w b} from two small tables that stay in cache: the queries turn
+   back by the coarse angle once per ROPE_FINE positions, each key by its fine angle.  Rows hold
+   cos2 = (cos, cos), sin2 = (-sin, sin) per pair: a rotation is x * cos2 + swap_pairs(x) * sin2. */
 #define ROPE_FINE 64
 
 static int padded_head_size(int hs) { return (hs + 7) / 8 * 8; }  // whole 8-float vectors (section 7.3)
 
-typedef struct {
+typedef struct {                       // hsv = padded_head_size(hs); lanes past hs are zero
     float *cos_sin;                    // (seq_len, hs): (cos, sin) per pair, exact (rope_table)
-    float *coarse_cos2, *coarse_sin2;  // (seq_len / ROPE_FINE + 1, width): positions 0, 64, 128, ...
-    float *fine_cos2, *fine_sin2;      // (ROPE_FINE, width): positions 0 .. 63
+    float *coarse_cos2, *coarse_sin2;  // (seq_len / ROPE_FINE + 1, hsv): positions 0, 64, 128, ...
+    float *fine_cos2, *fine_sin2;      // (ROPE_FINE, hsv): positions 0 .. 63
     int half;                          // hs / 2
-    int width;                         // hs rounded up to 8; lanes past hs are zero
 } RopeTable;
 
 static void rope_pairs(const Config *c, int t, float *cos2, float *sin2) {  // one row of those tables
@@ -1294,12 +1247,9 @@ static void rope_pairs(const Config *c, int t, float *cos2, float *sin2) {  // o
 static void rope_init(RopeTable *r, const Config *c) {
     int n_coarse = c->seq_len / ROPE_FINE + 1, w = padded_head_size(c->head_size);
     r->half = c->head_size / 2;
-    r->width = w;
     r->cos_sin = rope_table(c);
-    r->coarse_cos2 = NEW(float, (size_t)n_coarse * w);
-    r->coarse_sin2 = NEW(float, (size_t)n_coarse * w);
-    r->fine_cos2 = NEW(float, (size_t)ROPE_FINE * w);
-    r->fine_sin2 = NEW(float, (size_t)ROPE_FINE * w);
+    r->coarse_cos2 = NEW(float, (size_t)n_coarse * w); r->coarse_sin2 = NEW(float, (size_t)n_coarse * w);
+    r->fine_cos2 = NEW(float, (size_t)ROPE_FINE * w); r->fine_sin2 = NEW(float, (size_t)ROPE_FINE * w);
     for (int a = 0; a < n_coarse; a++) rope_pairs(c, a * ROPE_FINE, r->coarse_cos2 + (size_t)a * w, r->coarse_sin2 + (size_t)a * w);
     for (int b = 0; b < ROPE_FINE; b++) rope_pairs(c, b, r->fine_cos2 + (size_t)b * w, r->fine_sin2 + (size_t)b * w);
 }
@@ -1472,14 +1422,12 @@ static uint8_t *kivi_block(const KVStore *s, int layer, int block) {  // (kv_dim
     return s->kivi_blocks + (((size_t)layer * (s->seq_len / QBLOCK + 1) + block) * s->kv_dim) * s->kivi_block_bytes;
 }
 
-static size_t rows_size(const KVStore *s) {  // bytes of the cache rows, all layers
-    return (size_t)s->n_layers * s->seq_len * s->row_bytes;
-}
+static size_t rows_size(const KVStore *s) { return (size_t)s->n_layers * s->seq_len * s->row_bytes; }  // all layers
+static uint8_t *store_row(const KVStore *s, int layer, int t) { return s->rows + ((size_t)layer * s->seq_len + t) * s->row_bytes; }
 
 static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const Codebooks *cb, const Config *c) {
     memset(s, 0, sizeof *s);
-    s->type = type;
-    s->is_key = is_key;
+    s->type = type; s->is_key = is_key;
     s->n_layers = c->n_layers; s->n_kv_heads = c->n_kv_heads; s->head_size = c->head_size;
     s->kv_dim = kv_dim_of(c); s->seq_len = c->seq_len;
     s->window = type.kind != KV_FP32 ? window : 0;
@@ -1488,17 +1436,14 @@ static void kv_store_init(KVStore *s, KVType type, int is_key, int window, const
     case KV_FP32: s->row_bytes = KD * 4; break;
     case KV_FP16: s->row_bytes = KD * 2; break;
     case KV_CQ: s->cb = cb; s->row_bytes = (size_t)cb->n_groups * (type.b <= 8 ? 1 : 2); break;
-    case KV_KIVI4: case KV_KIVI2:
-        if (is_key) {
+    default:  // blocks of channels per token; KIVI keys: blocks of tokens per channel (KIVI values are rows)
+        if ((type.kind == KV_KIVI4 || type.kind == KV_KIVI2) && is_key) {
             s->kivi_block_bytes = block_bytes(scalar_bits(type.kind));
             s->kivi_blocks = (uint8_t *)huge_alloc(kivi_blocks_size(s));
             s->kivi_recent = NEW(float, L * QBLOCK * KD);
-        } else {  // KIVI values are quantized per token like q4 / q2
+        } else {
             s->row_bytes = n_blocks * block_bytes(scalar_bits(type.kind));
         }
-        break;
-    default:
-        s->row_bytes = n_blocks * block_bytes(scalar_bits(type.kind));
     }
     if (s->row_bytes) s->rows = (uint8_t *)huge_alloc(rows_size(s));
     if (s->window) s->window_rows = NEW(float, L * s->window * KD);
@@ -1511,8 +1456,8 @@ static void kv_store_free(KVStore *s) {
     free(s->window_rows);
 }
 
-static uint8_t *store_row(const KVStore *s, int layer, int t) {
-    return s->rows + ((size_t)layer * s->seq_len + t) * s->row_bytes;
+static float *window_row(const KVStore *s, int layer, int t) {  // the -w copy of position t
+    return s->window_rows + ((size_t)layer * s->window + t % s->window) * s->kv_dim;
 }
 
 static const float *layer_codebook(const KVStore *s, int layer) {  // (G, K, c) of one layer
@@ -1522,7 +1467,7 @@ static const float *layer_codebook(const KVStore *s, int layer) {  // (G, K, c) 
 // Stores x (kv_dim) for position pos.  Keys arrive rotated, except for CQ: see kv_append.
 static void store_put(KVStore *s, int layer, int pos, const float *x) {
     int KD = s->kv_dim;
-    if (s->window) memcpy(s->window_rows + ((size_t)layer * s->window + pos % s->window) * KD, x, KD * sizeof(float));
+    if (s->window) memcpy(window_row(s, layer, pos), x, KD * sizeof(float));
     uint8_t *row = s->rows ? store_row(s, layer, pos) : NULL;
     switch (s->type.kind) {
     case KV_FP32: memcpy(row, x, KD * sizeof(float)); break;
@@ -1554,13 +1499,12 @@ static void store_put(KVStore *s, int layer, int pos, const float *x) {
     }
 }
 
-/* The stored vector of position t as floats (keys: after RoPE).  Returns a pointer into the
-   cache or into buf (kv_dim).  `pos` is the newest position: it says which KIVI blocks are
-   finished and which tokens the window holds.  For CQ this is the decoding the fast kernels
-   avoid: gather the centroids the codes name, and rotate a key to its position. */
+/* The stored vector of position t as floats (keys: after RoPE), in the cache or in buf (kv_dim).
+   `pos`, the newest position, says which KIVI blocks are finished and what the window holds.  For
+   CQ this is the decoding the fast kernels avoid: gather the centroids, rotate a key. */
 static const float *store_get(const KVStore *s, const RopeTable *rope, int layer, int t, int pos, float *buf) {
     int KD = s->kv_dim;
-    if (s->window && t > pos - s->window) return s->window_rows + ((size_t)layer * s->window + t % s->window) * KD;
+    if (s->window && t > pos - s->window) return window_row(s, layer, t);
     const uint8_t *row = s->rows ? store_row(s, layer, t) : NULL;
     switch (s->type.kind) {
     case KV_FP32: return (const float *)row;
@@ -1591,13 +1535,9 @@ static const float *store_get(const KVStore *s, const RopeTable *rope, int layer
 
 /* ---- The cache, and the scratch its attention works in */
 
-/* Per-thread scratch: one slot per thread in one buffer.  A slot is rounded up to 128 bytes and
-   128 more are left free after it, so that no two threads write to one cache line, nor to one
-   pair of lines, which the prefetcher fetches together. */
-typedef struct {
-    float *base;
-    size_t stride;         // floats from one thread's slot to the next
-} Slots;
+/* Per-thread scratch, one slot per thread in one buffer: rounded up to 128 bytes, 128 more left
+   free, so that no two threads write to one cache line or to one pair (the prefetcher's unit). */
+typedef struct { float *base; size_t stride; } Slots;  // stride: floats from one thread's slot to the next
 
 static Slots slots_new(int n_threads, size_t floats) {
     Slots s = {NULL, (floats + 31) / 32 * 32 + 32};
@@ -1638,25 +1578,17 @@ static void kv_cache_init(KVCache *kv, const CacheSpec *spec, const Config *c, c
     memset(kv, 0, sizeof *kv);
     kv_store_init(&kv->k, spec->k, 1, spec->window, &spec->kcb, c);
     kv_store_init(&kv->v, spec->v, 0, spec->window, &spec->vcb, c);
-    kv->rope = rope;
-    kv->n_heads = c->n_heads;
-    kv->reference = spec->reference;
+    kv->rope = rope; kv->n_heads = c->n_heads; kv->reference = spec->reference;
 }
 
-static void kv_cache_free(KVCache *kv) {
-    kv_store_free(&kv->k);
-    kv_store_free(&kv->v);
-}
+static void kv_cache_free(KVCache *kv) { kv_store_free(&kv->k); kv_store_free(&kv->v); }
 
 // k: (kv_dim) before RoPE.  buf: scratch for the rotated key.
 static void put_key(KVCache *kv, int layer, int pos, const float *k, float *buf) {
     KVStore *ks = &kv->k;
     if (ks->type.kind == KV_CQ) {
-        store_put(ks, layer, pos, k);  // CQ codes the key before RoPE ...
-        if (ks->window) {              // ... but its full-precision window holds rotated keys
-            float *w = ks->window_rows + ((size_t)layer * ks->window + pos % ks->window) * ks->kv_dim;
-            rope_rotate(kv->rope, w, ks->n_kv_heads, pos);
-        }
+        store_put(ks, layer, pos, k);  // CQ codes the key before RoPE, but its window holds rotated keys
+        if (ks->window) rope_rotate(kv->rope, window_row(ks, layer, pos), ks->n_kv_heads, pos);
     } else {
         memcpy(buf, k, ks->kv_dim * sizeof(float));
         rope_rotate(kv->rope, buf, ks->n_kv_heads, pos);
@@ -1665,9 +1597,8 @@ static void put_key(KVCache *kv, int layer, int pos, const float *k, float *buf)
 }
 
 static void kv_append(KVCache *kv, int layer, int pos, const float *k, const float *v, KVScratch *sc) {
-    /* CQ encoding (K x c multiply-adds per group) is the one costly part of appending: with two
-       threads, the key and the value are coded side by side (not from inside a parallel region:
-       the bench fill appends to the layers in parallel). */
+    // CQ encoding (K x c multiply-adds a group) is the costly part: two threads code the key and
+    // the value side by side (not inside a parallel region: the bench fill runs layers in parallel)
     if (kv->k.type.kind == KV_CQ && kv->v.type.kind == KV_CQ && sc->n_threads > 1 && !omp_in_parallel()) {
         OMP(omp parallel sections num_threads(2))
         {
@@ -1711,31 +1642,25 @@ static void attend_reference(const KVCache *kv, int layer, int pos, const float 
 }
 
 /* ---- 7.3 The fast attention (the default).
-
    One pass over the positions, in chunks of ATTN_CHUNK, with an online softmax (as flash
    attention does): per head a running maximum m and sum s of exp(score - m); a chunk's scores
-   become exp(score - m) at once and are added into the value sums, which are rescaled by
-   exp(m_old - m_new) when the maximum grows.  Only one chunk of scores is live at a time, so
-   scores, codes and codebooks stay in cache.  Threads take chunks as they come (a dynamic
-   schedule: on a shared machine one core is often slower than the other), each with its own
-   (m, s, sums), merged at the end.  CQ reads its codes in place: keys through
-   cq_key_scores, values through cq_value_sums; every other type (and the -w window) decodes
-   rows with store_get.
-
-   A chunk's scores live in a small per-thread matrix, att (H, ATTN_CHUNK): position t in column
-   t % ATTN_CHUNK (an (H, seq_len) matrix put the H scores of a position one L1 set apart).
-   Chunks never straddle a multiple of ATTN_CHUNK, so a chunk's columns are contiguous. */
+   become exp(score - m) and are added into the value sums, rescaled by exp(m_old - m_new) when
+   the maximum grows.  One chunk of scores is live at a time, so scores, codes and codebooks stay
+   in cache.  Threads take chunks as they come (a dynamic schedule: on a shared machine one core
+   is often slower), each with its own (m, s, sums), merged at the end.  CQ reads its codes in
+   place (cq_key_scores, cq_value_sums); every other type, and the -w window, decodes rows with
+   store_get.  att (H, ATTN_CHUNK), per thread: the chunk's scores, position t in column
+   t % ATTN_CHUNK (an (H, seq_len) matrix put a position's H scores one L1 set apart); chunks
+   never straddle a multiple of ATTN_CHUNK, so a chunk's columns are contiguous. */
 static inline float *att_at(float *att, int h, int t) { return att + (size_t)h * ATTN_CHUNK + t % ATTN_CHUNK; }
 
-/* The running maximum moves only when a chunk's maximum exceeds it by more than MAX_LAG: weights
-   up to e^16 are far from float overflow, and the sums are rescaled about once per head instead
-   of every time the maximum creeps up. */
+// The running maximum moves only when a chunk's exceeds it by MAX_LAG: weights up to e^16 cannot
+// overflow, and the sums are rescaled about once per head, not every time the maximum creeps up.
 #define MAX_LAG 16.0f
 
-/* 8-float vectors (GCC's and clang's vector extension: + and * lane by lane; an f32x8 lives in
-   one AVX register).  Plain loops left the compiler one horizontal sum per dot product, which
-   cost more than the multiplications themselves; with vectors, the scores of 8 positions share
-   one transposed sum (lane_sums8). */
+/* 8-float vectors (GCC's and clang's vector extension; an f32x8 is one AVX register).  Plain
+   loops left one horizontal sum per dot product, costlier than the products; with vectors, the
+   scores of 8 positions share one transposed sum (lane_sums8). */
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef float f32x2 __attribute__((vector_size(8)));
@@ -1763,10 +1688,9 @@ static inline f32x8 lane_sums8(const f32x8 v[8]) {
 #define CQ_BLOCK 8   // positions scored together (one lane_sums8); divides ROPE_FINE
 #define KEY_PIECE 8  // vectors of a head held in registers at once (64 channels)
 
-/* Channels i .. i+7 of a kv head, gathered by its codes from the codebook (c floats per
-   centroid): one centroid (or part of it) for c >= 8, 8/c centroids for c = 2 or 4, put together
-   in registers (writing them to memory and reading them back as one vector stalled on store
-   forwarding).  Zeros past the head size. */
+/* Channels i .. i+7 of a kv head, gathered by its codes from the codebook: part of a centroid for
+   c >= 8, 8/c centroids for c = 2 or 4 put together in registers (through memory they stalled on
+   store forwarding).  Zeros past the head size. */
 CQ_INLINE f32x8 group_lanes(const float *cb, const uint8_t *codes, int i, int hs, int K, const int c, const int wide) {
 #define CENTROID(gl) (cb + ((size_t)(gl) * K + cq_code(codes, (gl), wide)) * c)
     if (c % 8 == 0) return load8(CENTROID(i / c) + i % c);
@@ -1792,9 +1716,8 @@ CQ_INLINE f32x8 group_lanes(const float *cb, const uint8_t *codes, int i, int hs
 }
 
 /* Calls kernel(args..., hsv, c, wide) with the padded head size and c as compile-time constants
-   for the shapes most models have (head sizes 64 and 128, c = 2, 4, 8), so that the loops over a
-   head and a group unroll (about 2x faster than the general case); the general case otherwise.
-   The one shape dispatch of both CQ kernels. */
+   for common shapes (head sizes 64 and 128, c = 2, 4, 8), so that the loops over a head and a
+   group unroll (about 2x faster); the general case otherwise.  Both CQ kernels dispatch here. */
 #define CQ_SHAPES(type, hsv, kernel, ...)                                              \
     do {                                                                               \
         int c_ = (type).c;                                                             \
@@ -1811,15 +1734,11 @@ CQ_INLINE f32x8 group_lanes(const float *cb, const uint8_t *codes, int i, int hs
 /* CQ keys: scores of positions [t0, t1) straight from the codes.  With q rotated to its own
    position and a RoPE pair written as a complex number, group g of position t adds
        Re( sum over pairs p of g:  conj(q_p) * C_g[code][p] * e^{i theta_p t} )
-   to q . k_t: the reference's gather, rotate and dot, fused, in blocks of CQ_BLOCK positions.
-   Per position: its fine (cos, sin) row, loaded once for all kv heads; per kv head, the key
-   gathered from the centroids and turned by the fine angle, then one dot product with each of
-   the R query heads of the group (the rotation is shared by them).  The queries were turned back
-   by the block's coarse angle (qrot, once per ROPE_FINE positions):
+   to q . k_t: the reference's gather, rotate and dot, fused, CQ_BLOCK positions at a time.  A
+   gathered key is turned by its fine angle once for the R query heads of its kv head, which were
+   turned back by the block's coarse angle (qrot, once per ROPE_FINE positions):
        q . R(t) k = (R(-ROPE_FINE a) q) . (R(b) k),   t = ROPE_FINE a + b.
-   The lane-wise products are summed for the whole block at the end (lane_sums8).  The (cos, sin)
-   row and the key stay in registers: fixed-size arrays of KEY_PIECE vectors, which the compiler
-   keeps there once the loops unroll; a longer head goes KEY_PIECE vectors at a time.
+   The angle rows and the key stay in registers: fixed-size arrays of KEY_PIECE vectors.
    qpad: (H, hsv) the query heads scaled by 1/sqrt(hs), zeros in the padding; qrot: (H, hsv). */
 CQ_INLINE void cq_key_scores_shape(const KVStore *s, const RopeTable *rope, int H, int layer, int t0, int t1,
                                    const float *qpad, float *qrot, float *att, const int hsv, const int c, const int wide) {
@@ -1885,14 +1804,12 @@ static void cq_key_scores(const KVCache *kv, int layer, int t0, int t1, const fl
     CQ_SHAPES(kv->k.type, hsv, cq_key_scores_shape, &kv->k, kv->rope, kv->n_heads, layer, t0, t1, qpad, qrot, att);
 }
 
-/* CQ values: out_h += sum_t p_t C[code_t] for the query heads h of each kv head: the
-   reference's gather and weighted sum, with each centroid vector gathered by its code straight
-   into registers and never written out as a row.  Per kv head, a set of up to VALUE_HEADS query
-   heads and a piece of KEY_PIECE vectors of the head: their sums (3 x 8 vectors: 24 of
-   AVX-512's 32 registers) stay in registers over all the positions, and each gathered centroid
-   vector serves every head of the set.  (Per-group histograms of the weights, then one 2^b x c
-   product per group, do fewer operations past 2^b positions, but measured slower here: a
-   load-add-store at a random bin per position and group; docs/PERF.md.) */
+/* CQ values: out_h += sum_t p_t C[code_t], the reference's gather and weighted sum with each
+   centroid vector gathered straight into registers.  Per kv head, up to VALUE_HEADS query heads
+   and KEY_PIECE vectors of the head at a time: their sums (24 of AVX-512's 32 registers) stay in
+   registers over all positions, and each gathered vector serves every head of the set.  (The
+   GPU's per-group weight histograms measured slower here: a load-add-store at a random bin per
+   position and group; docs/PERF.md.) */
 #define VALUE_HEADS 3
 
 CQ_INLINE void cq_value_sums_shape(const KVStore *s, int H, int layer, int t0, int t1, float *att, float *out,
@@ -2055,14 +1972,9 @@ typedef struct {       // activations of the current token
 
 static void run_state_init(RunState *s, const Config *c) {
     int wide = c->dim > q_dim_of(c) ? c->dim : q_dim_of(c);
-    s->x = NEW(float, c->dim);
-    s->xb = NEW(float, wide);
-    s->xb2 = NEW(float, c->dim);
-    s->hb = NEW(float, c->hidden_dim);
-    s->hb2 = NEW(float, c->hidden_dim);
-    s->q = NEW(float, q_dim_of(c));
-    s->k = NEW(float, kv_dim_of(c));
-    s->v = NEW(float, kv_dim_of(c));
+    s->x = NEW(float, c->dim); s->xb = NEW(float, wide); s->xb2 = NEW(float, c->dim);
+    s->hb = NEW(float, c->hidden_dim); s->hb2 = NEW(float, c->hidden_dim);
+    s->q = NEW(float, q_dim_of(c)); s->k = NEW(float, kv_dim_of(c)); s->v = NEW(float, kv_dim_of(c));
 }
 
 static void run_state_free(RunState *s) {
@@ -2141,8 +2053,7 @@ static Decoder *decoder_new(Model *m, const CacheSpec *spec, int batch) {
     if (m->bf16) die("random:...,bf16: bf16 weights are kept by the GPU path only (./runcu)");
     if (m->random && !m->file) make_random_weights(m);
     Decoder *d = NEW(Decoder, 1);
-    d->model = m;
-    d->batch = batch;
+    d->model = m; d->batch = batch;
     rope_init(&d->rope, c);
     d->caches = NEW(KVCache, batch);
     for (int b = 0; b < batch; b++) kv_cache_init(&d->caches[b], spec, c, &d->rope);
@@ -2181,8 +2092,7 @@ static void decoder_fill(Decoder *d, int n) {
 
 static double decoder_cache_ms(Decoder *d) {  // measured inside forward, over the steps since the last call
     double ms = d->steps ? 1000 * d->cache_seconds / d->steps : 0.0;
-    d->cache_seconds = 0;
-    d->steps = 0;
+    d->cache_seconds = 0; d->steps = 0;
     return ms;
 }
 
@@ -2210,8 +2120,7 @@ typedef struct {           // everything the command line chooses
     float temperature, topp;
     long long seed;
     int steps, window, length, batch;
-    int ids_input, kl, lines, reference;
-    int steps_given;
+    int ids_input, kl, lines, reference, steps_given;
 } Options;
 
 typedef struct {           // a model ready to run: weights, tokenizer, what its cache keeps
@@ -2231,27 +2140,18 @@ static void write_logits(FILE *f, const float *logits, int n) {
     if (f && fwrite(logits, sizeof(float), n, f) != (size_t)n) die("writing logits failed: %s", strerror(errno));
 }
 
-static int *encode_prompt(const Runtime *rt, const char *text, int *n) {
-    int *ids = NEW(int, strlen(text) + 3);
-    encode(&rt->tok, text, rt->model.cfg.bos_id, 1, ids, n);
-    return ids;
-}
-
-// One line on stderr: what the cache held, against an fp32 cache of the same positions.
-static void report_kv_memory(const Runtime *rt, int positions) {
-    const Config *c = &rt->model.cfg;
-    double bytes = cache_bytes_per_token(&rt->spec, c), fp32 = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
-    char label[64];
-    cache_label(label, sizeof label, &rt->spec);
+// After generate and chat, on stderr: the speed since `start`, and what the cache held against fp32.
+static void report_run(const Runtime *rt, int positions, double start) {
+    if (start > 0 && positions > 1) fprintf(stderr, "achieved tok/s: %f\n", (positions - 1) / (now_seconds() - start));
+    CacheSize z = cache_size(&rt->spec, &rt->model.cfg);
     fprintf(stderr, "KV cache %s: %.0f bytes per token, %.1f KB for %d positions; fp32 would take %.0f bytes "
-            "per token (%.1fx more)\n", label, bytes, bytes * positions / 1024, positions, fp32, fp32 / bytes);
+            "per token (%.1fx more)\n", z.label, z.bytes, z.bytes * positions / 1024, positions, z.fp32, z.fp32 / z.bytes);
 }
 
 static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
     const Config *c = &rt->model.cfg;
-    const char *prompt = o->prompt ? o->prompt : "";
     int n_prompt;
-    int *prompt_ids = encode_prompt(rt, prompt, &n_prompt);
+    int *prompt_ids = encode(&rt->tok, o->prompt ? o->prompt : "", c->bos_id, 1, &n_prompt);
     if (n_prompt > c->seq_len)
         die("the prompt is %d tokens long but the model's context is %d", n_prompt, c->seq_len);
     Decoder *d = decoder_new(&rt->model, &rt->spec, 1);
@@ -2272,8 +2172,7 @@ static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
         if (start == 0) start = now_seconds();  // the first step is excluded: it warms up
     }
     printf("\n");
-    if (pos > 1) fprintf(stderr, "achieved tok/s: %f\n", (pos - 1) / (now_seconds() - start));
-    report_kv_memory(rt, pos);
+    report_run(rt, pos, start);
     if (logits_out) fclose(logits_out);
     free(prompt_ids);
     decoder_free(d);
@@ -2289,30 +2188,18 @@ static int read_line(const char *guide, char **buf, size_t *cap) {
     return 1;
 }
 
-// printf into a buffer of the right size.
-static char *format_alloc(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *format_alloc(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    int len = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    if (len < 0) die("cannot format a string: %s", strerror(errno));
-    char *out = NEW(char, (size_t)len + 1);
-    va_start(ap, fmt);
-    vsnprintf(out, (size_t)len + 1, fmt, ap);
-    va_end(ap);
-    return out;
-}
-
 // Renders one user turn with the checkpoint's chat template (the caller frees it).
 static char *render_turn(int chat_template, int first, const char *sys, const char *user) {
-    if (chat_template == 1) {  // ChatML
-        if (first && sys[0])
-            return format_alloc("<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys, user);
-        return format_alloc("<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", user);
-    }
-    if (first && sys[0]) return format_alloc("[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);  // Llama-2-chat
-    return format_alloc("[INST] %s [/INST]", user);
+    char *out;
+    int len, with_sys = first && sys[0];
+    if (chat_template == 1 && with_sys)  // ChatML
+        len = asprintf(&out, "<|im_start|>system\n%s<|im_end|>\n"
+                       "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys, user);
+    else if (chat_template == 1) len = asprintf(&out, "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", user);
+    else if (with_sys) len = asprintf(&out, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);  // Llama-2-chat
+    else len = asprintf(&out, "[INST] %s [/INST]", user);
+    if (len < 0) die("out of memory rendering a chat turn");
+    return out;
 }
 
 static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
@@ -2323,9 +2210,9 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
     int *prompt_ids = NULL;
     int n_prompt = 0, user_idx = 0, user_turn = 1, next = 0, token, pos = 0;
     Decoder *d = decoder_new(&rt->model, &rt->spec, 1);
-    double chat_start = 0;  // tok/s counts the time after the first step, as in generate
+    double start = 0;  // tok/s counts the time after the first step, as in generate
     while (pos < o->steps) {
-        if (pos == 1) chat_start = now_seconds();
+        if (pos == 1) start = now_seconds();
         if (user_turn) {
             if (pos == 0 && !o->system_prompt) {
                 if (!read_line("Enter system prompt (optional): ", &system_line, &system_cap)) break;
@@ -2338,9 +2225,8 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
             }
             char *rendered = render_turn(c->chat_template, pos == 0, system_prompt, user_prompt);
             free(prompt_ids);
-            prompt_ids = NEW(int, strlen(rendered) + 3);
             // Llama-2-chat starts every turn with BOS; ChatML's turns start with their own marker
-            encode(&rt->tok, rendered, c->bos_id, c->chat_template == 0, prompt_ids, &n_prompt);
+            prompt_ids = encode(&rt->tok, rendered, c->bos_id, c->chat_template == 0, &n_prompt);
             free(rendered);
             if (pos + n_prompt > c->seq_len)
                 die("chat: this turn (%d tokens) does not fit in the remaining context (%d of %d positions)",
@@ -2352,8 +2238,7 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
         int from_prompt = user_idx < n_prompt;
         token = from_prompt ? prompt_ids[user_idx++] : next;
         if (!from_prompt && token == c->eos_id) user_turn = 1;  // ChatML prompts contain eos themselves
-        float *logits = decoder_forward(d, &token, pos, 1);
-        next = sample(sampler, logits);
+        next = sample(sampler, decoder_forward(d, &token, pos, 1));
         pos++;
         if (user_idx >= n_prompt && next != c->eos_id) {
             print_piece(&rt->tok, c->bos_id, token, next);
@@ -2362,8 +2247,7 @@ static void chat(Runtime *rt, Sampler *sampler, const Options *o) {
         if (next == c->eos_id) printf("\n");
     }
     printf("\n");
-    if (chat_start > 0 && pos > 1) fprintf(stderr, "achieved tok/s: %f\n", (pos - 1) / (now_seconds() - chat_start));
-    report_kv_memory(rt, pos);
+    report_run(rt, pos, start);
     free(prompt_ids);
     free(system_line);
     free(user_line);
@@ -2394,22 +2278,21 @@ static char *read_file(const char *path, size_t *len_out) {
 // The token stream a perplexity run scores: the text's ids (no BOS), or ids given directly.
 static int *read_eval_tokens(const Runtime *rt, const Options *o, int *n_out) {
     size_t len;
-    char *text = read_file(o->text_file, &len);
-    int *ids = NEW(int, len + 3), n = 0;
+    char *text = read_file(o->text_file, &len), *p = text, *end;
+    int *ids, n = 0, V = rt->model.cfg.vocab_size;
     if (o->ids_input) {
-        char *p = text, *end;
+        ids = NEW(int, len + 3);
         for (;;) {
             while (isspace((unsigned char)*p)) p++;
             if (!*p) break;
             errno = 0;
             long v = strtol(p, &end, 10);
-            if (end == p || errno || v < 0 || v >= rt->model.cfg.vocab_size)
-                die("%s: token id #%d is not an integer in [0, %d)", o->text_file, n + 1, rt->model.cfg.vocab_size);
+            if (end == p || errno || v < 0 || v >= V) die("%s: token id #%d is not an integer in [0, %d)", o->text_file, n + 1, V);
             ids[n++] = (int)v;
             p = end;
         }
     } else {
-        encode(&rt->tok, text, rt->model.cfg.bos_id, 0, ids, &n);
+        ids = encode(&rt->tok, text, rt->model.cfg.bos_id, 0, &n);
     }
     free(text);
     if (n < 1) die("%s holds no tokens to score", o->text_file);
@@ -2443,16 +2326,12 @@ static void perplexity(Runtime *rt, const Options *o) {
     const Config *c = &rt->model.cfg;
     int n_tokens;
     int *ids = read_eval_tokens(rt, o, &n_tokens);
-    int window = o->length > 0 ? o->length : c->seq_len;
-    int chunk = window - 1;
-    Decoder *d = decoder_new(&rt->model, &rt->spec, 1), *ref = NULL;
+    int chunk = (o->length > 0 ? o->length : c->seq_len) - 1;  // a window: BOS, then chunk tokens
+    KVType f32;
+    parse_kv_type("fp32", &f32);
     CacheSpec fp32;  // --kl: an fp32 cache runs side by side
-    if (o->kl) {
-        KVType t;
-        parse_kv_type("fp32", &t);
-        cache_spec_init(&fp32, t, t, 0, rt->spec.reference, &rt->model, NULL, NULL);
-        ref = decoder_new(&rt->model, &fp32, 1);
-    }
+    cache_spec_init(&fp32, f32, f32, 0, rt->spec.reference, &rt->model, NULL, NULL);
+    Decoder *d = decoder_new(&rt->model, &rt->spec, 1), *ref = o->kl ? decoder_new(&rt->model, &fp32, 1) : NULL;
     FILE *logits_out = open_logits(o);
     double nll = 0.0, kl = 0.0;
     long scored = 0;
@@ -2479,25 +2358,21 @@ static void perplexity(Runtime *rt, const Options *o) {
         }
     }
     fprintf(stderr, "\n");
-    char label[64];
-    cache_label(label, sizeof label, &rt->spec);
-    double bytes = cache_bytes_per_token(&rt->spec, c), fp32_bytes = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
+    CacheSize z = cache_size(&rt->spec, c);
     printf("type=%s bits_per_channel=%.3f kv_bytes_per_token=%.1f ratio_fp32=%.4f tokens=%ld nll=%.6f ppl=%.6f",
-           label, (kv_type_bits(&rt->spec.k) + kv_type_bits(&rt->spec.v)) / 2, bytes, bytes / fp32_bytes,
-           scored, nll / scored, exp(nll / scored));
+           z.label, z.bits, z.bytes, z.bytes / z.fp32, scored, nll / scored, exp(nll / scored));
     if (o->kl) printf(" kl=%.6f", fmax(kl / scored, 0.0));  // KL >= 0; rounding can leave -1e-12
     printf("\n");
     if (logits_out) fclose(logits_out);
     free(ids);
     decoder_free(d);
-    if (ref) { decoder_free(ref); cache_spec_free(&fp32, c); }
+    if (ref) decoder_free(ref);
+    cache_spec_free(&fp32, c);
 }
 
-/* Decode speed at context L: positions 0 .. L-n-1 of every sequence's cache are filled with
-   random keys and values (not timed), then n decode steps run at positions L-n .. L-1 and are
-   timed; the last step attends to all L positions.  One sequence feeds back its greedy token;
-   -b B runs B sequences side by side, each fed BOS (the tokens do not change the work, and
-   B rows of logits need not come back to the host). */
+/* Decode speed at context L: positions 0 .. L-n-1 of every cache get random keys and values (not
+   timed), then n timed steps run at L-n .. L-1.  One sequence feeds back its greedy token; -b B
+   decodes B sequences side by side, each fed BOS (the work is the same; no logits come back). */
 static void benchmark(Runtime *rt, const Options *o) {
     const Config *c = &rt->model.cfg;
     int context = o->length > 0 ? o->length : (c->seq_len < 1024 ? c->seq_len : 1024);
@@ -2520,13 +2395,11 @@ static void benchmark(Runtime *rt, const Options *o) {
         if (B == 1) tokens[0] = argmax(logits, c->vocab_size);
     }
     double elapsed = now_seconds() - start, cpu = cpu_seconds() - cpu_start;
-    char label[64];
-    cache_label(label, sizeof label, &rt->spec);
-    double bytes = cache_bytes_per_token(&rt->spec, c);
+    CacheSize z = cache_size(&rt->spec, c);
     printf("type=%s device=%s context=%d batch=%d steps=%d tok_per_s=%.2f ms_per_step=%.3f cache_ms=%.3f "
            "cpu_ms_per_step=%.3f kv_bytes_per_token=%.1f kv_bytes_total=%.0f\n",
-           label, decoder_device(d), context, B, steps, B * steps / elapsed, 1000 * elapsed / steps,
-           decoder_cache_ms(d), 1000 * cpu / steps, bytes, bytes * context * B);
+           z.label, decoder_device(d), context, B, steps, B * steps / elapsed, 1000 * elapsed / steps,
+           decoder_cache_ms(d), 1000 * cpu / steps, z.bytes, z.bytes * context * B);
     free(tokens);
     decoder_free(d);
 }
@@ -2544,17 +2417,15 @@ static void print_decoding(Runtime *rt, const Options *o) {
 static void print_encoding(Runtime *rt, const Options *o) {
     size_t len;
     char *text = o->text_file ? read_file(o->text_file, &len) : strdup(o->prompt ? o->prompt : "");
-    int *ids = NEW(int, strlen(text) + 3), n;
-    char *line = text;
-    do {
+    for (char *line = text; line;) {
         char *newline = o->lines ? strchr(line, '\n') : NULL;
         if (newline) *newline = '\0';
-        encode(&rt->tok, line, rt->model.cfg.bos_id, !o->lines, ids, &n);
+        int n, *ids = encode(&rt->tok, line, rt->model.cfg.bos_id, !o->lines, &n);
         for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
         printf("\n");
-        line = newline ? newline + 1 : NULL;
-    } while (line && *line);
-    free(ids);
+        free(ids);
+        line = newline && newline[1] ? newline + 1 : NULL;
+    }
     free(text);
 }
 
@@ -2595,21 +2466,18 @@ static void usage(FILE *f) {
         "seq_len theta; e.g. random:llama2-7b,layers=1,seq_len=65536).\n");
 }
 
-static int parse_int(const char *flag, const char *s) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end || errno || v < INT_MIN || v > INT_MAX)
-        die("%s expects an integer, got '%s'", flag, s);
-    return (int)v;
-}
-
 static long long parse_ll(const char *flag, const char *s) {
     char *end;
     errno = 0;
     long long v = strtoll(s, &end, 10);
     if (end == s || *end || errno) die("%s expects an integer, got '%s'", flag, s);
     return v;
+}
+
+static int parse_int(const char *flag, const char *s) {
+    long long v = parse_ll(flag, s);
+    if (v < INT_MIN || v > INT_MAX) die("%s expects an integer, got '%s'", flag, s);
+    return (int)v;
 }
 
 static float parse_float(const char *flag, const char *s) {
@@ -2622,13 +2490,8 @@ static float parse_float(const char *flag, const char *s) {
 
 static void parse_args(int argc, char **argv, Options *o) {
     memset(o, 0, sizeof *o);
-    o->tokenizer = "tokenizer.bin";
-    o->mode = "generate";
-    o->kv_spec = "fp32";
-    o->temperature = 1.0f;
-    o->topp = 0.9f;
-    o->steps = 256;
-    o->batch = 1;
+    o->tokenizer = "tokenizer.bin"; o->mode = "generate"; o->kv_spec = "fp32";
+    o->temperature = 1.0f; o->topp = 0.9f; o->steps = 256; o->batch = 1;
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { usage(stdout); exit(0); }
     if (argc < 2) { usage(stderr); die("no checkpoint given"); }
     o->checkpoint = argv[1];
@@ -2671,17 +2534,18 @@ static void parse_args(int argc, char **argv, Options *o) {
     int known = 0;
     for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) known |= !strcmp(o->mode, modes[i]);
     if (!known) die("unknown mode '%s' (generate, chat, ppl, bench, encode, decode)", o->mode);
-    if (!strcmp(o->mode, "decode")) o->ids_input = 1;  // decode reads ids, like ppl --ids
-    if (!strcmp(o->mode, "decode") && !o->text_file) die("-m decode needs -f FILE of token ids");
+    int ppl = !strcmp(o->mode, "ppl"), decode = !strcmp(o->mode, "decode");
+    if (decode) o->ids_input = 1;  // decode reads ids, like ppl --ids
+    if (decode && !o->text_file) die("-m decode needs -f FILE of token ids");
     if (o->temperature < 0) die("-t must be >= 0, got %g", o->temperature);
     if (o->topp < 0 || o->topp > 1) die("-p must be in [0, 1], got %g", o->topp);
     if (o->steps < 0) die("-n must be >= 0, got %d", o->steps);
     if (o->window < 0) die("-w must be >= 0, got %d", o->window);
     if (o->batch < 1) die("-b must be >= 1, got %d", o->batch);
     if (o->batch > 1 && strcmp(o->mode, "bench")) die("-b only applies to -m bench");
-    if (!strcmp(o->mode, "ppl") && !o->text_file) die("-m ppl needs -f FILE");
-    if (o->ids_input && strcmp(o->mode, "ppl") && strcmp(o->mode, "decode")) die("--ids only applies to -m ppl");
-    if (o->kl && strcmp(o->mode, "ppl")) die("--kl only applies to -m ppl");
+    if (ppl && !o->text_file) die("-m ppl needs -f FILE");
+    if (o->ids_input && !ppl && !decode) die("--ids only applies to -m ppl");
+    if (o->kl && !ppl) die("--kl only applies to -m ppl");
     if (o->lines && (strcmp(o->mode, "encode") || !o->text_file)) die("--lines only applies to -m encode -f FILE");
 }
 
@@ -2700,19 +2564,15 @@ int main(int argc, char **argv) {
         die("-l must be in [2, %d] (the model's context), got %d", c->seq_len, o.length);
     if (!strcmp(o.mode, "ppl") && c->seq_len < 2)  // a window is BOS plus at least one scored token
         die("-m ppl needs a context of at least 2 positions; this model's is %d", c->seq_len);
-    int needs_tokenizer = strcmp(o.mode, "bench") && !(strcmp(o.mode, "ppl") == 0 && o.ids_input);
-    if (needs_tokenizer) load_tokenizer(&rt.tok, o.tokenizer, c->vocab_size, c->tokenizer_kind);
+    if (strcmp(o.mode, "bench") && !(strcmp(o.mode, "ppl") == 0 && o.ids_input))  // these need no tokenizer
+        load_tokenizer(&rt.tok, o.tokenizer, c->vocab_size, c->tokenizer_kind);
     cache_spec_init(&rt.spec, ktype, vtype, o.window, o.reference, &rt.model, o.checkpoint, o.centroids);
 
-    if (!strcmp(o.mode, "encode")) {
-        print_encoding(&rt, &o);
-    } else if (!strcmp(o.mode, "decode")) {
-        print_decoding(&rt, &o);
-    } else if (!strcmp(o.mode, "ppl")) {
-        perplexity(&rt, &o);
-    } else if (!strcmp(o.mode, "bench")) {
-        benchmark(&rt, &o);
-    } else {
+    if (!strcmp(o.mode, "encode")) print_encoding(&rt, &o);
+    else if (!strcmp(o.mode, "decode")) print_decoding(&rt, &o);
+    else if (!strcmp(o.mode, "ppl")) perplexity(&rt, &o);
+    else if (!strcmp(o.mode, "bench")) benchmark(&rt, &o);
+    else {
         Sampler sampler = {c->vocab_size, NEW(ProbIndex, c->vocab_size), o.temperature, o.topp,
                            o.seed > 0 ? (uint64_t)o.seed : (uint64_t)time(NULL)};
         if (!strcmp(o.mode, "generate")) generate(&rt, &sampler, &o);
