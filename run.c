@@ -793,8 +793,8 @@ static int encode_bytes(const Tokenizer *t, const char *text, size_t len, int *t
 // text -> ids (*n of them; the caller frees them).
 static int *encode(const Tokenizer *t, const char *text, int bos_id, int add_bos, int *n) {
     size_t len = strlen(text);
-    int *tokens = NEW(int, len + 3), b = add_bos != 0;
-    if (add_bos) tokens[0] = bos_id;
+    int *tokens = NEW(int, len + 3), b = 0;  // room for the BOS and the encoders' worst case
+    if (add_bos) tokens[b++] = bos_id;
     *n = b + (t->kind == 1 ? encode_bytes(t, text, len, tokens + b) : encode_sentencepiece(t, text, len, tokens + b));
     return tokens;
 }
