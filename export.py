@@ -793,13 +793,13 @@ def generate(model, n_seqs, length, seed=0, temperature=1.0, progress=None):
 #
 # Many independent problems of the same size (all channel groups of one layer's K or V) are
 # solved together as a batch: X (G, n, c), weights w (G, n), k centroids each.
-#   - k-means++ initialisation: D^2 sampling weighted by w (a point is drawn with probability
-#     proportional to w * squared distance to the nearest centroid so far), the textbook
-#     choice for weighted data; seeding="plain" draws by the squared distance alone (the same
-#     without weights). On SmolLM2's cq1 the plain draw codes held-out text better (2.4 % lower
-#     perplexity on every seed tried, docs/NOTES-codebooks.md); the default changes with the next
-#     rerun of the quality tables. The random numbers of the draws are given per problem, so
-#     that batching problems together does not change the result;
+#   - k-means++ initialisation: each new centroid is a point drawn with probability
+#     proportional to its squared distance to the nearest centroid so far (the first one
+#     uniformly). The weights enter only the Lloyd updates: drawing by weight times distance
+#     (seeding="weighted", the textbook choice for weighted data) spends the centroids on the
+#     few heavily weighted calibration tokens and codes held-out text worse (docs/NOTES-codebooks.md).
+#     The random numbers of the draws are given per problem, so that batching problems together
+#     does not change the result;
 #   - Lloyd iterations: assignment to the nearest centroid, centroid = weighted mean of its
 #     points; stop when no assignment changes, or after `iters` updates;
 #   - distances ||x||^2 - 2 x.C + ||C||^2 via batched float32 matrix products, in chunks
@@ -818,7 +818,7 @@ def generate(model, n_seqs, length, seed=0, temperature=1.0, progress=None):
 # =============================================================================================
 
 SEEDINGS = ("plain", "weighted")
-SEEDING = "weighted"  # see the section comment
+SEEDING = "plain"  # see the section comment
 
 
 def _sample_rows(p, fallback, u):

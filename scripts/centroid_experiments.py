@@ -25,13 +25,18 @@ the first --windows windows of 2048 tokens.  Prints a Markdown table (perplexity
   seeds        How much do the k-means++ draws move the result?  The Fisher codebooks learned
                again with --n-seeds seeds of the weighted seeding (the default; seed 0 is the
                plain Fisher row) and of the plain one (export.py --seeding plain).
+  no-bos       Does the BOS that opens every calibration sequence matter?  The Fisher
+               codebooks learned from 16 x 2048 tokens of the same text cut without a BOS
+               (each sequence starts inside the text; its first token is the attention sink).
+  drop-first   Do the first positions' huge weights steer the codebooks?  The same
+               activations with the Fisher weight of each sequence's first token set to 0.
   first-exact  How much of it comes from the first position alone (the BOS token that opens
                every window, an attention sink that most queries read)?  The plain Fisher
                codebooks with position 0's key and value read in full precision.  Not a cache
                type of run.c: a measurement of where the error sits.
 
 Usage: python3 scripts/centroid_experiments.py --model M.bin --calib VALID_IDS --ids TEST_IDS
-           [--variants rotate-half,clip99,split,first-exact,seeds] [--n-seeds 3]
+           [--variants rotate-half,clip99,split,first-exact,seeds,no-bos,drop-first] [--n-seeds 3]
            [--types cq1,cq2,cq4] [--windows 32]
            [--device cuda] [--json OUT]
 (the id files as for scripts/smollm_gpu.sh: ./run -m encode output, BOS dropped)
@@ -119,13 +124,19 @@ def main():
     seqs = E.calibration_sequences_from_text(args.calib, None, cfg, args.seqs,
                                              min(args.seq_len, cfg.seq_len), ids=True)
     acts, g2 = E.collect_kv(model, seqs, fisher=True)
+    variants = args.variants.split(",")
+    if "no-bos" in variants:  # the same text, cut into sequences of seq_len tokens without BOS
+        n = min(args.seq_len, cfg.seq_len)
+        stream = [int(t) for t in open(args.calib).read().split()][:args.seqs * n]
+        raw = [E.np.array(stream[i * n:(i + 1) * n], dtype=E.np.int64) for i in range(len(stream) // n)]
+        acts_nb, g2_nb = E.collect_kv(model, raw, fisher=True)
+        acts_nb, g2_nb = acts_nb.to(args.device), g2_nb.to(args.device)
     del model
     acts, g2 = acts.to(args.device), g2.to(args.device)
     n_tokens = sum(len(s) for s in seqs)
     print(f"calibration: {len(seqs)} sequences, {n_tokens} tokens, {time.time() - t_start:.1f} s",
           flush=True)
     order = hf_order(cfg.n_kv_heads, cfg.head_size)
-    variants = args.variants.split(",")
     if "clip99" in variants:  # where the Fisher weight sits: first positions, top 1 % of tokens
         starts = torch.zeros(acts.shape[2], dtype=torch.bool)  # the first token of each sequence
         starts[torch.tensor([0] + list(itertools.accumulate(len(x) for x in seqs[:-1])))] = True
@@ -142,7 +153,8 @@ def main():
     for name in args.types.split(","):
         kvt = Q.KVType(name)
         c, b = kvt.c, kvt.b
-        runs = [("fisher", 0, E.SEEDING)] + [(v, 0, E.SEEDING) for v in variants if v in ("rotate-half", "clip99")]
+        runs = [("fisher", 0, E.SEEDING)] + [(v, 0, E.SEEDING) for v in variants
+                                          if v in ("rotate-half", "clip99", "no-bos", "drop-first")]
         if "seeds" in variants:
             runs += [(f"{seeding} seed {s}", s, seeding) for seeding in E.SEEDINGS
                      for s in range(args.n_seeds) if (s, seeding) != (0, E.SEEDING)]
@@ -155,11 +167,16 @@ def main():
             elif variant == "clip99":
                 cap = g2.kthvalue(int(0.99 * g2.shape[2]), dim=2, keepdim=True).values  # per (layer, K/V, channel)
                 g = torch.minimum(g2, cap)
+            elif variant == "no-bos":
+                a, g = acts_nb, g2_nb
+            elif variant == "drop-first":
+                g = g2.clone()
+                g[:, :, torch.tensor([0] + list(itertools.accumulate(len(x) for x in seqs[:-1])))] = 0
             t0 = time.time()
             cb, st = E.learn_codebooks(a, g, cfg, c, b, 100, seed, f"{name} {variant}", E.PROGRESS,
                                        seeding=seeding)
             path = os.path.join(tmp, f"{name}.{variant.replace(' ', '_')}.cent")
-            E.write_centroids(path, cb, cfg.n_kv_heads, cfg.head_size, 1, n_tokens, fp)
+            E.write_centroids(path, cb, cfg.n_kv_heads, cfg.head_size, 1, a.shape[2], fp)
             files[(name, variant)] = path
             print(f"{name} {variant}: plain relative MSE of keys "
                   f"{st['sse'][0] / st['var'][0]:.4f}, values {st['sse'][1] / st['var'][1]:.4f}; "

@@ -3,19 +3,20 @@
 # transformers only for scripts/hf_agreement.py; no network needed):
 #   1. build ./run, convert the GGUF, encode WikiText-2 test and valid with ./run -m encode;
 #   2. learn CQ codebooks (cq4 cq2 cq1 cq8c10b) on 16 x 2048 tokens of valid: Fisher, uniform,
-#      and Fisher with plain k-means++ seeding (--seeding plain, a comparison), the three at
+#      and Fisher with weighted k-means++ seeding (--seeding weighted, the earlier default, a
+#      comparison), the three at
 #      once; each reports its weighted k-means objective per Lloyd iteration on the
 #      calibration tokens, and at the end on 4 x 2048 held-out tokens of the test split;
 #   3. the quality table over the whole test split (windows of 2048) with every row of
 #      README.md's table, the mixed rows cq2:cq1 and cq4:cq2, the split rows cq1:fp32 and
 #      fp32:cq1, and two rows with the current token read in full precision (cq1 and cq2
-#      with -w 1, a comparison), and its plot; then cq1 and cq2 with the plain-seeding
+#      with -w 1, a comparison), and its plot; then cq1 and cq2 with the weighted-seeding
 #      codebooks (printed only); with --check, scripts/smollm_quality.py --check (the
 #      batched evaluator against ./run's token-by-token decode on one short window) beside it.
 # Usage: scripts/smollm_gpu.sh OUTDIR GGUF DATADIR [--check]
 #   DATADIR holds wikitext2-test.raw.txt and wikitext2-valid.tokens.txt (../shared/data).
 #   Big files (checkpoint, ids, centroids) go to $SMOLLM_WORK (default /tmp/smollm); OUTDIR
-#   gets at most 8 files: gpu.log, centroids_{fisher,uniform,fisher_plain}.json,
+#   gets at most 8 files: gpu.log, centroids_{fisher,uniform,fisher_weighted}.json,
 #   smollm_quality.json, smollm_quality.png, smollm2-135m-instruct.8c8b.cent (the Fisher cq1
 #   codebooks for centroids/) and, with --check, quality_check.log.
 # For a dry run elsewhere: SMOLLM_DEVICE=cpu SMOLLM_SEQS=2 SMOLLM_SEQ_LEN=64 SMOLLM_WINDOWS=1
@@ -56,11 +57,11 @@ for split in test:wikitext2-test.raw.txt valid:wikitext2-valid.tokens.txt; do
 done
 wc -w $W/test.ids $W/valid.ids
 
-t "centroids: Fisher, uniform, Fisher with plain seeding (three processes on the GPU)"
+t "centroids: Fisher, uniform, Fisher with weighted seeding (three processes on the GPU)"
 common="--calib $W/valid.ids --ids --seqs $SEQS --seq-len $SEQ_LEN --types cq4,cq2,cq1,cq8c10b
         --heldout $W/test.ids --heldout-seqs 4 --device $DEV -q"
 pids=()
-for run in fisher:"" uniform:--uniform fisher_plain:"--seeding plain"; do
+for run in fisher:"" uniform:--uniform fisher_weighted:"--seeding weighted"; do
     name=${run%%:*}
     mkdir -p $W/cent_$name
     $PY export.py centroids $M.bin $common ${run#*:} -o $W/cent_$name \
@@ -69,13 +70,13 @@ for run in fisher:"" uniform:--uniform fisher_plain:"--seeding plain"; do
 done
 fail=0
 for p in "${pids[@]}"; do wait $p || fail=1; done
-for name in fisher uniform fisher_plain; do
+for name in fisher uniform fisher_weighted; do
     echo "--- $name"; cat $W/centroids_$name.log
 done
 [ $fail = 0 ] || { echo "error: export.py centroids failed (see above)" >&2; exit 1; }
 cp $W/cent_fisher/smollm2-135m-instruct.8c8b.cent "$out/"
 $PY scripts/smollm_quality.py --objectives "$out/centroids_fisher.json" \
-    "$out/centroids_fisher_plain.json" "$out/centroids_uniform.json"
+    "$out/centroids_fisher_weighted.json" "$out/centroids_uniform.json"
 
 Q="$PY scripts/smollm_quality.py --model $M.bin --ids $W/test.ids -l $LEN --windows $WINDOWS"
 Q="$Q --centroids $W/cent_fisher $W/cent_uniform"
@@ -89,9 +90,9 @@ $Q --rows "$($PY scripts/smollm_quality.py --list-rows),cq1/fisher/w1,cq2/fisher
     --json "$out/smollm_quality.json"
 $PY scripts/smollm_quality.py --plot "$out/smollm_quality.png" --json "$out/smollm_quality.json" ||
     echo "PLOT FAILED (matplotlib missing?); the table is in smollm_quality.json"
-t "cq1 and cq2 with the plain-seeding Fisher codebooks"
+t "cq1 and cq2 with the weighted-seeding Fisher codebooks"
 $PY scripts/smollm_quality.py --model $M.bin --ids $W/test.ids -l $LEN --windows $WINDOWS \
-    --centroids $W/cent_fisher_plain --rows fp32,cq2/fisher,cq1/fisher --device $DEV
+    --centroids $W/cent_fisher_weighted --rows fp32,cq2/fisher,cq1/fisher --device $DEV
 if [ "$check" = --check ]; then
     t "check"
     if wait $check_pid; then tail -n 3 "$out/quality_check.log"; else
