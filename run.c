@@ -2143,9 +2143,14 @@ static void write_logits(FILE *f, const float *logits, int n) {
 // After generate and chat, on stderr: the speed since `start`, and what the cache held against fp32.
 static void report_run(const Runtime *rt, int positions, double start) {
     if (start > 0 && positions > 1) fprintf(stderr, "achieved tok/s: %f\n", (positions - 1) / (now_seconds() - start));
-    CacheSize z = cache_size(&rt->spec, &rt->model.cfg);
-    fprintf(stderr, "KV cache %s: %.0f bytes per token, %.1f KB for %d positions; fp32 would take %.0f bytes "
-            "per token (%.1fx more)\n", z.label, z.bytes, z.bytes * positions / 1024, positions, z.fp32, z.fp32 / z.bytes);
+    const CacheSpec *s = &rt->spec;
+    CacheSize z = cache_size(s, &rt->model.cfg);
+    // -w keeps the newest tokens of every non-fp32 side a second time, in fp32
+    int sides = (s->k.kind != KV_FP32) + (s->v.kind != KV_FP32), in_window = positions < s->window ? positions : s->window;
+    double window_kb = sides * z.fp32 / 2 * in_window / 1024;
+    fprintf(stderr, "KV cache %s: %.0f bytes per token, %.1f KB for %d positions", z.label, z.bytes, z.bytes * positions / 1024, positions);
+    if (window_kb > 0) fprintf(stderr, " + %.1f KB for the fp32 window of %d", window_kb, s->window);
+    fprintf(stderr, "; fp32 would take %.0f bytes per token (%.1fx more)\n", z.fp32, z.fp32 / z.bytes);
 }
 
 static void generate(Runtime *rt, Sampler *sampler, const Options *o) {
