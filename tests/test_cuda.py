@@ -7,8 +7,12 @@ same function, so their outputs must agree to float rounding.  Skipped for the C
   * greedy generation: ./run's tokens for 200 steps on stories260K and 100 on SmolLM2, with
     fp32, fp16 and cq4;
   * -m ppl for every GPU cache type (and K:V mixes, -w) within 0.1 % of ./run on stories260K;
-    on a SmolLM2 window of 2048 tokens within the spread ./run itself shows between 1 and 2
-    threads (twice that spread, or 1e-4 relative where the spread is smaller).
+    on a SmolLM2 window of 2048 tokens within twice the spread ./run itself shows between 1 and
+    2 threads, or within 0.1 % (the stories260K tolerance) where that spread is smaller: the
+    thread count only reorders ./run's attention sums, a far smaller change than the GPU's
+    other rounding of every product, and at 1 bit a key that lies almost midway between two
+    centroids takes either code on that change (a measured case, random ids: -k cq8c10b, ./run 6401907 with
+    the fast kernels and 6401869 with --kernels ref, 1 thread; ./runcu 6403027, 1.7e-4 away).
 CQ codebooks are random (cache_reference.random_codebooks): agreement does not need good ones.
 """
 import os
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import GPU, STORIES, TOK512, R, Runner, reference_binary, needs_stories
+from conftest import DATA, GPU, STORIES, TOK512, R, Runner, reference_binary, needs_stories
 
 import cache_reference as CR
 
@@ -116,14 +120,25 @@ def test_stories_ppl_agrees(run, cpu, stories, tmp, spec, window):
     assert rel <= 1e-3, "-k %s -w %d: ppl %s on the GPU, %s on the CPU" % (spec, window, g["ppl"], c["ppl"])
 
 
+def window_ids(cpu, cfg, n):
+    """The first n tokens of WikiText-2 test (the shared data) in SmolLM2's tokenizer; random
+    ids where the text is absent.  Text keeps the model in its working range: on random ids with
+    random codebooks its perplexity is in the millions and a rounding change anywhere moves it
+    ten times as much (-k fp16:cq4: 4e-3 between 1 and 2 threads, against 3.4e-4 on the text)."""
+    text = DATA / "wikitext2-test.raw.txt"
+    if not text.is_file():
+        return sample_ids(cfg, n, 3)
+    r = cpu(str(SMOLLM), "-z", str(SMOLLM)[:-4] + ".tok", "-m", "encode", "-f", str(text), check=True)
+    return [int(t) for t in r.stdout.split()[1:n + 1]]  # without the BOS that -m encode prints first
+
+
 @needs_smollm
 def test_smollm_window_ppl_within_cpu_spread(run, cpu, smollm, tmp):
     """One window of 2048 tokens of SmolLM2 for every GPU type; the CPU runs (1 and 2 threads
     for each type) go in parallel."""
     model, cfg = smollm
-    ids = sample_ids(cfg, 2047, 3)
     f = tmp / "ids.txt"
-    f.write_text(" ".join(map(str, ids)))
+    f.write_text(" ".join(map(str, window_ids(cpu, cfg, 2047))))
     jobs = {}
     for spec in GPU_TYPES:
         for threads in (1, 2):
@@ -141,7 +156,7 @@ def test_smollm_window_ppl_within_cpu_spread(run, cpu, smollm, tmp):
             assert jobs[spec, threads].returncode == 0, err.decode(errors="replace")
             p[threads] = float(dict(kv.split("=", 1) for kv in out.decode().split())["ppl"])
         spread = abs(p[1] - p[2])
-        allowed = max(2 * spread, 1e-4 * p[1])
+        allowed = max(2 * spread, 1e-3 * p[1])
         report.append("%-8s gpu %.5f cpu(1) %.5f cpu(2) %.5f" % (spec, gpu[spec], p[1], p[2]))
         if abs(gpu[spec] - p[1]) > allowed:
             bad.append(spec)
