@@ -795,7 +795,7 @@ def generate(model, n_seqs, length, seed=0, temperature=1.0, progress=None):
 # solved together as a batch: X (G, n, c), weights w (G, n), k centroids each.
 #   - k-means++ initialisation: each new centroid is a point drawn with probability
 #     proportional to its squared distance to the nearest centroid so far (the first one
-#     uniformly). The weights enter only the Lloyd updates: drawing by weight times distance
+#     uniformly); the weights do not enter the draw. Drawing by weight times distance
 #     (seeding="weighted", the textbook choice for weighted data) spends the centroids on the
 #     few heavily weighted calibration tokens and codes held-out text worse (docs/NOTES-codebooks.md).
 #     The random numbers of the draws are given per problem, so that batching problems together

@@ -1137,10 +1137,11 @@ static void cache_spec_init(CacheSpec *s, KVType k, KVType v, int window, int re
 
 static void cache_spec_free(CacheSpec *s, const Config *c) { free_codebooks(&s->kcb, c); free_codebooks(&s->vcb, c); }
 
-// label: "cq1", or "cq2:q4" for two types; bits per channel; bytes per token: this cache and fp32
-typedef struct { char label[64]; double bits, bytes, fp32; } CacheSize;
+// label: "cq1", or "cq2:q4" for two types; bits per channel; bytes per token: this cache and fp32;
+// window_bytes: a token's second copy while it is among the -w newest (fp32, the non-fp32 sides)
+typedef struct { char label[64]; double bits, bytes, fp32, window_bytes; } CacheSize;
 
-// What one token takes in the cache, keys and values, all layers (codebooks and window excluded).
+// What one token takes in the cache, keys and values, all layers (codebooks excluded).
 static CacheSize cache_size(const CacheSpec *s, const Config *c) {
     CacheSize z;
     if (strcmp(s->k.name, s->v.name) == 0) snprintf(z.label, sizeof z.label, "%s", s->k.name);
@@ -1148,6 +1149,7 @@ static CacheSize cache_size(const CacheSpec *s, const Config *c) {
     z.bits = (s->k.bits + s->v.bits) / 2;
     z.bytes = (s->k.bits + s->v.bits) / 8.0 * kv_dim_of(c) * c->n_layers;
     z.fp32 = 2.0 * 4 * kv_dim_of(c) * c->n_layers;
+    z.window_bytes = s->window ? ((s->k.kind != KV_FP32) + (s->v.kind != KV_FP32)) * z.fp32 / 2 : 0;
     return z;
 }
 
@@ -2143,13 +2145,10 @@ static void write_logits(FILE *f, const float *logits, int n) {
 // After generate and chat, on stderr: the speed since `start`, and what the cache held against fp32.
 static void report_run(const Runtime *rt, int positions, double start) {
     if (start > 0 && positions > 1) fprintf(stderr, "achieved tok/s: %f\n", (positions - 1) / (now_seconds() - start));
-    const CacheSpec *s = &rt->spec;
-    CacheSize z = cache_size(s, &rt->model.cfg);
-    // -w keeps the newest tokens of every non-fp32 side a second time, in fp32
-    int sides = (s->k.kind != KV_FP32) + (s->v.kind != KV_FP32), in_window = positions < s->window ? positions : s->window;
-    double window_kb = sides * z.fp32 / 2 * in_window / 1024;
+    CacheSize z = cache_size(&rt->spec, &rt->model.cfg);
+    int window = rt->spec.window, in_window = positions < window ? positions : window;
     fprintf(stderr, "KV cache %s: %.0f bytes per token, %.1f KB for %d positions", z.label, z.bytes, z.bytes * positions / 1024, positions);
-    if (window_kb > 0) fprintf(stderr, " + %.1f KB for the fp32 window of %d", window_kb, s->window);
+    if (z.window_bytes > 0) fprintf(stderr, " + %.1f KB for the fp32 window of %d", z.window_bytes * in_window / 1024, window);
     fprintf(stderr, "; fp32 would take %.0f bytes per token (%.1fx more)\n", z.fp32, z.fp32 / z.bytes);
 }
 

@@ -23,8 +23,8 @@ the first --windows windows of 2048 tokens.  Prints a Markdown table (perplexity
                only the keys coded (values in full precision, run.c's -k cq1:fp32) and only the
                values coded (-k fp32:cq1).
   seeds        How much do the k-means++ draws move the result?  The Fisher codebooks learned
-               again with --n-seeds seeds of the weighted seeding (the default; seed 0 is the
-               plain Fisher row) and of the plain one (export.py --seeding plain).
+               again with --n-seeds seeds of the plain seeding (the default; seed 0 is the
+               plain Fisher row) and of the weighted one (export.py --seeding weighted).
   no-bos       Does the BOS that opens every calibration sequence matter?  The Fisher
                codebooks learned from 16 x 2048 tokens of the same text cut without a BOS
                (each sequence starts inside the text; its first token is the attention sink).
@@ -137,9 +137,10 @@ def main():
     print(f"calibration: {len(seqs)} sequences, {n_tokens} tokens, {time.time() - t_start:.1f} s",
           flush=True)
     order = hf_order(cfg.n_kv_heads, cfg.head_size)
+    first = torch.tensor([0] + list(itertools.accumulate(len(x) for x in seqs[:-1])))  # each sequence's first token
     if "clip99" in variants:  # where the Fisher weight sits: first positions, top 1 % of tokens
-        starts = torch.zeros(acts.shape[2], dtype=torch.bool)  # the first token of each sequence
-        starts[torch.tensor([0] + list(itertools.accumulate(len(x) for x in seqs[:-1])))] = True
+        starts = torch.zeros(acts.shape[2], dtype=torch.bool)
+        starts[first] = True
         for kv, name in enumerate("KV"):
             per_token = g2[:, kv].sum(-1).double()  # (L, N): summed over channels
             top = per_token.sort(dim=1, descending=True).values
@@ -171,7 +172,7 @@ def main():
                 a, g = acts_nb, g2_nb
             elif variant == "drop-first":
                 g = g2.clone()
-                g[:, :, torch.tensor([0] + list(itertools.accumulate(len(x) for x in seqs[:-1])))] = 0
+                g[:, :, first] = 0
             t0 = time.time()
             cb, st = E.learn_codebooks(a, g, cfg, c, b, 100, seed, f"{name} {variant}", E.PROGRESS,
                                        seeding=seeding)
