@@ -28,6 +28,7 @@ SHAPES = {"llama2-7b": ("random:llama2-7b,bf16", 4096), "smollm2-135m": ("random
 
 def bench(model, ctx, spec, batch, steps=4):
     cmd = [RUNCU, model, "-m", "bench", "-l", str(ctx), "-n", str(steps), "-k", spec, "-b", str(batch)]
+    t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         err = (p.stderr.strip().splitlines() or ["?"])[-1]
@@ -37,19 +38,27 @@ def bench(model, ctx, spec, batch, steps=4):
     f = {k: v for k, v in (kv.split("=", 1) for kv in p.stdout.split())}
     m = re.search(r"append \(with CQ encoding\) ([0-9.]+) ms", p.stderr)
     f["append_ms"] = m.group(1) if m else "nan"
+    f["run_s"] = time.time() - t0  # the whole process: set-up, fill and the timed steps
     return f
 
 
 def sweep(shape, spec, budget_s):
     model, ctx = SHAPES[shape]
     t0, rows, b, last_fit = time.time(), [], 1, 0
+
+    def timed(batch):  # one timed run at the sweep's context; None: out of memory
+        f = bench(model, ctx, spec, batch)
+        if f is not None:
+            rows.append({"batch": batch, "tok_s": float(f["tok_per_s"]), "ms_per_step": float(f["ms_per_step"]),
+                         "cache_ms": float(f["cache_ms"]), "append_ms": float(f["append_ms"]),
+                         "run_s": round(f["run_s"], 1)})
+            print(json.dumps({"shape": shape, "type": spec, **rows[-1]}), flush=True)
+        return f
+
     while time.time() - t0 < budget_s:
-        f = bench(model, ctx, spec, b)
+        f = timed(b)
         if f is None:
             break
-        rows.append({"batch": b, "tok_s": float(f["tok_per_s"]), "ms_per_step": float(f["ms_per_step"]),
-                     "cache_ms": float(f["cache_ms"]), "append_ms": float(f["append_ms"])})
-        print(json.dumps({"shape": shape, "type": spec, **rows[-1]}), flush=True)
         last_fit, b = b, 2 * b
     lo, hi = last_fit, b  # lo fits, hi does not (or was not tried within the budget)
     if f is None:
@@ -60,12 +69,9 @@ def sweep(shape, spec, budget_s):
             else:
                 lo = mid
         if lo != last_fit:
-            f = bench(model, ctx, spec, lo)
-            if f is not None:
-                rows.append({"batch": lo, "tok_s": float(f["tok_per_s"]), "ms_per_step": float(f["ms_per_step"]),
-                             "cache_ms": float(f["cache_ms"]), "append_ms": float(f["append_ms"])})
-                print(json.dumps({"shape": shape, "type": spec, **rows[-1]}), flush=True)
+            f = timed(lo)
     exact = hi - lo == 1 and f is not None
+    print("%s %s: max batch %d%s after %.0f s" % (shape, spec, lo, "" if exact else " (not exact)", time.time() - t0), flush=True)
     return {"context": ctx, "rows": rows, "max_batch": lo, "max_batch_exact": exact}
 
 
