@@ -155,7 +155,6 @@ struct DeviceSide {
     int c, K, G_h, wide;       // CQ: channels per group, centroids, groups per head, two-byte codes
     float *centroids;          // CQ: (L, G, K, c) fp32, as run.c reads them
     float *sqnorm;             // CQ: (L, G, K)
-    __half *centroids16;       // CQ: the same in fp16, for attention blocks that stage them so
 };
 
 __host__ __device__ static size_t row_index(int b, int layer, int kvh, int t, int L, int KVH, int S) {
@@ -275,7 +274,7 @@ struct AttnArgs {
     int slots, ring;           // rows per (b, layer, kv head); ring > 0: slot = t % ring (the window)
     int kc, kK, kG, kwide;     // CQ keys: c, 2^b, groups per head, two-byte codes
     int vc, vK, vG, vwide;     // CQ values
-    const void *kcb;           // CQ keys: (L, G, K, c) codebooks, fp32 or fp16
+    const float *kcb;          // CQ keys: (L, G, K, c) codebooks
     int stage_k;               // copy this kv head's key codebook into shared memory first
     const float *vcb;          // CQ values: (L, G, K, c) fp32
     const float2 *fine;        // (TILE, hs/2): (cos, sin) of positions 0 .. 31
@@ -299,11 +298,11 @@ __host__ __device__ static int lanes_per_row(int hs, int elem_bytes) {
 __host__ __device__ static size_t code_stride(size_t row_bytes) { return row_bytes % 4 ? row_bytes : row_bytes + 4; }
 
 // The shared-memory layout of one block: queries, then what the modes need, for P positions.
-static void attention_layout(AttnArgs *a, int km, int vm, int cb_bytes) {
+static void attention_layout(AttnArgs *a, int km, int vm) {
     size_t off = align16((size_t)a->R * a->hs * 4);                      // q, scaled: (R, hs)
     a->off_qc = off;  if (km == KM_CQ) off += align16((size_t)ATTN_WARPS * a->R * a->hs * 4);  // per warp
     a->off_fine = off; if (km == KM_CQ) off += align16((size_t)TILE * (a->hs / 2 + 2) * 8);  // padded rows (fine_row)
-    a->off_kcb = off;  if (km == KM_CQ && a->stage_k) off += align16((size_t)a->hs * a->kK * cb_bytes);
+    a->off_kcb = off;  if (km == KM_CQ && a->stage_k) off += align16((size_t)a->hs * a->kK * 4);
     a->off_scores = off; off += align16((size_t)a->R * a->P * 4);
     a->off_hist = off; if (vm == VM_HIST) off += align16((size_t)a->R * a->vG * a->vK * 8);  // two words a bin
     a->off_red = off;
@@ -339,16 +338,6 @@ __device__ float block_max(float v, float *shared32) {
    that a lane's 16-byte reads of two pairs land on other banks than its neighbours'. */
 __host__ __device__ static int fine_row(int hp) { return (hp + 1) / 2 * 2 + 2; }
 
-template <typename T> __device__ float2 load_pair(const T *p);
-template <> __device__ float2 load_pair<float>(const float *p) { return *(const float2 *)p; }
-template <> __device__ float2 load_pair<__half>(const __half *p) { return __half22float2(*(const __half2 *)p); }
-template <typename T> __device__ float4 load_quad(const T *p);  // two pairs
-template <> __device__ float4 load_quad<float>(const float *p) { return *(const float4 *)p; }
-template <> __device__ float4 load_quad<__half>(const __half *p) {
-    uint2 u = *(const uint2 *)p;
-    float2 a = __half22float2(*(const __half2 *)&u.x), b = __half22float2(*(const __half2 *)&u.y);
-    return make_float4(a.x, a.y, b.x, b.y);
-}
 __device__ float to_float(float x) { return x; }
 __device__ float to_float(__half x) { return __half2float(x); }
 
@@ -392,9 +381,9 @@ __device__ void for_each_tile(const AttnArgs &a, const uint8_t *rows, size_t row
 
 /* Phase 1 for CQ keys: the scores of positions [lo, hi) into sc (R, P).  C: the group size as a
    constant (2, 4, 8), or 0 for any c (c = 1 splits RoPE pairs between groups). */
-template <int C, typename CBT, int RM>
+template <int C, int RM>
 __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *qs, float *qc_all,
-                              const float2 *fine, const CBT *cbk, float *sc, uint8_t *codes_all) {
+                              const float2 *fine, const float *cbk, float *sc, uint8_t *codes_all) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, hp = a.hs / 2, K = a.kK, c = C ? C : a.kc;
     float *qc = qc_all + (size_t)warp * a.R * a.hs;
     uint8_t *buf = codes_all + (size_t)warp * 2 * TILE * code_stride(a.krow_bytes);
@@ -412,11 +401,11 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
         if constexpr (C >= 4) {  // two pairs at a time: 16-byte reads of the fine angles and the queries
 #pragma unroll 2
             for (int g = 0; g < a.kG; g++) {  // (two groups' reads in flight together)
-                const CBT *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
+                const float *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
 #pragma unroll
                 for (int jq = 0; jq < C / 4; jq++) {
                     int p = g * (C / 2) + 2 * jq;
-                    float4 x = load_quad(cent + 4 * jq), r = *(const float4 *)(f + p);
+                    float4 x = *(const float4 *)(cent + 4 * jq), r = *(const float4 *)(f + p);
                     float k0 = x.x * r.x - x.y * r.y, k1 = x.x * r.y + x.y * r.x;  // R(b) applied to pair p
                     float k2 = x.z * r.z - x.w * r.w, k3 = x.z * r.w + x.w * r.z;  // and to pair p + 1
 #pragma unroll
@@ -429,11 +418,11 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
             }
         } else if constexpr (C == 2) {
             for (int g = 0; g < a.kG; g++) {
-                const CBT *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
+                const float *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
 #pragma unroll
                 for (int jp = 0; jp < C / 2; jp++) {
                     int p = g * (C / 2) + jp;
-                    float2 x = load_pair(cent + 2 * jp), r = f[p];
+                    float2 x = *(const float2 *)(cent + 2 * jp), r = f[p];
                     float k0 = x.x * r.x - x.y * r.y, k1 = x.x * r.y + x.y * r.x;  // R(b) applied to the pair
 #pragma unroll
                     for (int h = 0; h < RM; h++)
@@ -446,8 +435,8 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
         } else {
             for (int p = 0; p < hp; p++) {
                 int g0 = 2 * p / c, g1 = (2 * p + 1) / c;
-                float x0 = to_float(cbk[((size_t)g0 * K + code_at(codes, g0, a.kwide)) * c + (2 * p) % c]);
-                float x1 = to_float(cbk[((size_t)g1 * K + code_at(codes, g1, a.kwide)) * c + (2 * p + 1) % c]);
+                float x0 = cbk[((size_t)g0 * K + code_at(codes, g0, a.kwide)) * c + (2 * p) % c];
+                float x1 = cbk[((size_t)g1 * K + code_at(codes, g1, a.kwide)) * c + (2 * p + 1) % c];
                 float2 r = f[p];
                 float k0 = x0 * r.x - x1 * r.y, k1 = x0 * r.y + x1 * r.x;
 #pragma unroll
@@ -629,7 +618,7 @@ __device__ void cq_value_gather(const AttnArgs &a, int b, int kvh, int lo, int h
 }
 
 // RM: the most query heads per kv head the instance serves (1, 4 or 8): its register arrays' size.
-template <int KM, int VM, int C, typename CBT, int RM>
+template <int KM, int VM, int C, int RM>
 __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
     extern __shared__ float4 smem4[];
     char *smem = (char *)smem4;
@@ -643,14 +632,14 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
     int seg_lo = a.segment ? (n - a.W > 0 ? n - a.W : 0) : 0;
     int seg_hi = a.segment ? n : (a.W ? (n - a.W > 0 ? n - a.W : 0) : n);
     int lo = seg_lo + blockIdx.x * a.P, hi = lo + a.P < seg_hi ? lo + a.P : seg_hi;
-    const CBT *cbk = NULL;
+    const float *cbk = NULL;
     if constexpr (KM == KM_CQ) {  // this kv head's fine RoPE table and key codebook, once for all sequences
         for (int i = threadIdx.x; i < TILE * hp; i += ATTN_THREADS) fine[(i / hp) * fine_row(hp) + i % hp] = a.fine[i];
-        const CBT *src = (const CBT *)a.kcb + ((size_t)a.layer * a.KVH + kvh) * a.hs * a.kK;
+        const float *src = a.kcb + ((size_t)a.layer * a.KVH + kvh) * a.hs * a.kK;
         cbk = src;
         if (a.stage_k && hi > lo) {
-            CBT *dst = (CBT *)(smem + a.off_kcb);
-            size_t n16 = (size_t)a.hs * a.kK * sizeof(CBT) / 16;  // cp.async: all of it in flight at once
+            float *dst = (float *)(smem + a.off_kcb);
+            size_t n16 = (size_t)a.hs * a.kK * 4 / 16;  // cp.async: all of it in flight at once
             for (size_t i = threadIdx.x; i < n16; i += ATTN_THREADS) __pipeline_memcpy_async((uint4 *)dst + i, (const uint4 *)src + i, 16);
             __pipeline_commit();
             __pipeline_wait_prior(0);
@@ -673,7 +662,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
             continue;
         }
         // 1. scores
-        if constexpr (KM == KM_CQ) cq_key_scores<C, CBT, RM>(a, b, kvh, lo, hi, qs, qc, fine, cbk, sc, codes);
+        if constexpr (KM == KM_CQ) cq_key_scores<C, RM>(a, b, kvh, lo, hi, qs, qc, fine, cbk, sc, codes);
         else row_key_scores<typename std::conditional<KM == KM_ROWS32, float, __half>::type, RM>(a, b, kvh, lo, hi, qs, sc);
         __syncthreads();
         // 2. the block's softmax, head by head
@@ -729,37 +718,35 @@ typedef void (*AttnKernel)(AttnArgs);
    1, 4 or 8 query heads per kv head.  Rarer mixes (CQ keys with row values, gathered values)
    take the general group loop only. */
 template <int RM>
-static AttnKernel kernel_for(int km, int vm, int c, int cb16) {
+static AttnKernel kernel_for(int km, int vm, int c) {
     if (km != KM_CQ) {
-        AttnKernel rows32[4] = {attention_kernel<KM_ROWS32, VM_ROWS32, 0, float, RM>, attention_kernel<KM_ROWS32, VM_ROWS16, 0, float, RM>,
-                                attention_kernel<KM_ROWS32, VM_HIST, 0, float, RM>, attention_kernel<KM_ROWS32, VM_GATHER, 0, float, RM>};
-        AttnKernel rows16[4] = {attention_kernel<KM_ROWS16, VM_ROWS32, 0, float, RM>, attention_kernel<KM_ROWS16, VM_ROWS16, 0, float, RM>,
-                                attention_kernel<KM_ROWS16, VM_HIST, 0, float, RM>, attention_kernel<KM_ROWS16, VM_GATHER, 0, float, RM>};
+        AttnKernel rows32[4] = {attention_kernel<KM_ROWS32, VM_ROWS32, 0, RM>, attention_kernel<KM_ROWS32, VM_ROWS16, 0, RM>,
+                                attention_kernel<KM_ROWS32, VM_HIST, 0, RM>, attention_kernel<KM_ROWS32, VM_GATHER, 0, RM>};
+        AttnKernel rows16[4] = {attention_kernel<KM_ROWS16, VM_ROWS32, 0, RM>, attention_kernel<KM_ROWS16, VM_ROWS16, 0, RM>,
+                                attention_kernel<KM_ROWS16, VM_HIST, 0, RM>, attention_kernel<KM_ROWS16, VM_GATHER, 0, RM>};
         return km == KM_ROWS32 ? rows32[vm] : rows16[vm];
     }
     if (vm != VM_HIST) {
-        AttnKernel f[4] = {attention_kernel<KM_CQ, VM_ROWS32, 0, float, RM>, attention_kernel<KM_CQ, VM_ROWS16, 0, float, RM>, NULL,
-                           attention_kernel<KM_CQ, VM_GATHER, 0, float, RM>};
-        AttnKernel h[4] = {attention_kernel<KM_CQ, VM_ROWS32, 0, __half, RM>, attention_kernel<KM_CQ, VM_ROWS16, 0, __half, RM>, NULL,
-                           attention_kernel<KM_CQ, VM_GATHER, 0, __half, RM>};
-        return cb16 ? h[vm] : f[vm];
+        AttnKernel f[4] = {attention_kernel<KM_CQ, VM_ROWS32, 0, RM>, attention_kernel<KM_CQ, VM_ROWS16, 0, RM>, NULL,
+                           attention_kernel<KM_CQ, VM_GATHER, 0, RM>};
+        return f[vm];
     }
     switch (c) {
-    case 2: return cb16 ? attention_kernel<KM_CQ, VM_HIST, 2, __half, RM> : attention_kernel<KM_CQ, VM_HIST, 2, float, RM>;
-    case 4: return cb16 ? attention_kernel<KM_CQ, VM_HIST, 4, __half, RM> : attention_kernel<KM_CQ, VM_HIST, 4, float, RM>;
-    case 8: return cb16 ? attention_kernel<KM_CQ, VM_HIST, 8, __half, RM> : attention_kernel<KM_CQ, VM_HIST, 8, float, RM>;
-    default: return cb16 ? attention_kernel<KM_CQ, VM_HIST, 0, __half, RM> : attention_kernel<KM_CQ, VM_HIST, 0, float, RM>;
+    case 2: return attention_kernel<KM_CQ, VM_HIST, 2, RM>;
+    case 4: return attention_kernel<KM_CQ, VM_HIST, 4, RM>;
+    case 8: return attention_kernel<KM_CQ, VM_HIST, 8, RM>;
+    default: return attention_kernel<KM_CQ, VM_HIST, 0, RM>;
     }
 }
 
-static AttnKernel attention_kernel_for(int km, int vm, int c, int cb16, int R) {
-    return R <= 1 ? kernel_for<1>(km, vm, c, cb16) : R <= 4 ? kernel_for<4>(km, vm, c, cb16) : kernel_for<8>(km, vm, c, cb16);
+static AttnKernel attention_kernel_for(int km, int vm, int c, int R) {
+    return R <= 1 ? kernel_for<1>(km, vm, c) : R <= 4 ? kernel_for<4>(km, vm, c) : kernel_for<8>(km, vm, c);
 }
 
 struct Segment {               // one attention launch: the cache rows, or the window
     AttnKernel kernel;
     AttnArgs args;             // all but P, n_parts, part0 and the layout, which follow the context
-    int km, vm, cb_bytes, P_max, P, n_splits;
+    int km, vm, P_max, P, n_splits;
 };
 
 struct Decoder {
@@ -882,10 +869,6 @@ static void init_side(Decoder *d, DeviceSide *s, const KVType *t, const Codebook
         size_t n = codebook_floats(cb, c);
         s->centroids = device_copy(cb->centroids, n, "the CQ codebooks");
         s->sqnorm = device_copy(cb->sqnorm, n / t->c, "the CQ codebooks");
-        __half *h = NEW(__half, n);
-        for (size_t i = 0; i < n; i++) h[i] = __float2half_rn(cb->centroids[i]);
-        s->centroids16 = device_copy(h, n, "the CQ codebooks");
-        free(h);
     } else {
         die("-k %s: this cache type is not on the GPU path (fp32, fp16 and cq<c>c<b>b are); use ./run", t->name);
     }
@@ -896,12 +879,12 @@ static void init_side(Decoder *d, DeviceSide *s, const KVType *t, const Codebook
 }
 
 static void free_side(DeviceSide *s) {
-    cudaFree(s->rows); cudaFree(s->window); cudaFree(s->centroids); cudaFree(s->sqnorm); cudaFree(s->centroids16);
+    cudaFree(s->rows); cudaFree(s->window); cudaFree(s->centroids); cudaFree(s->sqnorm);
 }
 
 /* The attention launch of one segment.  CQ keys stage their kv head's codebook in shared memory
-   as fp32 where it fits for P >= 256 positions, else as fp16, else read it from global memory
-   (fp16 measured 10 % faster where both fit, but fp32 is what ./run computes with);
+   where it fits for P >= 256 positions, else read it from global memory (an fp16 copy would fit
+   more often and ran up to 20 % faster, but moved results by up to 4.6e-3 from ./run's: PERF.md);
    CQ values use the weight histograms where those fit too, else gather.  The largest power of
    two of positions per block that fits is the segment's P_max. */
 static void init_segment(Decoder *d, Segment *g, int segment) {
@@ -935,31 +918,28 @@ static void init_segment(Decoder *d, Segment *g, int segment) {
         a->vc = v->c; a->vK = v->K; a->vG = v->G_h; a->vwide = v->wide; a->vcb = v->centroids;
         if (g->km != KM_CQ && g->vm != VM_HIST) budget = budget < 96 * 1024 ? budget : 96 * 1024;
     }
-    const char *force_gather = getenv("RUNCU_VALUES"), *force_cb = getenv("RUNCU_CODEBOOKS");  // measurement knobs (docs/PERF.md)
+    const char *force_gather = getenv("RUNCU_VALUES");  // a measurement knob (docs/PERF.md)
     if (g->vm == VM_HIST && force_gather && !strcmp(force_gather, "gather")) g->vm = VM_GATHER;
-    // where the key codebook goes, best first: fp32 staged, fp16 staged, read from global memory
-    int n_try = g->km == KM_CQ ? 3 : 1;
+    // where the key codebook goes, best first: staged, read from global memory; then values gathered
+    int n_try = g->km == KM_CQ ? 2 : 1;
     for (int attempt = 0; attempt < 2 * n_try; attempt++) {
-        int place = attempt % n_try, vm = attempt >= n_try && g->vm == VM_HIST ? VM_GATHER : g->vm;  // then: gather values
-        if (g->km == KM_CQ && force_cb && !strcmp(force_cb, "fp16") && place == 0) continue;
-        int cb_bytes = place == 1 ? 2 : 4;
-        a->stage_k = g->km == KM_CQ && place < 2 && (size_t)a->hs * a->kK * cb_bytes % 16 == 0;
-        if (g->km == KM_CQ && place < 2 && !a->stage_k) continue;
+        int place = attempt % n_try, vm = attempt >= n_try && g->vm == VM_HIST ? VM_GATHER : g->vm;
+        a->stage_k = g->km == KM_CQ && place == 0 && (size_t)a->hs * a->kK * 4 % 16 == 0;  // cp.async's 16 bytes
+        if (g->km == KM_CQ && place == 0 && !a->stage_k) continue;
         a->P = 256;
-        attention_layout(a, g->km, vm, cb_bytes);
+        attention_layout(a, g->km, vm);
         if (a->smem > budget) continue;
         g->vm = vm;
-        g->cb_bytes = cb_bytes;
-        a->kcb = g->km != KM_CQ ? NULL : cb_bytes == 2 ? (const void *)k->centroids16 : (const void *)k->centroids;
+        a->kcb = g->km == KM_CQ ? k->centroids : NULL;
         break;
     }
     if (a->smem > budget) die("attention for this shape does not fit in the GPU's shared memory (%zu bytes)", budget);
     for (g->P_max = 256; g->P_max < HIST_MAX_P; g->P_max *= 2) {
         a->P = 2 * g->P_max;
-        attention_layout(a, g->km, g->vm, g->cb_bytes);
+        attention_layout(a, g->km, g->vm);
         if (a->smem > budget) break;
     }
-    g->kernel = attention_kernel_for(g->km, g->vm, a->kc, g->cb_bytes == 2, a->R);
+    g->kernel = attention_kernel_for(g->km, g->vm, a->kc, a->R);
     CUDA_CHECK(cudaFuncSetAttribute(g->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)d->smem_optin));
 }
 
@@ -984,7 +964,7 @@ static void choose_split(const Decoder *d, Segment *g, int n) {
 static void launch_segment(Decoder *d, Segment *g, int layer, int part0, int n_parts) {
     AttnArgs a = g->args;
     a.layer = layer; a.P = g->P; a.part0 = part0; a.n_parts = n_parts;
-    attention_layout(&a, g->km, g->vm, g->cb_bytes);
+    attention_layout(&a, g->km, g->vm);
     dim3 grid(g->n_splits, a.KVH, (d->B + a.seqs_per_block - 1) / a.seqs_per_block);
     g->kernel<<<grid, ATTN_THREADS, a.smem, d->stream>>>(a);
     LAUNCH_CHECK("attention_kernel");
