@@ -13,8 +13,9 @@
     10. command line
    Sections 6-8 are the CPU's compute.  run.cu defines RUN_HOST_ONLY, includes this file for
    everything else and implements section 5's Decoder on an NVIDIA GPU.
-   The cache stores keys BEFORE RoPE, and each cache type decides when to apply RoPE: when it
-   stores them (fp32 and the scalar types) or when it reads them (CQ, as the paper does).
+   The cache is given keys BEFORE RoPE, and each cache type decides when to apply RoPE: when it
+   stores them (fp32 and the scalar types, as llama2.c does) or when it reads them (CQ, as the
+   paper does).
 
    Build: make (OpenMP, -Ofast -march=native); make run-noomp (no OpenMP); make runcu (CUDA).
    The file is C11 and also compiles as C++ (run.cu includes it).  */
@@ -1157,10 +1158,9 @@ static CacheSize cache_size(const CacheSpec *s, const Config *c) {
    5. The Decoder: the one interface between the host program and a compute path
    ========================================================================================== */
 
-/* Everything above and below this interface is host code, shared by both programs: run.c
-   implements it on the CPU (sections 6-8), run.cu on an NVIDIA GPU.  A Decoder holds a model's
-   weights in its own memory and `batch` KV caches of one CacheSpec; all sequences advance one
-   position per call.  The modes talk to nothing else. */
+/* run.c implements this interface on the CPU (sections 6-8), run.cu on an NVIDIA GPU; the modes
+   talk to nothing else.  A Decoder holds a model's weights in its own memory and `batch` KV
+   caches of one CacheSpec; all sequences advance one position per call. */
 typedef struct Decoder Decoder;
 
 static Decoder *decoder_new(Model *m, const CacheSpec *spec, int batch);
@@ -1284,9 +1284,7 @@ static void rope_rotate(const RopeTable *r, float *x, int n_heads, int t) {
      kv_cache_free
    In this order below: 7.1 storage (how each type writes and reads a row; CQ's nearest-centroid
    encoder), 7.2 the reference attention (--kernels ref: CQ as the paper writes it), 7.3 the
-   fast attention (the default: one pass with an online softmax, and CQ's fused kernels).
-   Every type but CQ stores keys AFTER RoPE, as llama2.c and llama.cpp do; CQ stores them before
-   RoPE and rotates when it reads them. */
+   fast attention (the default: one pass with an online softmax, and CQ's fused kernels). */
 
 /* ---- 7.1 Storage */
 
