@@ -1017,7 +1017,6 @@ static void parse_kv_spec(const char *spec, KVType *k, KVType *v) {
     if (!parse_kv_type(vname, v)) die("unknown KV cache type '%s' (see --help for the types)", vname);
 }
 
-
 /* ---- CQ codebooks.  One per (layer, keys or values, group): 2^b centroids of c floats, learned
    offline by export.py centroids.  Files ("CQCB", format in README.md) hold, after a 64-byte
    header, float32 codebooks [n_layers][2: keys, values][n_groups][2^b][c], group g being
@@ -1282,9 +1281,8 @@ static void rope_rotate(const RopeTable *r, float *x, int n_heads, int t) {
      kv_append      stores the key (BEFORE RoPE) and value of the token at `pos`, one layer
      kv_attend      attention of all query heads against positions 0..pos of one layer
      kv_cache_free
-   In this order below: 7.1 storage (how each type writes and reads a row; CQ's nearest-centroid
-   encoder), 7.2 the reference attention (--kernels ref: CQ as the paper writes it), 7.3 the
-   fast attention (the default: one pass with an online softmax, and CQ's fused kernels). */
+   Below: 7.1 storage (how each type writes and reads a row; CQ's nearest-centroid encoder), 7.2
+   the reference attention (--kernels ref), 7.3 the fast one (the default; CQ's fused kernels). */
 
 /* ---- 7.1 Storage */
 
