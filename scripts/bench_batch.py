@@ -13,6 +13,13 @@ context 64K for LLaMA-2-7B's layer shape, against PyTorch's fp16 SDPA in the sam
 
 Prints a table last; writes results/batch_bench.json and results/batch_bench.png (or --out DIR).
 Usage: python3 scripts/bench_batch.py [--shapes llama2-7b,smollm2-135m] [--types fp16,cq4,cq2,cq1,cq8c10b]
+All of it takes about 11 minutes on an H200; within the device's 10 minutes a command, in two:
+  python3 scripts/bench_batch.py --shapes llama2-7b --types fp16,cq4,cq2,cq1            (~5 min)
+  python3 scripts/bench_batch.py --shapes llama2-7b --types cq8c10b --no-attention \
+      --merge results/batch_bench.json && \
+  python3 scripts/bench_batch.py --shapes smollm2-135m --types fp16,cq1 --no-attention \
+      --merge results/batch_bench.json                                                   (~6 min)
+(the sweeps of session 2026-12-02 took: cq4 76 s, cq8c10b 223 s, SmolLM2's cq1 97 s).
 """
 import argparse
 import json
@@ -110,7 +117,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="llama2-7b,smollm2-135m")
     ap.add_argument("--types", default="fp16,cq4,cq2,cq1,cq8c10b")
-    ap.add_argument("--budget", type=float, default=60, help="seconds per (shape, type) sweep")
+    ap.add_argument("--budget", type=float, default=300,
+                    help="seconds per (shape, type) sweep, a guard: a sweep that runs out stops early (not exact)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results"))
     ap.add_argument("--merge", help="an earlier batch_bench.json whose sweeps this run adds to (or replaces)")
     ap.add_argument("--no-attention", action="store_true", help="skip the batch-16 attention row (keep --merge's)")
