@@ -915,22 +915,21 @@ static void init_segment(Decoder *d, Segment *g, int segment) {
         a->krows = k->rows; a->vrows = v->rows; a->krow_bytes = k->row_bytes; a->vrow_bytes = v->row_bytes;
         a->slots = c->seq_len;
         a->kc = k->c; a->kK = k->K; a->kG = k->G_h; a->kwide = k->wide;
-        a->vc = v->c; a->vK = v->K; a->vG = v->G_h; a->vwide = v->wide; a->vcb = v->centroids;
+        a->vc = v->c; a->vK = v->K; a->vG = v->G_h; a->vwide = v->wide;
+        a->kcb = k->centroids; a->vcb = v->centroids;  // NULL for row types
         if (g->km != KM_CQ && g->vm != VM_HIST) budget = budget < 96 * 1024 ? budget : 96 * 1024;
     }
     const char *force_gather = getenv("RUNCU_VALUES");  // a measurement knob (docs/PERF.md)
     if (g->vm == VM_HIST && force_gather && !strcmp(force_gather, "gather")) g->vm = VM_GATHER;
-    // where the key codebook goes, best first: staged, read from global memory; then values gathered
-    int n_try = g->km == KM_CQ ? 2 : 1;
-    for (int attempt = 0; attempt < 2 * n_try; attempt++) {
-        int place = attempt % n_try, vm = attempt >= n_try && g->vm == VM_HIST ? VM_GATHER : g->vm;
-        a->stage_k = g->km == KM_CQ && place == 0 && (size_t)a->hs * a->kK * 4 % 16 == 0;  // cp.async's 16 bytes
-        if (g->km == KM_CQ && place == 0 && !a->stage_k) continue;
+    // best first: the key codebook staged, then read from global memory; the same with values gathered
+    // (a codebook is hs x 2^b floats, hs even and b >= 1: whole 16-byte pieces for cp.async)
+    for (int attempt = 0; attempt < 4; attempt++) {
+        int vm = attempt >= 2 && g->vm == VM_HIST ? VM_GATHER : g->vm;
+        a->stage_k = g->km == KM_CQ && attempt % 2 == 0;
         a->P = 256;
         attention_layout(a, g->km, vm);
         if (a->smem > budget) continue;
         g->vm = vm;
-        a->kcb = g->km == KM_CQ ? k->centroids : NULL;
         break;
     }
     if (a->smem > budget) die("attention for this shape does not fit in the GPU's shared memory (%zu bytes)", budget);
