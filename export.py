@@ -817,21 +817,20 @@ def generate(model, n_seqs, length, seed=0, temperature=1.0, progress=None):
 # Fewer distinct points than k just gives duplicate centroids; k > n is allowed.
 # =============================================================================================
 
-SEEDINGS = ("plain", "weighted", "greedy")
+SEEDINGS = ("plain", "weighted")
 SEEDING = "plain"  # see the section comment
 
 
 def _sample_rows(p, fallback, u):
-    """Indices into the rows of p (G, n), drawn with probability proportional to p (fallback
-    rows used where p sums to 0); u (G,) or (G, m) float64 uniform numbers in [0, 1) decide
-    the draws, one index each (same shape as u). Float64 cumulative sums."""
+    """One index per row of p (G, n), drawn with probability proportional to p (fallback
+    rows used where p sums to 0); u (G,) float64 uniform numbers in [0, 1) decide the draws.
+    Float64 cumulative sums."""
     cs = torch.cumsum(p, dim=1, dtype=torch.float64)
     empty = cs[:, -1] <= 0
     if bool(empty.any()):
         cs = torch.where(empty[:, None], torch.cumsum(fallback, dim=1, dtype=torch.float64), cs)
-    u2 = u.to(p.device).reshape(p.shape[0], -1)
-    idx = torch.searchsorted(cs, u2 * cs[:, -1:], right=True)
-    return idx.clamp_(max=p.shape[1] - 1).reshape(u.shape)
+    idx = torch.searchsorted(cs, u.to(p.device)[:, None] * cs[:, -1:], right=True)[:, 0]
+    return idx.clamp_(max=p.shape[1] - 1)
 
 
 def _sqdist_to(Xt, y):
@@ -845,36 +844,19 @@ def kmeanspp_init(X, Xt, w, k, uniforms, seeding="plain"):
     """k-means++ seeding of X (G, n, c), Xt its (G, c, n) copy: each new centroid is a point
     drawn with probability proportional to its squared distance to the nearest centroid so far
     ("plain"), or to w times that distance ("weighted"); the first one uniformly ("plain") or
-    in proportion to w.  "greedy": m candidates drawn as "plain", and the one that leaves the
-    smallest sum of squared distances is kept.  uniforms: (k, G) float64 numbers in [0, 1),
-    one per draw, or (k, G, m) for "greedy"."""
+    in proportion to w.  uniforms: (k, G) float64 numbers in [0, 1), one per draw."""
     G, n, c = X.shape
     rows = torch.arange(G, device=X.device)
     ones = torch.ones_like(w)
-    fallback = torch.where((w.sum(1) > 0)[:, None], w, ones) if seeding == "weighted" else ones
+    fallback = ones if seeding == "plain" else torch.where((w.sum(1) > 0)[:, None], w, ones)
     C = X.new_empty(G, k, c)
-    idx = _sample_rows(fallback, fallback, uniforms[0] if uniforms.dim() == 2 else uniforms[0, :, 0])
+    idx = _sample_rows(fallback, fallback, uniforms[0])
     C[:, 0] = X[rows, idx]
     D = _sqdist_to(Xt, C[:, 0])
     for j in range(1, k):
-        idx = _sample_rows(w * D if seeding == "weighted" else D, fallback, uniforms[j])
-        if seeding != "greedy":
-            C[:, j] = X[rows, idx]
-            torch.minimum(D, _sqdist_to(Xt, C[:, j]), out=D)
-            continue
-        best_D = best_pot = None
-        for t in range(idx.shape[1]):
-            D_t = torch.minimum(D, _sqdist_to(Xt, X[rows, idx[:, t]]))
-            pot = D_t.sum(1, dtype=torch.float64)
-            if best_D is None:
-                best_D, best_pot, best_idx = D_t, pot, idx[:, 0].clone()
-                continue
-            better = pot < best_pot
-            best_D = torch.where(better[:, None], D_t, best_D)
-            best_pot = torch.where(better, pot, best_pot)
-            best_idx = torch.where(better, idx[:, t], best_idx)
-        C[:, j] = X[rows, best_idx]
-        D = best_D
+        idx = _sample_rows(D if seeding == "plain" else w * D, fallback, uniforms[j])
+        C[:, j] = X[rows, idx]
+        torch.minimum(D, _sqdist_to(Xt, C[:, j]), out=D)
     return C
 
 
@@ -978,16 +960,9 @@ def _update_centroids(X, w, a, dist2, C_old):
     return C
 
 
-def greedy_candidates(k):
-    """Candidates per draw of the greedy seeding: 2 + ln k, as scikit-learn's k-means++."""
-    return 2 + int(math.log(k)) if k > 1 else 1
-
-
-def seeding_uniforms(k, G, seed, seeding="plain"):
-    """The float64 uniform numbers of the k-means++ draws of G problems, from `seed`: (k, G),
-    or (k, G, greedy_candidates(k)) for the greedy seeding."""
-    shape = (k, G, greedy_candidates(k)) if seeding == "greedy" else (k, G)
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(int(seed)),
+def seeding_uniforms(k, G, seed):
+    """The (k, G) float64 uniform numbers of the k-means++ draws of G problems, from `seed`."""
+    return torch.rand(k, G, generator=torch.Generator().manual_seed(int(seed)),
                       dtype=torch.float64)
 
 
@@ -995,7 +970,7 @@ def kmeans_batched(X, w, k, iters=100, seed=0, progress=None, seeding=SEEDING, u
     """Weighted k-means on G independent problems at once.
 
     X: (G, n, c) float tensor; w: (G, n) non-negative weights (or None: all 1).
-    seeding: "plain", "weighted" or "greedy" k-means++ (kmeanspp_init); its random numbers are
+    seeding: "plain" or "weighted" k-means++ (kmeanspp_init); its random numbers are
     `uniforms` (k, G) if given, else seeding_uniforms(k, G, seed).
     Returns (C (G, k, c), a (G, n) long, history (t+1, G) float64), where history[0] is the
     weighted objective sum_i w_i ||x_i - C[a_i]||^2 after the k-means++ initialisation and
@@ -1009,7 +984,7 @@ def kmeans_batched(X, w, k, iters=100, seed=0, progress=None, seeding=SEEDING, u
     dev = X.device
     w = torch.ones(G, n, device=dev) if w is None else torch.as_tensor(w).float().to(dev)
     if uniforms is None:
-        uniforms = seeding_uniforms(k, G, seed, seeding)
+        uniforms = seeding_uniforms(k, G, seed)
     mu = X.mean(1, keepdim=True)
     X = X - mu                                           # centring: see the section comment
     Xt = X.transpose(1, 2).contiguous()                  # (G, c, n) for elementwise work
@@ -1765,7 +1740,7 @@ def learn_codebooks(acts, g2, cfg, c, b, iters, seed, tag, progress, seeding=SEE
         part = problems[p0:p0 + batch]
         X = torch.cat([acts[l, kv].reshape(N, G, c).transpose(0, 1) for l, kv in part])
         w = None if g2 is None else torch.cat([group_weights(g2[l, kv], c).T for l, kv in part])
-        uniforms = torch.cat([seeding_uniforms(K, G, problem_seed(seed, l, kv), seeding)
+        uniforms = torch.cat([seeding_uniforms(K, G, problem_seed(seed, l, kv))
                               for l, kv in part], dim=1)
         where = (f"layer {part[0][0] + 1}/{L} {'KV'[part[0][1]]}" if len(part) == 1 else
                  f"{len(part)} (layer, K/V) problems")

@@ -24,8 +24,7 @@ the first --windows windows of 2048 tokens.  Prints a Markdown table (perplexity
                values coded (-k fp32:cq1).
   seeds        How much do the k-means++ draws move the result?  The Fisher codebooks learned
                again with --n-seeds seeds of the plain seeding (the default; seed 0 is the
-               plain Fisher row), of the weighted one (export.py --seeding weighted) and of the
-               greedy one (--seeding greedy: the best of 2 + ln k candidates per draw).
+               plain Fisher row) and of the weighted one (export.py --seeding weighted).
   no-bos       Does the BOS that opens every calibration sequence matter?  The Fisher
                codebooks learned from 16 x 2048 tokens of the same text cut without a BOS
                (each sequence starts inside the text; its first token is the attention sink).
