@@ -401,7 +401,7 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
         if constexpr (C >= 4) {  // two pairs at a time: 16-byte reads of the fine angles and the queries
 #pragma unroll 2
             for (int g = 0; g < a.kG; g++) {  // (two groups' reads in flight together)
-                const float *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
+                const float *cent = cbk + (g * K + code_at(codes, g, a.kwide)) * C;  // < 2^31: one head's codebook
 #pragma unroll
                 for (int jq = 0; jq < C / 4; jq++) {
                     int p = g * (C / 2) + 2 * jq;
@@ -418,7 +418,7 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
             }
         } else if constexpr (C == 2) {
             for (int g = 0; g < a.kG; g++) {
-                const float *cent = cbk + ((size_t)g * K + code_at(codes, g, a.kwide)) * C;
+                const float *cent = cbk + (g * K + code_at(codes, g, a.kwide)) * C;
 #pragma unroll
                 for (int jp = 0; jp < C / 2; jp++) {
                     int p = g * (C / 2) + jp;
@@ -435,8 +435,8 @@ __device__ void cq_key_scores(const AttnArgs &a, int b, int kvh, int lo, int hi,
         } else {
             for (int p = 0; p < hp; p++) {
                 int g0 = 2 * p / c, g1 = (2 * p + 1) / c;
-                float x0 = cbk[((size_t)g0 * K + code_at(codes, g0, a.kwide)) * c + (2 * p) % c];
-                float x1 = cbk[((size_t)g1 * K + code_at(codes, g1, a.kwide)) * c + (2 * p + 1) % c];
+                float x0 = cbk[(g0 * K + code_at(codes, g0, a.kwide)) * c + (2 * p) % c];
+                float x1 = cbk[(g1 * K + code_at(codes, g1, a.kwide)) * c + (2 * p + 1) % c];
                 float2 r = f[p];
                 float k0 = x0 * r.x - x1 * r.y, k1 = x0 * r.y + x1 * r.x;
 #pragma unroll
@@ -643,7 +643,6 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
             for (size_t i = threadIdx.x; i < n16; i += ATTN_THREADS) __pipeline_memcpy_async((uint4 *)dst + i, (const uint4 *)src + i, 16);
             __pipeline_commit();
             __pipeline_wait_prior(0);
-            cbk = dst;
         }
     }
     for (int bi = 0; bi < a.seqs_per_block; bi++) {
@@ -662,7 +661,10 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
             continue;
         }
         // 1. scores
-        if constexpr (KM == KM_CQ) cq_key_scores<C, RM>(a, b, kvh, lo, hi, qs, qc, fine, cbk, sc, codes);
+        if constexpr (KM == KM_CQ) {  // two calls: each knows its codebook's memory (shared or global loads, not generic)
+            if (a.stage_k) cq_key_scores<C, RM>(a, b, kvh, lo, hi, qs, qc, fine, (const float *)(smem + a.off_kcb), sc, codes);
+            else cq_key_scores<C, RM>(a, b, kvh, lo, hi, qs, qc, fine, cbk, sc, codes);
+        }
         else row_key_scores<typename std::conditional<KM == KM_ROWS32, float, __half>::type, RM>(a, b, kvh, lo, hi, qs, sc);
         __syncthreads();
         // 2. the block's softmax, head by head
