@@ -624,6 +624,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
     char *smem = (char *)smem4;
     float *qs = (float *)smem, *qc = (float *)(smem + a.off_qc), *sc = (float *)(smem + a.off_scores);
     float2 *fine = (float2 *)(smem + a.off_fine);
+    float *kcb_shared = (float *)(smem + a.off_kcb);  // the key codebook, where a.stage_k
     uint32_t *hist = (uint32_t *)(smem + a.off_hist);
     float *red = (float *)(smem + a.off_red), *o_s = (float *)(smem + a.off_o);
     uint8_t *codes = (uint8_t *)(smem + a.off_codes);
@@ -632,15 +633,13 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
     int seg_lo = a.segment ? (n - a.W > 0 ? n - a.W : 0) : 0;
     int seg_hi = a.segment ? n : (a.W ? (n - a.W > 0 ? n - a.W : 0) : n);
     int lo = seg_lo + blockIdx.x * a.P, hi = lo + a.P < seg_hi ? lo + a.P : seg_hi;
-    const float *cbk = NULL;
+    const float *kcb_global = NULL;
     if constexpr (KM == KM_CQ) {  // this kv head's fine RoPE table and key codebook, once for all sequences
         for (int i = threadIdx.x; i < TILE * hp; i += ATTN_THREADS) fine[(i / hp) * fine_row(hp) + i % hp] = a.fine[i];
-        const float *src = a.kcb + ((size_t)a.layer * a.KVH + kvh) * a.hs * a.kK;
-        cbk = src;
+        kcb_global = a.kcb + ((size_t)a.layer * a.KVH + kvh) * a.hs * a.kK;
         if (a.stage_k && hi > lo) {
-            float *dst = (float *)(smem + a.off_kcb);
             size_t n16 = (size_t)a.hs * a.kK * 4 / 16;  // cp.async: all of it in flight at once
-            for (size_t i = threadIdx.x; i < n16; i += ATTN_THREADS) __pipeline_memcpy_async((uint4 *)dst + i, (const uint4 *)src + i, 16);
+            for (size_t i = threadIdx.x; i < n16; i += ATTN_THREADS) __pipeline_memcpy_async((uint4 *)kcb_shared + i, (const uint4 *)kcb_global + i, 16);
             __pipeline_commit();
             __pipeline_wait_prior(0);
         }
@@ -662,8 +661,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
         }
         // 1. scores
         if constexpr (KM == KM_CQ) {  // two calls: each knows its codebook's memory (shared or global loads, not generic)
-            if (a.stage_k) cq_key_scores<C, RM>(a, b, kvh, lo, hi, qs, qc, fine, (const float *)(smem + a.off_kcb), sc, codes);
-            else cq_key_scores<C, RM>(a, b, kvh, lo, hi, qs, qc, fine, cbk, sc, codes);
+            if (a.stage_k) cq_key_scores<C, RM>(a, b, kvh, lo, hi, qs, qc, fine, kcb_shared, sc, codes);
+            else cq_key_scores<C, RM>(a, b, kvh, lo, hi, qs, qc, fine, kcb_global, sc, codes);
         }
         else row_key_scores<typename std::conditional<KM == KM_ROWS32, float, __half>::type, RM>(a, b, kvh, lo, hi, qs, sc);
         __syncthreads();
