@@ -255,6 +255,7 @@ __global__ void fill_rows_kernel(T *rows, int n, int slots, int row_elems, size_
 #define ATTN_WARPS (ATTN_THREADS / 32)
 #define MAX_R 8       // query heads per kv head (H / KVH) that one block serves
 #define TILE 32       // positions a warp scores at once
+#define MAX_P 8192    // positions a block takes at most
 
 enum { KM_ROWS32, KM_ROWS16, KM_CQ };                     // how keys are read
 enum { VM_ROWS32, VM_ROWS16, VM_HIST, VM_GATHER };        // how values are summed
@@ -304,7 +305,7 @@ static void attention_layout(AttnArgs *a, int km, int vm) {
     a->off_fine = off; if (km == KM_CQ) off += align16((size_t)TILE * (a->hs / 2 + 2) * 8);  // padded rows (fine_row)
     a->off_kcb = off;  if (km == KM_CQ && a->stage_k) off += align16((size_t)a->hs * a->kK * 4);
     a->off_scores = off; off += align16((size_t)a->R * a->P * 4);
-    a->off_hist = off; if (vm == VM_HIST) off += align16((size_t)a->R * a->vG * a->vK * 8);  // two words a bin
+    a->off_hist = off; if (vm == VM_HIST) off += align16((size_t)a->R * a->vG * a->vK * 4);
     a->off_red = off;
     if (vm == VM_ROWS32 || vm == VM_ROWS16) {
         int lpr = lanes_per_row(a->hs, vm == VM_ROWS32 ? 4 : 2);
@@ -316,7 +317,7 @@ static void attention_layout(AttnArgs *a, int km, int vm) {
     if (km == KM_CQ) stride = code_stride(a->krow_bytes);
     if ((vm == VM_HIST || vm == VM_GATHER) && code_stride(a->vrow_bytes) > stride) stride = code_stride(a->vrow_bytes);
     off += align16((size_t)ATTN_WARPS * 2 * TILE * stride);
-    a->smem = off + 32 * 4;                                               // and 32 floats for reductions
+    a->smem = off + (32 + MAX_R) * 4;                    // and 32 floats for reductions, R softmax sums
 }
 
 __device__ float warp_max(float v) {
@@ -557,30 +558,24 @@ __device__ void row_value_sums(const AttnArgs &a, int b, int kvh, int lo, int hi
 }
 
 /* Phase 3 for CQ values, through histograms of the weights (see the comment above ATTN_THREADS).
-   The bins are fixed-point sums in two 32-bit words, hi in units of 2^-18 and lo of 2^-32 (a
-   weight is at most 1 and a block has at most HIST_MAX_P positions, so neither word overflows):
-   atomicAdd on a float in shared memory is a compare-and-swap loop on this GPU, on an integer
-   one instruction.  The sums are exact to 2^-32 per weight, whatever the order of the adds. */
-#define HIST_MAX_P 8192
-__device__ void cq_value_hist(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *sc, uint32_t *hist,
-                              float *o, uint8_t *codes_all) {
+   The bins are 32-bit fixed-point sums in units of l_h / 2^31, where l_h is head h's sum of the
+   block's weights: no bin can exceed l_h, so none overflows, and each weight is rounded to
+   2^-32 of the sum that o is divided by in the end.  atomicAdd on a float in shared memory is a
+   compare-and-swap loop on this GPU, on an integer one instruction; and integer sums do not
+   depend on the order of the adds. */
+__device__ void cq_value_hist(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *sc, const float *l_s,
+                              uint32_t *hist, float *o, uint8_t *codes_all) {
     int n_bins = a.R * a.vG * a.vK, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    uint32_t *hist_hi = hist, *hist_lo = hist + n_bins;
-    for (int i = threadIdx.x; i < 2 * n_bins; i += ATTN_THREADS) hist[i] = 0;
+    for (int i = threadIdx.x; i < n_bins; i += ATTN_THREADS) hist[i] = 0;
     __syncthreads();
     uint8_t *buf = codes_all + (size_t)warp * 2 * TILE * code_stride(a.vrow_bytes);
     for_each_tile(a, a.vrows, a.vrow_bytes, b, kvh, lo + warp * TILE, ATTN_WARPS * TILE, hi, buf,
                   [&](int t0, int n, const uint8_t *codes) {
         if (lane >= n) return;
         for (int h = 0; h < a.R; h++) {
-            float w = sc[(size_t)h * a.P + (t0 + lane - lo)] * 0x1p18f;  // 2^18 w, exact
-            uint32_t whi = (uint32_t)w, wlo = (uint32_t)((w - (float)whi) * 0x1p14f + 0.5f);
-            uint32_t *bh = hist_hi + (size_t)h * a.vG * a.vK, *bl = hist_lo + (size_t)h * a.vG * a.vK;
-            for (int g = 0; g < a.vG; g++) {
-                int bin = g * a.vK + code_at(codes, g, a.vwide);
-                atomicAdd(&bh[bin], whi);
-                atomicAdd(&bl[bin], wlo);
-            }
+            uint32_t w = __float2uint_rn(sc[(size_t)h * a.P + (t0 + lane - lo)] * (0x1p31f / l_s[h]));
+            uint32_t *bins = hist + (size_t)h * a.vG * a.vK;
+            for (int g = 0; g < a.vG; g++) atomicAdd(&bins[g * a.vK + code_at(codes, g, a.vwide)], w);
         }
     });
     __syncthreads();
@@ -592,11 +587,10 @@ __device__ void cq_value_hist(const AttnArgs &a, int b, int kvh, int lo, int hi,
         float acc = 0.0f;
         if (k < n_out) {
             int h = k / a.hs, i = k % a.hs, g = i / a.vc, e = i % a.vc;
-            size_t bins = ((size_t)h * a.vG + g) * a.vK;
+            const uint32_t *bins = hist + ((size_t)h * a.vG + g) * a.vK;
             const float *cg = cb + (size_t)g * a.vK * a.vc + e;
-            for (int j = quarter; j < a.vK; j += 4)
-                acc += ((float)hist_hi[bins + j] * 0x1p-18f + (float)hist_lo[bins + j] * 0x1p-32f) *
-                       cg[(size_t)j * a.vc];
+            for (int j = quarter; j < a.vK; j += 4) acc += (float)bins[j] * cg[(size_t)j * a.vc];
+            acc *= l_s[h] * 0x1p-31f;
         }
         acc += __shfl_xor_sync(0xffffffffu, acc, 1);
         acc += __shfl_xor_sync(0xffffffffu, acc, 2);
@@ -628,7 +622,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
     uint32_t *hist = (uint32_t *)(smem + a.off_hist);
     float *red = (float *)(smem + a.off_red), *o_s = (float *)(smem + a.off_o);
     uint8_t *codes = (uint8_t *)(smem + a.off_codes);
-    float *red32 = (float *)(smem + a.smem - 128);
+    float *red32 = (float *)(smem + a.smem - (32 + MAX_R) * 4), *l_s = red32 + 32;  // l_s: the R softmax sums
     int kvh = blockIdx.y, n = a.pos[0] + 1, hp = a.hs / 2;
     int seg_lo = a.segment ? (n - a.W > 0 ? n - a.W : 0) : 0;
     int seg_hi = a.segment ? n : (a.W ? (n - a.W > 0 ? n - a.W : 0) : n);
@@ -676,12 +670,13 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
             for (int i = threadIdx.x; i < hi - lo; i += ATTN_THREADS) { s[i] = expf(s[i] - m); l += s[i]; }
             l = block_sum(l, red32);
             ml_m[h] = m; ml_l[h] = l;
+            if (threadIdx.x == 0) l_s[h] = l;
         }
         __syncthreads();
         // 3. weighted values into o_s (R, hs)
         if constexpr (VM == VM_ROWS32) row_value_sums<float, RM>(a, b, kvh, lo, hi, sc, red, o_s);
         else if constexpr (VM == VM_ROWS16) row_value_sums<__half, RM>(a, b, kvh, lo, hi, sc, red, o_s);
-        else if constexpr (VM == VM_HIST) cq_value_hist(a, b, kvh, lo, hi, sc, hist, o_s, codes);
+        else if constexpr (VM == VM_HIST) cq_value_hist(a, b, kvh, lo, hi, sc, l_s, hist, o_s, codes);
         else cq_value_gather(a, b, kvh, lo, hi, sc, o_s);
         __syncthreads();
         for (int k = threadIdx.x; k < a.R * a.hs; k += ATTN_THREADS)
@@ -934,7 +929,7 @@ static void init_segment(Decoder *d, Segment *g, int segment) {
         break;
     }
     if (a->smem > budget) die("attention for this shape does not fit in the GPU's shared memory (%zu bytes)", budget);
-    for (g->P_max = 256; g->P_max < HIST_MAX_P; g->P_max *= 2) {
+    for (g->P_max = 256; g->P_max < MAX_P; g->P_max *= 2) {
         a->P = 2 * g->P_max;
         attention_layout(a, g->km, g->vm);
         if (a->smem > budget) break;

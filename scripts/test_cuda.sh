@@ -24,7 +24,8 @@ t "1. the test suite against ./runcu"
 jobs=$(nproc); [ "$jobs" -gt 16 ] && jobs=16
 xdist=; $PY -c "import xdist" 2>/dev/null && xdist="-n $jobs"
 if [ "${TEST_CUDA_SUITE:-1}" = 1 ]; then
-    RUN_BIN=$PWD/runcu REF_BIN=$PWD/run $PY -m pytest -q -rs $xdist -p no:cacheprovider tests >"$LOGS/pytest.log" 2>&1
+    # one OpenMP thread for ./run, the reference: 16 test processes with a team of 16 each would spin
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} RUN_BIN=$PWD/runcu REF_BIN=$PWD/run $PY -m pytest -q -rs $xdist -p no:cacheprovider tests >"$LOGS/pytest.log" 2>&1
     suite_rc=$?
 else
     echo "not run (TEST_CUDA_SUITE=0)" >"$LOGS/pytest.log"; suite_rc=0
@@ -64,12 +65,17 @@ sanitize() {  # tool: one line per run into $LOGS/sanitizer_<tool>.rows
         rc=$?
         printf '%-9s %-9s -w %d  exit %d  %s\n' $tool $spec $w $rc "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -n 1)" >>"$rows"
     done
-    # the attention kernels' vector paths: head size 64, several blocks per kv head, the bench fill
-    log="$LOGS/sanitizer_${tool}_smollm-shape.log"
-    compute-sanitizer --tool $tool --error-exitcode 9 ./runcu random:smollm2-135m,layers=2,seq_len=1024,vocab=512 \
-        -m bench -k cq1:fp16 -l 700 -n 2 >"$log" 2>&1
-    rc=$?
-    printf '%-9s %-9s smollm2 shape, 700 positions  exit %d  %s\n' $tool cq1:fp16 $rc "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -n 1)" >>"$rows"
+    # the attention kernels' vector paths, several blocks per kv head, the bench fill: head size
+    # 64 (SmolLM2's), and 128 (LLaMA-2-7B's, where cq2's 128 KB key codebook is staged)
+    for shape in smollm2:random:smollm2-135m,layers=2,seq_len=1024,vocab=512:cq1:fp16 \
+                 hs128:random:dim=512,hidden=1024,heads=4,kv_heads=4,layers=1,vocab=512,seq_len=1024:cq2; do
+        local name=${shape%%:*} rest=${shape#*:}
+        local model=${rest%%:cq*} spec=cq${rest#*:cq}
+        log="$LOGS/sanitizer_${tool}_$name-shape.log"
+        compute-sanitizer --tool $tool --error-exitcode 9 ./runcu $model -m bench -k $spec -l 700 -n 2 >"$log" 2>&1
+        rc=$?
+        printf '%-9s %-9s %s shape, 700 positions  exit %d  %s\n' $tool $spec $name $rc "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -n 1)" >>"$rows"
+    done
 }
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck initcheck; do sanitize $tool & done

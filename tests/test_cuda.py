@@ -6,7 +6,8 @@ same function, so their outputs must agree to float rounding.  Skipped for the C
     SmolLM2-135M checkpoint, with its tokenizer beside it as .tok), on SmolLM2;
   * greedy generation: ./run's tokens for 200 steps on stories260K and 100 on SmolLM2, with
     fp32, fp16 and cq4;
-  * -m ppl for every GPU cache type (and K:V mixes, -w) within 0.1 % of ./run on stories260K;
+  * -m ppl for every GPU cache type (and K:V mixes, -w) within 0.1 % of ./run on stories260K
+    and on a random model with head size 128 (LLaMA-2-7B's heads);
     on a SmolLM2 window of 2048 tokens within twice the spread ./run itself shows between 1 and
     2 threads, or within 0.1 % (the stories260K tolerance) where that spread is smaller: the
     thread count only reorders ./run's attention sums, a far smaller change than the GPU's
@@ -118,6 +119,34 @@ def test_stories_ppl_agrees(run, cpu, stories, tmp, spec, window):
     c, _ = logits_of(cpu, model, cfg, ids, spec, tmp, "cpu", window)
     rel = abs(float(g["ppl"]) - float(c["ppl"])) / float(c["ppl"])
     assert rel <= 1e-3, "-k %s -w %d: ppl %s on the GPU, %s on the CPU" % (spec, window, g["ppl"], c["ppl"])
+
+
+@pytest.fixture(scope="module")
+def hs128(tmp_path_factory):
+    """A random one-layer model with LLaMA-2-7B's heads (MHA, head size 128), where the kernels
+    stage a 128 KB key codebook (cq1, cq2) or read it from global memory (cq4, cq8c10b)."""
+    src = tmp_path_factory.mktemp("hs128_src") / "model.bin"
+    cfg, w = R.random_model(128, dim=512, hidden_dim=1024, n_layers=1, n_heads=4, n_kv_heads=4,
+                            vocab_size=256, seq_len=2048)
+    R.write_checkpoint(src, cfg, w)
+    return model_dir(tmp_path_factory, src, "hs128")
+
+
+@pytest.mark.parametrize("spec,window", [(t, 0) for t in GPU_TYPES + ["cq4:cq2"]] + [("cq2", 64)])
+def test_head_size_128_ppl_agrees(run, cpu, hs128, tmp, spec, window):
+    """One window of 2048 positions at head size 128 (32 blocks of 64 positions per kv head):
+    the perplexity within 0.1 % of ./run's, and the median row of logits within 1e-4 (a key
+    coded differently moves the rows after it a little; an error in the kernel moves them all)."""
+    model, cfg = hs128
+    ids = sample_ids(cfg, 2047, 4)
+    g, gl = logits_of(run, model, cfg, ids, spec, tmp, "gpu", window)
+    c, cl = logits_of(cpu, model, cfg, ids, spec, tmp, "cpu", window, threads=1)  # one thread: many tests run at once
+    rel = abs(float(g["ppl"]) - float(c["ppl"])) / float(c["ppl"])
+    rows = np.abs(gl - cl).max(axis=1) / np.abs(cl).max(axis=1)
+    what = "head size 128, -k %s -w %d: ppl %s on the GPU, %s on the CPU; logits' row error median %.2g, max %.2g" % (
+        spec, window, g["ppl"], c["ppl"], np.median(rows), rows.max())
+    print(what)
+    assert rel <= 1e-3 and np.median(rows) <= 1e-4, what
 
 
 def window_ids(cpu, cfg, n):
