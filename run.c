@@ -2138,6 +2138,16 @@ static void write_logits(FILE *f, const float *logits, int n) {
     if (f && fwrite(logits, sizeof(float), n, f) != (size_t)n) die("writing logits failed: %s", strerror(errno));
 }
 
+// Row `row` of a file of rows of n logits, *next the row after the last one written: rows out of
+// order (ppl -b) need a file that can seek; rows in order can go to a pipe.
+static void write_logits_row(FILE *f, long row, long *next, const float *logits, int n) {
+    if (!f) return;
+    if (row != *next && fseeko(f, (off_t)row * n * (off_t)sizeof(float), SEEK_SET))
+        die("seeking in the logits file failed: %s", strerror(errno));
+    write_logits(f, logits, n);
+    *next = row + 1;
+}
+
 // After generate and chat, on stderr: the speed since `start`, and what the cache held against fp32.
 static void report_run(const Runtime *rt, int positions, double start) {
     if (start > 0 && positions > 1) fprintf(stderr, "achieved tok/s: %f\n", (positions - 1) / (now_seconds() - start));
@@ -2322,36 +2332,52 @@ static double kl_divergence(const float *ref, const float *logits, int n) {
     return kl;
 }
 
+/* -b B: B windows run side by side, one sequence each (the GPU batches their products); the
+   sums and the --logits rows come out as one window after another would give them. */
 static void perplexity(Runtime *rt, const Options *o) {
     const Config *c = &rt->model.cfg;
-    int n_tokens;
+    int n_tokens, V = c->vocab_size;
     int *ids = read_eval_tokens(rt, o, &n_tokens);
     int chunk = (o->length > 0 ? o->length : c->seq_len) - 1;  // a window: BOS, then chunk tokens
+    int n_windows = (n_tokens + chunk - 1) / chunk, B = o->batch < n_windows ? o->batch : n_windows;
     KVType f32;
     parse_kv_type("fp32", &f32);
     CacheSpec fp32;  // --kl: an fp32 cache runs side by side
     cache_spec_init(&fp32, f32, f32, 0, rt->spec.reference, &rt->model, NULL, NULL);
-    Decoder *d = decoder_new(&rt->model, &rt->spec, 1), *ref = o->kl ? decoder_new(&rt->model, &fp32, 1) : NULL;
+    Decoder *d = decoder_new(&rt->model, &rt->spec, B), *ref = o->kl ? decoder_new(&rt->model, &fp32, B) : NULL;
     FILE *logits_out = open_logits(o);
-    double nll = 0.0, kl = 0.0;
-    long scored = 0;
+    if (logits_out && B > 1 && fseeko(logits_out, 0, SEEK_SET))
+        die("--logits with -b > 1 needs a file it can seek in (%s): %s", o->logits_file, strerror(errno));
+    int *tokens = NEW(int, B);
+    double nll = 0.0, kl = 0.0, *window_nll = NEW(double, B), *window_kl = NEW(double, B);
+    long scored = 0, next_row = 0;
     double t0 = now_seconds(), last_report = t0;
-    for (int start = 0; start < n_tokens; start += chunk) {
-        int len = n_tokens - start < chunk ? n_tokens - start : chunk;
-        // window: bos, ids[start .. start+len-1]; step j predicts ids[start + j]
-        int token = c->bos_id;
-        for (int j = 0; j <= len; j++) {
-            float *logits = decoder_forward(d, &token, j, 1);
-            write_logits(logits_out, logits, c->vocab_size);
-            if (j == len) break;  // the last token's prediction lies outside the window
-            int target = ids[start + j];
-            nll -= log_prob(logits, c->vocab_size, target);
-            if (ref) kl += kl_divergence(decoder_forward(ref, &token, j, 1), logits, c->vocab_size);
-            scored++;
-            token = target;
+    for (int w0 = 0; w0 < n_windows; w0 += B) {  // sequence b: window w0 + b, or idle past the last
+        // window w: BOS, ids[w chunk .. w chunk + len_w - 1]; step j predicts ids[w chunk + j]
+        int len0 = n_tokens - w0 * chunk < chunk ? n_tokens - w0 * chunk : chunk;  // the longest
+        for (int b = 0; b < B; b++) window_nll[b] = window_kl[b] = 0.0;
+        for (int j = 0; j <= len0; j++) {
+            for (int b = 0; b < B; b++) {
+                long start = (long)(w0 + b) * chunk;
+                tokens[b] = j > 0 && start + j - 1 < n_tokens ? ids[start + j - 1] : c->bos_id;
+            }
+            float *logits = decoder_forward(d, tokens, j, 1);
+            float *ref_logits = ref && j < len0 ? decoder_forward(ref, tokens, j, 1) : NULL;
+            for (int b = 0; b < B && w0 + b < n_windows; b++) {
+                long start = (long)(w0 + b) * chunk;
+                int len = n_tokens - start < chunk ? (int)(n_tokens - start) : chunk;
+                if (j > len) continue;
+                const float *row = logits + (size_t)b * V;
+                write_logits_row(logits_out, (long)(w0 + b) * (chunk + 1) + j, &next_row, row, V);
+                if (j == len) continue;  // the last token's prediction lies outside the window
+                window_nll[b] -= log_prob(row, V, ids[start + j]);
+                if (ref) window_kl[b] += kl_divergence(ref_logits + (size_t)b * V, row, V);
+                scored++;
+            }
         }
+        for (int b = 0; b < B; b++) { nll += window_nll[b]; kl += window_kl[b]; }
         double now = now_seconds();
-        if (now - last_report > 1.0 || start + chunk >= n_tokens) {
+        if (now - last_report > 1.0 || w0 + B >= n_windows) {
             fprintf(stderr, "\rppl: %ld/%d tokens, ppl %.4f, %.0f tok/s   ", scored, n_tokens,
                     exp(nll / scored), scored / (now - t0));
             last_report = now;
@@ -2364,7 +2390,7 @@ static void perplexity(Runtime *rt, const Options *o) {
     if (o->kl) printf(" kl=%.6f", fmax(kl / scored, 0.0));  // KL >= 0; rounding can leave -1e-12
     printf("\n");
     if (logits_out) fclose(logits_out);
-    free(ids);
+    free(ids); free(tokens); free(window_nll); free(window_kl);
     decoder_free(d);
     if (ref) decoder_free(ref);
     cache_spec_free(&fp32, c);
@@ -2453,7 +2479,7 @@ static void usage(FILE *f) {
         "  -c <path>   CQ centroid file, default <checkpoint minus .bin>.<c>c<b>b.cent\n"
         "  -f <path>   ppl/encode: input text file; decode: token ids\n"
         "  -l <int>    ppl: window length (default the model's context); bench: context length\n"
-        "  -b <int>    bench: sequences decoded side by side, default 1\n"
+        "  -b <int>    bench: sequences decoded side by side; ppl: windows side by side; default 1\n"
         "  --ids       ppl: -f holds whitespace-separated token ids instead of text\n"
         "  --kl        ppl: also report mean KL(p_fp32 || p_type) over scored tokens\n"
         "  --lines     encode: encode each line of -f on its own, print one line of ids each\n"
@@ -2542,7 +2568,7 @@ static void parse_args(int argc, char **argv, Options *o) {
     if (o->steps < 0) die("-n must be >= 0, got %d", o->steps);
     if (o->window < 0) die("-w must be >= 0, got %d", o->window);
     if (o->batch < 1) die("-b must be >= 1, got %d", o->batch);
-    if (o->batch > 1 && strcmp(o->mode, "bench")) die("-b only applies to -m bench");
+    if (o->batch > 1 && strcmp(o->mode, "bench") && strcmp(o->mode, "ppl")) die("-b only applies to -m bench and -m ppl");
     if (ppl && !o->text_file) die("-m ppl needs -f FILE");
     if (o->ids_input && !ppl && !decode) die("--ids only applies to -m ppl");
     if (o->kl && !ppl) die("--kl only applies to -m ppl");

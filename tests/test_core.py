@@ -13,7 +13,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import (DATA, STORIES, TOK512, R, assert_clean_error, needs_stories,
+from conftest import (DATA, GPU, STORIES, TOK512, R, assert_clean_error, needs_stories,
                       needs_tok512, needs_wikitext)
 
 REL_LOGITS = 1e-4
@@ -138,6 +138,27 @@ def test_ppl_windows(run, tmp, length):
     assert got.shape == rows.shape
     assert rel_err(got, rows) < REL_LOGITS
     check_ppl(kv, nll, ppl, n)
+
+
+@pytest.mark.parametrize("batch", [2, 4, 9])
+def test_ppl_windows_side_by_side(run, tmp, monkeypatch, batch):
+    """-m ppl -b B: B windows decoded side by side (6 windows: the last group partly idle with
+    B = 4, B = 9 cut to 6; the last window shorter) give the reference's logits in window
+    order; on the CPU with one thread exactly those of -b 1."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    model = tmp / "m.bin"
+    cfg, w = save_model(model, seed=5, **dict(BASE, n_kv_heads=2))
+    ids = np.random.default_rng(batch).integers(0, cfg["vocab_size"], size=37).tolist()
+    nll, ppl, n, rows = R.perplexity(cfg, w, ids, L=8)
+    kv1, lf = run_ppl_ids(run, tmp, model, ids, length=8)
+    one = read_logits(lf, cfg["vocab_size"]).copy()
+    kv, lf = run_ppl_ids(run, tmp, model, ids, length=8, extra=("-b", batch))
+    got = read_logits(lf, cfg["vocab_size"])
+    assert got.shape == rows.shape
+    assert rel_err(got, rows) < REL_LOGITS
+    check_ppl(kv, nll, ppl, n)
+    if not GPU:
+        assert np.array_equal(got, one) and kv == kv1
 
 
 def test_ppl_single_token_stream(run, tmp):

@@ -6,8 +6,9 @@ same function, so their outputs must agree to float rounding.  Skipped for the C
     SmolLM2-135M checkpoint, with its tokenizer beside it as .tok), on SmolLM2;
   * greedy generation: ./run's tokens for 200 steps on stories260K and 100 on SmolLM2, with
     fp32, fp16 and cq4;
-  * -m ppl for every GPU cache type (and K:V mixes, -w) within 0.1 % of ./run on stories260K
-    and on a random model with head size 128 (LLaMA-2-7B's heads);
+  * -m ppl for every GPU cache type (and K:V mixes, -w) within 0.1 % of ./run on stories260K,
+    one window at a time and two side by side (-b 2: the batched decode), and on a random model
+    with head size 128 (LLaMA-2-7B's heads);
     on a SmolLM2 window of 2048 tokens within twice the spread ./run itself shows between 1 and
     2 threads, or within 0.1 % (the stories260K tolerance) where that spread is smaller: the
     thread count only reorders ./run's attention sums, a far smaller change than the GPU's
@@ -69,10 +70,10 @@ def smollm(tmp_path_factory):
     return model_dir(tmp_path_factory, SMOLLM, "smollm")
 
 
-def logits_of(runner, model, cfg, ids, spec, tmp, tag, window=0, threads=None):
+def logits_of(runner, model, cfg, ids, spec, tmp, tag, window=0, threads=None, batch=1):
     f, lf = tmp / ("ids_%s.txt" % tag), tmp / ("logits_%s.bin" % tag)
     f.write_text(" ".join(map(str, ids)))
-    args = [model, "-m", "ppl", "-f", f, "--ids", "--logits", lf, "-k", spec] + (["-w", window] if window else [])
+    args = [model, "-m", "ppl", "-f", f, "--ids", "--logits", lf, "-k", spec, "-b", batch] + (["-w", window] if window else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     cmd = [str(runner.binary)] + [str(a) for a in args]
     r = subprocess.run(cmd, capture_output=True, env=env, timeout=1800)
@@ -147,6 +148,23 @@ def test_head_size_128_ppl_agrees(run, cpu, hs128, tmp, spec, window):
         spec, window, g["ppl"], c["ppl"], np.median(rows), rows.max())
     print(what)
     assert rel <= 1e-3 and np.median(rows) <= 1e-4, what
+
+
+@pytest.mark.parametrize("spec,window", [(t, 0) for t in GPU_TYPES] + [("cq1", 32)])
+def test_stories_batched_ppl_agrees(run, cpu, stories, tmp, spec, window):
+    """The batched decode: ./runcu -m ppl -b 2 (three windows of 512: two side by side, then one
+    with an idle second sequence) against ./run's one window at a time: the perplexity within
+    0.1 %, the logits' median row within 1e-4."""
+    model, cfg = stories
+    ids = sample_ids(cfg, 1500, 2)
+    g, gl = logits_of(run, model, cfg, ids, spec, tmp, "gpu", window, batch=2)
+    c, cl = logits_of(cpu, model, cfg, ids, spec, tmp, "cpu", window, threads=1)
+    rel = abs(float(g["ppl"]) - float(c["ppl"])) / float(c["ppl"])
+    rows = np.abs(gl - cl).max(axis=1) / np.abs(cl).max(axis=1)
+    what = "-b 2 -k %s -w %d: ppl %s on the GPU, %s on the CPU; logits' row error median %.2g, max %.2g" % (
+        spec, window, g["ppl"], c["ppl"], np.median(rows), rows.max())
+    print(what)
+    assert gl.shape == cl.shape and rel <= 1e-3 and np.median(rows) <= 1e-4, what
 
 
 def window_ids(cpu, cfg, n):
