@@ -861,6 +861,14 @@ def test_ppl_bad_ids(run, tmp, err_files, content):
     assert_clean_error(run(err_files["legacy"], "-m", "ppl", "--ids", "-f", tmp / "ids.txt"))
 
 
+def test_ppl_batched_logits_to_a_pipe(run, tmp, err_files):
+    """-b 2 writes the rows of two windows out of order: a pipe (stdout here) cannot take them."""
+    (tmp / "ids.txt").write_text(" ".join(["5"] * 10))
+    r = run(err_files["legacy"], "-m", "ppl", "--ids", "-f", tmp / "ids.txt", "-l", 4, "-b", 2, "--logits", "/dev/stdout")
+    assert_clean_error(r)
+    assert b"seek" in r.stderr
+
+
 def test_ppl_empty_text(run, tmp, err_files):
     (tmp / "t.txt").write_text("")
     assert_clean_error(run(err_files["legacy"], "-z", err_files["tok"], "-m", "ppl",
