@@ -2374,16 +2374,18 @@ static void perplexity(Runtime *rt, const Options *o) {
                 if (ref) window_kl[b] += kl_divergence(ref_logits + (size_t)b * V, row, V);
                 scored++;
             }
+            double now = now_seconds();
+            if (now - last_report > 1.0) {
+                fprintf(stderr, "\rppl: %ld/%d tokens, %.0f tok/s", scored, n_tokens, scored / (now - t0));
+                if (w0) fprintf(stderr, ", ppl %.4f over the first %d windows", exp(nll / (w0 * (double)chunk)), w0);
+                fprintf(stderr, "   ");
+                last_report = now;
+            }
         }
         for (int b = 0; b < B; b++) { nll += window_nll[b]; kl += window_kl[b]; }
-        double now = now_seconds();
-        if (now - last_report > 1.0 || w0 + B >= n_windows) {
-            fprintf(stderr, "\rppl: %ld/%d tokens, ppl %.4f, %.0f tok/s   ", scored, n_tokens,
-                    exp(nll / scored), scored / (now - t0));
-            last_report = now;
-        }
     }
-    fprintf(stderr, "\n");
+    fprintf(stderr, "\rppl: %ld/%d tokens, ppl %.4f, %.0f tok/s   \n", scored, n_tokens, exp(nll / scored),
+            scored / (now_seconds() - t0));
     CacheSize z = cache_size(&rt->spec, c);
     printf("type=%s bits_per_channel=%.3f kv_bytes_per_token=%.1f ratio_fp32=%.4f tokens=%ld nll=%.6f ppl=%.6f",
            z.label, z.bits, z.bytes, z.bytes / z.fp32, scored, nll / scored, exp(nll / scored));
