@@ -2138,16 +2138,6 @@ static void write_logits(FILE *f, const float *logits, int n) {
     if (f && fwrite(logits, sizeof(float), n, f) != (size_t)n) die("writing logits failed: %s", strerror(errno));
 }
 
-// Row `row` of a file of rows of n logits, *next the row after the last one written: rows out of
-// order (ppl -b) need a file that can seek; rows in order can go to a pipe.
-static void write_logits_row(FILE *f, long row, long *next, const float *logits, int n) {
-    if (!f) return;
-    if (row != *next && fseeko(f, (off_t)row * n * (off_t)sizeof(float), SEEK_SET))
-        die("seeking in the logits file failed: %s", strerror(errno));
-    write_logits(f, logits, n);
-    *next = row + 1;
-}
-
 // After generate and chat, on stderr: the speed since `start`, and what the cache held against fp32.
 static void report_run(const Runtime *rt, int positions, double start) {
     if (start > 0 && positions > 1) fprintf(stderr, "achieved tok/s: %f\n", (positions - 1) / (now_seconds() - start));
@@ -2332,6 +2322,11 @@ static double kl_divergence(const float *ref, const float *logits, int n) {
     return kl;
 }
 
+// ppl: the tokens of window w after its BOS, ids[w chunk ..]: chunk of them, fewer in the last.
+static int window_length(int n_tokens, int chunk, int w) {
+    return n_tokens - w * chunk < chunk ? n_tokens - w * chunk : chunk;
+}
+
 /* -b B: B windows run side by side, one sequence each (the GPU batches their products); the
    sums and the --logits rows come out as one window after another would give them. */
 static void perplexity(Runtime *rt, const Options *o) {
@@ -2346,31 +2341,30 @@ static void perplexity(Runtime *rt, const Options *o) {
     cache_spec_init(&fp32, f32, f32, 0, rt->spec.reference, &rt->model, NULL, NULL);
     Decoder *d = decoder_new(&rt->model, &rt->spec, B), *ref = o->kl ? decoder_new(&rt->model, &fp32, B) : NULL;
     FILE *logits_out = open_logits(o);
-    if (logits_out && B > 1 && fseeko(logits_out, 0, SEEK_SET))
+    int seek_rows = logits_out && B > 1;  // rows of B windows come out interleaved: written in place
+    if (seek_rows && fseeko(logits_out, 0, SEEK_SET))
         die("--logits with -b > 1 needs a file it can seek in (%s): %s", o->logits_file, strerror(errno));
     int *tokens = NEW(int, B);
     double nll = 0.0, kl = 0.0, *window_nll = NEW(double, B), *window_kl = NEW(double, B);
-    long scored = 0, next_row = 0;
+    long scored = 0;
     double t0 = now_seconds(), last_report = t0;
-    for (int w0 = 0; w0 < n_windows; w0 += B) {  // sequence b: window w0 + b, or idle past the last
-        // window w: BOS, ids[w chunk .. w chunk + len_w - 1]; step j predicts ids[w chunk + j]
-        int len0 = n_tokens - w0 * chunk < chunk ? n_tokens - w0 * chunk : chunk;  // the longest
+    for (int w0 = 0; w0 < n_windows; w0 += B) {  // sequence b: window w0 + b, idle past the last
+        int nb = n_windows - w0 < B ? n_windows - w0 : B, steps = window_length(n_tokens, chunk, w0);  // the longest
         for (int b = 0; b < B; b++) window_nll[b] = window_kl[b] = 0.0;
-        for (int j = 0; j <= len0; j++) {
-            for (int b = 0; b < B; b++) {
-                long start = (long)(w0 + b) * chunk;
-                tokens[b] = j > 0 && start + j - 1 < n_tokens ? ids[start + j - 1] : c->bos_id;
-            }
+        for (int j = 0; j <= steps; j++) {  // step j of window w: reads ids[w chunk + j - 1] (BOS first), predicts ids[w chunk + j]
+            for (int b = 0; b < B; b++)
+                tokens[b] = j > 0 && b < nb && j <= window_length(n_tokens, chunk, w0 + b) ? ids[(w0 + b) * chunk + j - 1] : c->bos_id;
             float *logits = decoder_forward(d, tokens, j, 1);
-            float *ref_logits = ref && j < len0 ? decoder_forward(ref, tokens, j, 1) : NULL;
-            for (int b = 0; b < B && w0 + b < n_windows; b++) {
-                long start = (long)(w0 + b) * chunk;
-                int len = n_tokens - start < chunk ? (int)(n_tokens - start) : chunk;
+            float *ref_logits = ref && j < steps ? decoder_forward(ref, tokens, j, 1) : NULL;
+            for (int b = 0; b < nb; b++) {
+                int w = w0 + b, len = window_length(n_tokens, chunk, w);
                 if (j > len) continue;
                 const float *row = logits + (size_t)b * V;
-                write_logits_row(logits_out, (long)(w0 + b) * (chunk + 1) + j, &next_row, row, V);
+                if (seek_rows && fseeko(logits_out, ((off_t)w * (chunk + 1) + j) * V * (off_t)sizeof(float), SEEK_SET))
+                    die("seeking in %s failed: %s", o->logits_file, strerror(errno));
+                write_logits(logits_out, row, V);
                 if (j == len) continue;  // the last token's prediction lies outside the window
-                window_nll[b] -= log_prob(row, V, ids[start + j]);
+                window_nll[b] -= log_prob(row, V, ids[w * chunk + j]);
                 if (ref) window_kl[b] += kl_divergence(ref_logits + (size_t)b * V, row, V);
                 scored++;
             }

@@ -317,7 +317,7 @@ static void attention_layout(AttnArgs *a, int km, int vm) {
     if (km == KM_CQ) stride = code_stride(a->krow_bytes);
     if ((vm == VM_HIST || vm == VM_GATHER) && code_stride(a->vrow_bytes) > stride) stride = code_stride(a->vrow_bytes);
     off += align16((size_t)ATTN_WARPS * 2 * TILE * stride);
-    a->smem = off + (32 + MAX_R) * 4;                    // and 32 floats for reductions, R softmax sums
+    a->smem = off + (32 + MAX_R) * 4;                    // and 32 floats for reductions, R histogram scales
 }
 
 __device__ float warp_max(float v) {
@@ -558,12 +558,12 @@ __device__ void row_value_sums(const AttnArgs &a, int b, int kvh, int lo, int hi
 }
 
 /* Phase 3 for CQ values, through histograms of the weights (see the comment above ATTN_THREADS).
-   The bins are 32-bit fixed-point sums in units of l_h / 2^31, where l_h is head h's sum of the
-   block's weights: no bin can exceed l_h, so none overflows, and each weight is rounded to
-   2^-32 of the sum that o is divided by in the end.  atomicAdd on a float in shared memory is a
+   The bins are 32-bit fixed-point sums, a weight w counted as w 2^31 / l_h (bin_scale[h]), where
+   l_h is head h's sum of the block's weights: no bin can exceed 2^31, and each weight is rounded
+   to 2^-32 of the sum that o is divided by in the end.  atomicAdd on a float in shared memory is a
    compare-and-swap loop on this GPU, on an integer one instruction; and integer sums do not
    depend on the order of the adds. */
-__device__ void cq_value_hist(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *sc, const float *l_s,
+__device__ void cq_value_hist(const AttnArgs &a, int b, int kvh, int lo, int hi, const float *sc, const float *bin_scale,
                               uint32_t *hist, float *o, uint8_t *codes_all) {
     int n_bins = a.R * a.vG * a.vK, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int i = threadIdx.x; i < n_bins; i += ATTN_THREADS) hist[i] = 0;
@@ -573,7 +573,7 @@ __device__ void cq_value_hist(const AttnArgs &a, int b, int kvh, int lo, int hi,
                   [&](int t0, int n, const uint8_t *codes) {
         if (lane >= n) return;
         for (int h = 0; h < a.R; h++) {
-            uint32_t w = __float2uint_rn(sc[(size_t)h * a.P + (t0 + lane - lo)] * (0x1p31f / l_s[h]));
+            uint32_t w = __float2uint_rn(sc[(size_t)h * a.P + (t0 + lane - lo)] * bin_scale[h]);
             uint32_t *bins = hist + (size_t)h * a.vG * a.vK;
             for (int g = 0; g < a.vG; g++) atomicAdd(&bins[g * a.vK + code_at(codes, g, a.vwide)], w);
         }
@@ -590,7 +590,7 @@ __device__ void cq_value_hist(const AttnArgs &a, int b, int kvh, int lo, int hi,
             const uint32_t *bins = hist + ((size_t)h * a.vG + g) * a.vK;
             const float *cg = cb + (size_t)g * a.vK * a.vc + e;
             for (int j = quarter; j < a.vK; j += 4) acc += (float)bins[j] * cg[(size_t)j * a.vc];
-            acc *= l_s[h] * 0x1p-31f;
+            acc /= bin_scale[h];
         }
         acc += __shfl_xor_sync(0xffffffffu, acc, 1);
         acc += __shfl_xor_sync(0xffffffffu, acc, 2);
@@ -622,7 +622,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
     uint32_t *hist = (uint32_t *)(smem + a.off_hist);
     float *red = (float *)(smem + a.off_red), *o_s = (float *)(smem + a.off_o);
     uint8_t *codes = (uint8_t *)(smem + a.off_codes);
-    float *red32 = (float *)(smem + a.smem - (32 + MAX_R) * 4), *l_s = red32 + 32;  // l_s: the R softmax sums
+    float *red32 = (float *)(smem + a.smem - (32 + MAX_R) * 4), *bin_scale = red32 + 32;  // cq_value_hist's, per head
     int kvh = blockIdx.y, n = a.pos[0] + 1, hp = a.hs / 2;
     int seg_lo = a.segment ? (n - a.W > 0 ? n - a.W : 0) : 0;
     int seg_hi = a.segment ? n : (a.W ? (n - a.W > 0 ? n - a.W : 0) : n);
@@ -670,13 +670,13 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(AttnArgs a) {
             for (int i = threadIdx.x; i < hi - lo; i += ATTN_THREADS) { s[i] = expf(s[i] - m); l += s[i]; }
             l = block_sum(l, red32);
             ml_m[h] = m; ml_l[h] = l;
-            if (threadIdx.x == 0) l_s[h] = l;
+            if (threadIdx.x == 0) bin_scale[h] = 0x1p31f / l;
         }
         __syncthreads();
         // 3. weighted values into o_s (R, hs)
         if constexpr (VM == VM_ROWS32) row_value_sums<float, RM>(a, b, kvh, lo, hi, sc, red, o_s);
         else if constexpr (VM == VM_ROWS16) row_value_sums<__half, RM>(a, b, kvh, lo, hi, sc, red, o_s);
-        else if constexpr (VM == VM_HIST) cq_value_hist(a, b, kvh, lo, hi, sc, l_s, hist, o_s, codes);
+        else if constexpr (VM == VM_HIST) cq_value_hist(a, b, kvh, lo, hi, sc, bin_scale, hist, o_s, codes);
         else cq_value_gather(a, b, kvh, lo, hi, sc, o_s);
         __syncthreads();
         for (int k = threadIdx.x; k < a.R * a.hs; k += ATTN_THREADS)

@@ -67,15 +67,14 @@ sanitize() {  # tool: one line per run into $LOGS/sanitizer_<tool>.rows
     done
     # the attention kernels' vector paths, several blocks per kv head, the bench fill: head size
     # 64 (SmolLM2's), and 128 (LLaMA-2-7B's, where cq2's 128 KB key codebook is staged)
-    for shape in smollm2:random:smollm2-135m,layers=2,seq_len=1024,vocab=512:cq1:fp16 \
-                 hs128:random:dim=512,hidden=1024,heads=4,kv_heads=4,layers=1,vocab=512,seq_len=1024:cq2; do
-        local name=${shape%%:*} rest=${shape#*:}
-        local model=${rest%%:cq*} spec=cq${rest#*:cq}
-        log="$LOGS/sanitizer_${tool}_$name-shape.log"
-        compute-sanitizer --tool $tool --error-exitcode 9 ./runcu $model -m bench -k $spec -l 700 -n 2 >"$log" 2>&1
-        rc=$?
-        printf '%-9s %-9s %s shape, 700 positions  exit %d  %s\n' $tool $spec $name $rc "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -n 1)" >>"$rows"
-    done
+    sanitize_shape $tool smollm2 random:smollm2-135m,layers=2,seq_len=1024,vocab=512 cq1:fp16
+    sanitize_shape $tool hs128 random:dim=512,hidden=1024,heads=4,kv_heads=4,layers=1,vocab=512,seq_len=1024 cq2
+}
+sanitize_shape() {  # tool name model spec: one bench run of 700 positions, a line into $LOGS/sanitizer_<tool>.rows
+    local log="$LOGS/sanitizer_$1_$2-shape.log" rc
+    compute-sanitizer --tool $1 --error-exitcode 9 ./runcu $3 -m bench -k $4 -l 700 -n 2 >"$log" 2>&1
+    rc=$?
+    printf '%-9s %-9s %s shape, 700 positions  exit %d  %s\n' $1 $4 $2 $rc "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -n 1)" >>"$LOGS/sanitizer_$1.rows"
 }
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck initcheck; do sanitize $tool & done

@@ -122,6 +122,19 @@ def test_stories_ppl_agrees(run, cpu, stories, tmp, spec, window):
     assert rel <= 1e-3, "-k %s -w %d: ppl %s on the GPU, %s on the CPU" % (spec, window, g["ppl"], c["ppl"])
 
 
+def gpu_against_cpu(run, cpu, model, cfg, ids, spec, tmp, window, batch=1):
+    """-m ppl of ./runcu (-b batch) and of ./run (one thread: many tests run at once): both logits,
+    the perplexities' relative difference, each row's error and a line that says them."""
+    g, gl = logits_of(run, model, cfg, ids, spec, tmp, "gpu", window, batch=batch)
+    c, cl = logits_of(cpu, model, cfg, ids, spec, tmp, "cpu", window, threads=1)
+    rel = abs(float(g["ppl"]) - float(c["ppl"])) / float(c["ppl"])
+    rows = np.abs(gl - cl).max(axis=1) / np.abs(cl).max(axis=1) if gl.shape == cl.shape else np.array([np.inf])
+    what = "-k %s -w %d: ppl %s on the GPU, %s on the CPU; logits' row error median %.2g, max %.2g" % (
+        spec, window, g["ppl"], c["ppl"], np.median(rows), rows.max())
+    print(what)
+    return gl, cl, rel, rows, what
+
+
 @pytest.fixture(scope="module")
 def hs128(tmp_path_factory):
     """A random one-layer model with LLaMA-2-7B's heads (MHA, head size 128), where the kernels
@@ -139,15 +152,8 @@ def test_head_size_128_ppl_agrees(run, cpu, hs128, tmp, spec, window):
     the perplexity within 0.1 % of ./run's, and the median row of logits within 1e-4 (a key
     coded differently moves the rows after it a little; an error in the kernel moves them all)."""
     model, cfg = hs128
-    ids = sample_ids(cfg, 2047, 4)
-    g, gl = logits_of(run, model, cfg, ids, spec, tmp, "gpu", window)
-    c, cl = logits_of(cpu, model, cfg, ids, spec, tmp, "cpu", window, threads=1)  # one thread: many tests run at once
-    rel = abs(float(g["ppl"]) - float(c["ppl"])) / float(c["ppl"])
-    rows = np.abs(gl - cl).max(axis=1) / np.abs(cl).max(axis=1)
-    what = "head size 128, -k %s -w %d: ppl %s on the GPU, %s on the CPU; logits' row error median %.2g, max %.2g" % (
-        spec, window, g["ppl"], c["ppl"], np.median(rows), rows.max())
-    print(what)
-    assert rel <= 1e-3 and np.median(rows) <= 1e-4, what
+    gl, cl, rel, rows, what = gpu_against_cpu(run, cpu, model, cfg, sample_ids(cfg, 2047, 4), spec, tmp, window)
+    assert rel <= 1e-3 and np.median(rows) <= 1e-4, "head size 128, " + what
 
 
 @pytest.mark.parametrize("spec,window", [(t, 0) for t in GPU_TYPES] + [("cq1", 32)])
@@ -156,15 +162,8 @@ def test_stories_batched_ppl_agrees(run, cpu, stories, tmp, spec, window):
     with an idle second sequence) against ./run's one window at a time: the perplexity within
     0.1 %, the logits' median row within 1e-4."""
     model, cfg = stories
-    ids = sample_ids(cfg, 1500, 2)
-    g, gl = logits_of(run, model, cfg, ids, spec, tmp, "gpu", window, batch=2)
-    c, cl = logits_of(cpu, model, cfg, ids, spec, tmp, "cpu", window, threads=1)
-    rel = abs(float(g["ppl"]) - float(c["ppl"])) / float(c["ppl"])
-    rows = np.abs(gl - cl).max(axis=1) / np.abs(cl).max(axis=1)
-    what = "-b 2 -k %s -w %d: ppl %s on the GPU, %s on the CPU; logits' row error median %.2g, max %.2g" % (
-        spec, window, g["ppl"], c["ppl"], np.median(rows), rows.max())
-    print(what)
-    assert gl.shape == cl.shape and rel <= 1e-3 and np.median(rows) <= 1e-4, what
+    gl, cl, rel, rows, what = gpu_against_cpu(run, cpu, model, cfg, sample_ids(cfg, 1500, 2), spec, tmp, window, batch=2)
+    assert gl.shape == cl.shape and rel <= 1e-3 and np.median(rows) <= 1e-4, "-b 2 " + what
 
 
 def window_ids(cpu, cfg, n):
