@@ -456,6 +456,10 @@ class Tokenizer:
             pieces.append(data[pos:pos + n])
             scores.append(score)
             pos += n
+        if pos + 4 <= len(data) and struct.unpack_from("<I", data, pos)[0] == 0x31455042:
+            raise ExportError(f"tokenizer '{path}' is a byte-level BPE one (GPT-2 style), which only "
+                              "./run encodes: `./run MODEL -z TOKENIZER -m encode -f TEXT | cut -d' ' "
+                              "-f2- > IDS`, then pass IDS with --ids")
         if pos != len(data):
             raise ExportError(f"tokenizer '{path}' has {len(data) - pos} bytes left after "
                               f"{vocab_size} pieces: it belongs to a larger vocabulary "
