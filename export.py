@@ -433,6 +433,7 @@ def model_fingerprint(wk):
 
 # llama2.c's grouping of bytes into "code points": a non-continuation byte starts a group,
 # which takes up to 3 following continuation bytes; stray continuation bytes group up to 4.
+BPE1_MAGIC = 0x31455042  # "BPE1": the byte-level tables after the pieces (run.c's tokenizer format)
 _CODEPOINT_RE = re.compile(rb"[^\x80-\xbf][\x80-\xbf]{0,3}|[\x80-\xbf]{1,4}")
 
 
@@ -456,7 +457,7 @@ class Tokenizer:
             pieces.append(data[pos:pos + n])
             scores.append(score)
             pos += n
-        if pos + 4 <= len(data) and struct.unpack_from("<I", data, pos)[0] == 0x31455042:
+        if pos + 4 <= len(data) and struct.unpack_from("<I", data, pos)[0] == BPE1_MAGIC:
             raise ExportError(f"tokenizer '{path}' is a byte-level BPE one (GPT-2 style), which only "
                               "./run encodes: `./run MODEL -z TOKENIZER -m encode -f TEXT | cut -d' ' "
                               "-f2- > IDS`, then pass IDS with --ids")
@@ -1441,7 +1442,7 @@ def write_byte_level_tokenizer(path, pieces, merges, specials, pretokenizer):
     write_tokenizer(path, pieces, [0.0] * len(pieces))
     ranges = unicode_class_ranges()
     with output_file(path, "ab") as f:
-        f.write(struct.pack("<Iii", 0x31455042, pretokenizer, len(merges)))
+        f.write(struct.pack("<Iii", BPE1_MAGIC, pretokenizer, len(merges)))
         f.write(np.asarray(merges, dtype="<i4").reshape(-1).tobytes())
         f.write(struct.pack("<i", len(specials)) + np.asarray(specials, dtype="<i4").tobytes())
         f.write(struct.pack("<i", len(ranges)))

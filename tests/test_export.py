@@ -467,7 +467,6 @@ def test_tokenizer_rejects_wrong_vocab(tmp_path):
         export.Tokenizer(str(tmp_path / "t.bin"), 299)
 
 
-
 def test_tokenizer_names_the_route_for_byte_level_files(tmp_path):
     """export.py encodes only llama2.c's sentencepiece-style files; a byte-level one (SmolLM2's)
     is named as such, with the ./run -m encode route, not as a vocabulary mismatch."""
@@ -475,6 +474,7 @@ def test_tokenizer_names_the_route_for_byte_level_files(tmp_path):
     export.write_byte_level_tokenizer(str(tmp_path / "bl.bin"), pieces, [(97, 98)], [], 0)
     with pytest.raises(export.ExportError, match="byte-level.*-m encode.*--ids"):
         export.Tokenizer(str(tmp_path / "bl.bin"), len(pieces))
+
 
 def test_tokenizer_small_vocabulary_unknown_character(tmp_path):
     """A vocabulary without <0xHH> pieces: a character it lacks is one <unk> (id 0), as run.c
