@@ -24,8 +24,9 @@ t "1. the test suite against ./runcu"
 jobs=$(nproc); [ "$jobs" -gt 16 ] && jobs=16
 xdist=; $PY -c "import xdist" 2>/dev/null && xdist="-n $jobs"
 if [ "${TEST_CUDA_SUITE:-1}" = 1 ]; then
-    # one OpenMP thread for ./run, the reference: 16 test processes with a team of 16 each would spin
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} RUN_BIN=$PWD/runcu REF_BIN=$PWD/run $PY -m pytest -q -rs $xdist -p no:cacheprovider tests >"$LOGS/pytest.log" 2>&1
+    # one OpenMP thread for ./run, the reference: 16 test processes with a team of 16 each would spin;
+    # -rP keeps what passing tests print (the GPU-against-CPU figures) in the log
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} RUN_BIN=$PWD/runcu REF_BIN=$PWD/run $PY -m pytest -q -rsP $xdist -p no:cacheprovider tests >"$LOGS/pytest.log" 2>&1
     suite_rc=$?
 else
     echo "not run (TEST_CUDA_SUITE=0)" >"$LOGS/pytest.log"; suite_rc=0
