@@ -13,13 +13,12 @@ context 64K for LLaMA-2-7B's layer shape, against PyTorch's fp16 SDPA in the sam
 
 Prints a table last; writes results/batch_bench.json and results/batch_bench.png (or --out DIR).
 Usage: python3 scripts/bench_batch.py [--shapes llama2-7b,smollm2-135m] [--types fp16,cq4,cq2,cq1,cq8c10b]
-All of it takes about 11 minutes on an H200; within the device's 10 minutes a command, in two:
+All of it takes longer than the device's 10 minutes a command; in parts (with --merge):
   python3 scripts/bench_batch.py --shapes llama2-7b --types fp16,cq4,cq2,cq1            (~5 min)
   python3 scripts/bench_batch.py --shapes llama2-7b --types cq8c10b --no-attention \
-      --merge results/batch_bench.json && \
-  python3 scripts/bench_batch.py --shapes smollm2-135m --types fp16,cq1 --no-attention \
-      --merge results/batch_bench.json                                                   (~6 min)
-(the sweeps of session 2026-12-02 took: cq4 76 s, cq8c10b 223 s, SmolLM2's cq1 97 s).
+      --merge results/batch_bench.json                                                   (~3 min)
+  python3 scripts/bench_batch.py --shapes smollm2-135m --types fp16,cq4,cq2,cq1 --no-attention \
+      --merge results/batch_bench.json                                                   (~4 min)
 """
 import argparse
 import json
