@@ -79,8 +79,13 @@ def logits_of(runner, model, cfg, ids, spec, tmp, tag, window=0, threads=None, b
     cmd = [str(runner.binary)] + [str(a) for a in args]
     r = subprocess.run(cmd, capture_output=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr.decode(errors="replace")
-    line = dict(kv.split("=", 1) for kv in r.stdout.decode().split())
+    line = fields(r.stdout)
     return line, np.fromfile(lf, "<f4").reshape(-1, cfg["vocab_size"]).astype(np.float64)
+
+
+def fields(stdout):
+    """The key=value line that -m ppl and -m bench print, as a dict."""
+    return dict(kv.split("=", 1) for kv in stdout.decode().split())
 
 
 def row_error(a, b):
@@ -197,7 +202,7 @@ def ppl_of_jobs(jobs):
     for key, p in jobs.items():
         stdout, err = p.communicate(timeout=3000)
         assert p.returncode == 0, err.decode(errors="replace")
-        out[key] = float(dict(kv.split("=", 1) for kv in stdout.decode().split())["ppl"])
+        out[key] = float(fields(stdout)["ppl"])
     return out
 
 
@@ -216,8 +221,7 @@ def test_smollm_window_ppl_within_cpu_spread(run, cpu, smollm, tmp):
     f = tmp / "ids.txt"
     f.write_text(" ".join(map(str, window_ids(cpu, cfg, 2047))))
     jobs = cpu_ppl_jobs(cpu, model, f, [(spec, n) for spec in GPU_TYPES for n in (1, 2)])
-    gpu = {spec: float(dict(kv.split("=", 1) for kv in run(model, "-m", "ppl", "-f", f, "--ids", "-k", spec,
-                                                           check=True).stdout.decode().split())["ppl"])
+    gpu = {spec: float(fields(run(model, "-m", "ppl", "-f", f, "--ids", "-k", spec, check=True).stdout)["ppl"])
            for spec in GPU_TYPES}
     cpu_ppl = ppl_of_jobs(jobs)
 
