@@ -129,13 +129,14 @@ def main():
     if args.merge:  # sweeps measured in an earlier run (the device is lent for minutes at a time)
         with open(args.merge) as f:
             old = json.load(f)
-        results["sweeps"].update(old.get("sweeps", {}))
+        for key, sw in old.get("sweeps", {}).items():  # each sweep keeps the device it ran on
+            results["sweeps"][key] = dict(sw, device=sw.get("device", old.get("device")))
         results["attention_b16_64k"] = old.get("attention_b16_64k")
     if not args.no_attention:
         results["attention_b16_64k"] = attention_b16(["fp16"] + [t for t in types if t not in ("fp16", "cq8c10b")])
     for shape in args.shapes.split(","):
         for t in types:
-            results["sweeps"]["%s %s" % (shape, t)] = sweep(shape, t, args.budget)
+            results["sweeps"]["%s %s" % (shape, t)] = dict(sweep(shape, t, args.budget), device=results["device"])
     shapes = sorted({k.split()[0] for k in results["sweeps"]}, key=list(SHAPES).index)
     types = [t for t in ["fp16", "cq4", "cq2", "cq1", "cq8c10b"] if any(k.endswith(" " + t) for k in results["sweeps"])]
     with open(os.path.join(args.out, "batch_bench.json"), "w") as f:
@@ -143,6 +144,9 @@ def main():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    def device_of(shape):  # the device(s) its sweeps ran on
+        return " + ".join(sorted({s["device"] for k, s in results["sweeps"].items() if k.split()[0] == shape}))
+
     fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 4.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         for t in types:
@@ -156,7 +160,7 @@ def main():
         ax.set_yscale("log")
         ax.set_xlabel("batch (sequences decoded together)")
         ax.set_ylabel("tokens/s")
-        ax.set_title("%s, context %d, bf16 weights, %s" % (shape, SHAPES[shape][1], results["device"]))
+        ax.set_title("%s, context %d, bf16 weights, %s" % (shape, SHAPES[shape][1], device_of(shape)))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "batch_bench.png"), dpi=110)
@@ -165,6 +169,7 @@ def main():
     print("attention, LLaMA-2-7B layer, batch 16, 64K: SDPA fp16 %.0f us | " % a["sdpa_us"] +
           " | ".join("%s %.0f us %.2fx" % (t, v["us"], v["vs_sdpa"]) for t, v in a.items() if isinstance(v, dict) and v))
     for shape in shapes:
+        print("%s sweeps on %s" % (shape, device_of(shape)))
         base = None
         for t in types:
             s = results["sweeps"].get("%s %s" % (shape, t))
