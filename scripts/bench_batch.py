@@ -17,7 +17,7 @@ All of it takes longer than the device's 10 minutes a command; in parts (with --
   python3 scripts/bench_batch.py --shapes llama2-7b --types fp16,cq4,cq2,cq1            (~5 min)
   python3 scripts/bench_batch.py --shapes llama2-7b --types cq8c10b --no-attention \
       --merge results/batch_bench.json                                                   (~3 min)
-  python3 scripts/bench_batch.py --shapes smollm2-135m --types fp16,cq4,cq2,cq1 --no-attention \
+  python3 scripts/bench_batch.py --shapes smollm2-135m --no-attention \
       --merge results/batch_bench.json                                                   (~4 min)
 """
 import argparse
