@@ -14,9 +14,11 @@ transformers' generate with the same weights (fp32, its default sdpa attention) 
 Part 3, the CUDA graph's effect: the same end-to-end bench (SmolLM2's shape, random weights) with
 every step replayed from its graph (the default) and with its kernels launched one by one
 (RUNCU_GRAPHS=0), at 1K and 16K, fp32 and cq1.
+Part 4 (needs --smollm): the real model against the random one of its shape, side by side, at 1K
+and 8K, fp32, fp16 and cq1, 5 rounds, median tokens/s: whether part 2's random rows stand for it.
 
 Prints a table last; writes results/gpu_bench.json and results/gpu_bench.png (or --out DIR).
-Usage: python3 scripts/bench_gpu.py [--parts 1,2,3] [--smollm models/smollm2-135m-instruct.bin]
+Usage: python3 scripts/bench_gpu.py [--parts 1,2,3,4] [--smollm models/smollm2-135m-instruct.bin]
 """
 import argparse
 import json
@@ -153,6 +155,21 @@ def part3(results, contexts=(1024, 16384)):
     results["graphs"] = rows
 
 
+def part4(results, smollm, contexts=(1024, 8192), rounds=5):
+    rows = []
+    for ctx in contexts:
+        for t in ["fp32", "fp16", "cq1"]:
+            real, rand = [], []
+            for _ in range(rounds):  # alternating, so that a slow spell of the machine hits both
+                real.append(float(bench(smollm, ctx, t, steps=64).get("tok_per_s", "nan")))
+                rand.append(float(bench("random:smollm2-135m,seq_len=8192", ctx, t, steps=64).get("tok_per_s", "nan")))
+            row = {"context": ctx, "type": t, "real_tok_s": sorted(real)[rounds // 2],
+                   "random_tok_s": sorted(rand)[rounds // 2], "real_runs": real, "random_runs": rand}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    results["real_vs_random"] = rows
+
+
 def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -203,6 +220,9 @@ def table(results):
     for r in results.get("graphs", []):
         lines.append("graph %dK %s: %.0f tok/s with the step's graph, %.0f launching one by one (%.2fx)" % (
             r["context"] // 1024, r["type"], r["graph_tok_s"], r["launches_tok_s"], r["graph_tok_s"] / r["launches_tok_s"]))
+    for r in results.get("real_vs_random", []):
+        lines.append("real model %dK %s: %.0f tok/s, random weights %.0f (median of %d)" % (
+            r["context"] // 1024, r["type"], r["real_tok_s"], r["random_tok_s"], len(r["real_runs"])))
     return "\n".join(lines)
 
 
@@ -226,6 +246,10 @@ def main():
         part2(results, [int(x) for x in args.e2e_contexts.split(",")], args.smollm)
     if "3" in parts:
         part3(results)
+    if "4" in parts:
+        if not args.smollm:
+            raise SystemExit("error: part 4 needs --smollm (a converted SmolLM2 .bin)")
+        part4(results, args.smollm)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot(results, os.path.join(args.out, "gpu_bench.png"))
