@@ -123,13 +123,17 @@ def hf_tokens_per_s(ctx, checkpoint=None, new=16):
     return (new - 1) / (tn - t1)
 
 
+def centroids_beside(checkpoint, t):
+    """The default centroid file of CQ type t ("cq2", "cq1") next to a checkpoint, as ./run names it."""
+    return checkpoint[:-4] + {"cq2": ".4c8b.cent", "cq1": ".8c8b.cent"}[t]
+
+
 def part2(results, contexts, smollm):
     rows = []
     for ctx in contexts:
         row = {"context": ctx}
         for t in ["fp32", "fp16", "cq2", "cq1"]:
-            real = smollm and ctx <= 8192 and (t.startswith("fp") or os.path.exists(
-                smollm[:-4] + {"cq2": ".4c8b.cent", "cq1": ".8c8b.cent"}[t]))
+            real = smollm and ctx <= 8192 and (t.startswith("fp") or os.path.exists(centroids_beside(smollm, t)))
             model = smollm if real else "random:smollm2-135m,seq_len=%d" % max(ctx, 8192)
             f = bench(model, ctx, t, steps=32)
             row[t] = {"tok_s": float(f["tok_per_s"]), "real_model": bool(real)} if "error" not in f else f
@@ -161,8 +165,11 @@ def part4(results, smollm, contexts=(1024, 8192), rounds=5):
         for t in ["fp32", "fp16", "cq1"]:
             real, rand = [], []
             for _ in range(rounds):  # alternating, so that a slow spell of the machine hits both
-                real.append(float(bench(smollm, ctx, t, steps=64).get("tok_per_s", "nan")))
-                rand.append(float(bench("random:smollm2-135m,seq_len=8192", ctx, t, steps=64).get("tok_per_s", "nan")))
+                for runs, model in ((real, smollm), (rand, "random:smollm2-135m,seq_len=8192")):
+                    f = bench(model, ctx, t, steps=64)
+                    if "error" in f:
+                        raise SystemExit("error: part 4, %s -k %s: %s" % (model, t, f["error"]))
+                    runs.append(float(f["tok_per_s"]))
             row = {"context": ctx, "type": t, "real_tok_s": sorted(real)[rounds // 2],
                    "random_tok_s": sorted(rand)[rounds // 2], "real_runs": real, "random_runs": rand}
             rows.append(row)
@@ -235,11 +242,13 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "results"))
     ap.add_argument("--merge", help="an earlier gpu_bench.json whose parts this run keeps unless it reruns them")
     args = ap.parse_args()
+    parts = args.parts.split(",")
+    if "4" in parts and not (args.smollm and os.path.exists(centroids_beside(args.smollm, "cq1"))):
+        raise SystemExit("error: part 4 needs --smollm MODEL.bin with MODEL.8c8b.cent beside it")
     os.makedirs(args.out, exist_ok=True)
     results = json.load(open(args.merge)) if args.merge else {}
     results["device"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                        capture_output=True, text=True).stdout.strip()
-    parts = args.parts.split(",")
     if "1" in parts:
         part1(results, [int(x) for x in args.contexts.split(",")])
     if "2" in parts:
@@ -247,8 +256,6 @@ def main():
     if "3" in parts:
         part3(results)
     if "4" in parts:
-        if not args.smollm:
-            raise SystemExit("error: part 4 needs --smollm (a converted SmolLM2 .bin)")
         part4(results, args.smollm)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
         json.dump(results, f, indent=1)
