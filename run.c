@@ -152,7 +152,7 @@ typedef struct {
     int chat_template;   // 0: Llama-2 [INST], 1: ChatML
 } Config;
 
-typedef struct {        // all float32, row-major (out, in); see SPEC in README.md
+typedef struct {        // all float32, row-major (out, in), in file order (docs/FORMATS.md)
     float *token_embedding;  // (V, D)
     float *attn_norm;        // (L, D)
     float *wq;               // (L, H*hs, D)
@@ -347,13 +347,9 @@ static void free_model(Model *m) { huge_free(m->file, m->file_size); }
       GPT-2-style byte-level BPE (merged by rank), in one file format
    ========================================================================================== */
 
-/* File: uint32 max_token_length, then per id: float score, int32 length, the piece's bytes.
-   Byte-level BPE files (tokenizer kind 1 in the checkpoint header) append, after the pieces:
-     uint32 "BPE1", int32 pretokenizer (0: GPT-2 regex, 1: every number code point split off
-     first, as SmolLM does), int32 n, n x (int32 left, int32 right) merges in rank order,
-     int32 n, n x int32 special-token ids (matched verbatim in the text), int32 n,
-     n x (uint32 first, uint32 last, int32 class) Unicode ranges: letters, numbers, white space.
-   The Unicode table comes from export.py so that this file needs no Unicode database.  */
+/* File (docs/FORMATS.md): uint32 max_token_length, then per id: float score, int32 length, the
+   piece's bytes.  Byte-level files append "BPE1", the pre-tokenizer, the merges in rank order,
+   the special tokens and a Unicode class table (from export.py: no Unicode database here). */
 
 #define BPE_MAGIC 0x31455042u  // "BPE1"
 #define MAX_PIECE_BYTES 4096
@@ -442,9 +438,8 @@ static int read_count(FILE *f, long size, const char *path, const char *what, in
     return n;
 }
 
-/* Only for error messages: the number of whole pieces (float score, int32 length, bytes) from
-   byte `from` of f up to the end of the file (stop 0) or up to a uint32 `stop` where a piece
-   would begin; -1 when the bytes are not whole pieces. */
+/* For error messages: the whole pieces from byte `from` to the end (stop 0) or to a uint32
+   `stop` where a piece would begin; -1 when the bytes are not whole pieces. */
 static long count_pieces(FILE *f, long from, unsigned max_len, uint32_t stop) {
     if (fseek(f, 0, SEEK_END) != 0) return -1;
     long size = ftell(f), pos = from, n = 0;
@@ -581,12 +576,11 @@ static void free_tokenizer(Tokenizer *t) {
     free(t->merges); free(t->specials); free(t->ranges);
 }
 
-/* BPE merging.  llama2.c rescans the whole sequence for the best pair after every merge, O(n^2):
-   fine for a prompt, hopeless for a perplexity file of a million characters.  We produce the
-   same result with a heap of candidate pairs ordered by (priority descending, position
-   ascending) over a doubly linked list of symbols; a candidate whose symbols changed since it
-   was pushed is skipped when popped.  Leftmost-wins ties match because merging never reorders
-   symbols.  The priority is the merged piece's score (kind 0) or minus the merge's rank (kind 1). */
+/* BPE merging.  llama2.c rescans the sequence after every merge, O(n^2): hopeless for a
+   perplexity file of a million characters.  The same merges come from a heap of candidate pairs,
+   best priority first and leftmost on ties, over a linked list of symbols; a candidate whose
+   symbols changed since it was pushed is skipped.  Priority: the merged piece's score (kind 0)
+   or minus the merge's rank (kind 1). */
 
 typedef struct { float score; int left; int right_version; int left_version; int id; } MergeCand;
 typedef struct { MergeCand *a; int n, cap; } MergeHeap;
@@ -1018,7 +1012,7 @@ static void parse_kv_spec(const char *spec, KVType *k, KVType *v) {
 }
 
 /* ---- CQ codebooks.  One per (layer, keys or values, group): 2^b centroids of c floats, learned
-   offline by export.py centroids.  Files ("CQCB", format in README.md) hold, after a 64-byte
+   offline by export.py centroids.  Files ("CQCB", docs/FORMATS.md) hold, after a 64-byte
    header, float32 codebooks [n_layers][2: keys, values][n_groups][2^b][c], group g being
    channels g*c .. g*c+c-1 of the kv vector (keys before RoPE). */
 
@@ -2300,23 +2294,25 @@ static int *read_eval_tokens(const Runtime *rt, const Options *o, int *n_out) {
     return ids;
 }
 
-// log p(target) from logits, in double.
-static double log_prob(const float *logits, int n, int target) {
-    check_logits(logits, n);
-    double max = logits[0], sum = 0.0;
-    for (int i = 1; i < n; i++) if (logits[i] > max) max = logits[i];
-    for (int i = 0; i < n; i++) sum += exp(logits[i] - max);
-    return logits[target] - max - log(sum);
+// log(sum_i exp(x_i)) in double: a row of logits minus it is its log-softmax.
+static double log_sum_exp(const float *x, int n) {
+    double max = x[0], sum = 0.0;
+    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+    for (int i = 0; i < n; i++) sum += exp(x[i] - max);
+    return max + log(sum);
 }
 
-// KL(p_ref || p) from two rows of logits, in double.
+// log p(target) from logits.
+static double log_prob(const float *logits, int n, int target) {
+    check_logits(logits, n);
+    return logits[target] - log_sum_exp(logits, n);
+}
+
+// KL(p_ref || p) from two rows of logits.
 static double kl_divergence(const float *ref, const float *logits, int n) {
-    double mr = ref[0], ml = logits[0], sr = 0.0, sl = 0.0, kl = 0.0;
-    for (int i = 1; i < n; i++) { if (ref[i] > mr) mr = ref[i]; if (logits[i] > ml) ml = logits[i]; }
-    for (int i = 0; i < n; i++) { sr += exp(ref[i] - mr); sl += exp(logits[i] - ml); }
-    double lsr = log(sr), lsl = log(sl);
+    double lse_ref = log_sum_exp(ref, n), lse = log_sum_exp(logits, n), kl = 0.0;
     for (int i = 0; i < n; i++) {
-        double lp = ref[i] - mr - lsr, lq = logits[i] - ml - lsl;
+        double lp = ref[i] - lse_ref, lq = logits[i] - lse;
         kl += exp(lp) * (lp - lq);
     }
     return kl;

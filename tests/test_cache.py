@@ -1,7 +1,7 @@
 """Tests of the quantized KV cache types (-k, -w, -c, --kernels, --kl) of ./run.
 
 The expected logits come from tests/cache_reference.py: an independent numpy decode loop
-(float64 model, float32 quantizers written from README.md, ../shared/docs/CQ.md and the cache
+(float64 model, float32 quantizers written from docs/CQ.md, ../shared/docs/CQ.md and the cache
 description in run.c) in which every token, the current one included, is read back through
 the cache.
 

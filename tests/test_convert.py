@@ -1057,7 +1057,7 @@ def test_truncated_gguf(tmp, capsys):
 
 
 def byte_level_tables_end(data, pos):
-    """Offset just past the "BPE1" tables that start at pos (README's layout)."""
+    """Offset just past the "BPE1" tables that start at pos (docs/FORMATS.md's layout)."""
     magic, pre, n = struct.unpack_from("<Iii", data, pos)
     assert magic == 0x31455042 and pre in (0, 1)
     pos += 12 + 8 * n

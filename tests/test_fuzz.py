@@ -11,7 +11,7 @@ with a window, cq1).
 
 A case passes when the program either exits 1 with one "error: ..." first line (a clean
 error) or exits 0 (a normal run), with no sanitizer report, no signal and within the timeout,
-and it may exit 0 only if the inputs are valid as README.md's formats define them: an oracle
+and it may exit 0 only if the inputs are valid as docs/FORMATS.md defines them: an oracle
 here parses the mutated files from the spec (shared nothing with run.c) and checks each header
 field, the sizes, the piece counts, the merges, the Unicode table and the centroid shape and
 fingerprint.  Fields that carry no meaning for reading (CQKV header padding, the centroid file's
@@ -76,7 +76,7 @@ def byte_level_tokenizer():
 
 
 def fingerprint(wk0_bytes):
-    """README: the sum mod 2^64 of the layer-0 wk tensor read as uint32 words."""
+    """docs/FORMATS.md: the sum mod 2^64 of the layer-0 wk tensor read as uint32 words."""
     return int(np.frombuffer(wk0_bytes, dtype="<u4").astype(np.uint64).sum(dtype=np.uint64))
 
 
@@ -111,7 +111,7 @@ def write_base_files(d):
 
 
 # ------------------------------------------------------------------------------------------
-# the oracle: is this set of inputs valid by README.md's formats?
+# the oracle: is this set of inputs valid by docs/FORMATS.md?
 
 def i32(data, off):
     return struct.unpack_from("<i", data, off)[0]
