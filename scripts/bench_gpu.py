@@ -28,6 +28,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import export as E  # noqa: E402  (the default centroid file names, CQ type names)
+
 RUNCU = os.path.join(ROOT, "runcu")
 SHAPES = {  # layer shapes: random: model keys
     "llama2-7b": "dim=4096,heads=32,kv_heads=32,hidden=64,vocab=256",
@@ -125,7 +128,7 @@ def hf_tokens_per_s(ctx, checkpoint=None, new=16):
 
 def centroids_beside(checkpoint, t):
     """The default centroid file of CQ type t ("cq2", "cq1") next to a checkpoint, as ./run names it."""
-    return checkpoint[:-4] + {"cq2": ".4c8b.cent", "cq1": ".8c8b.cent"}[t]
+    return E.default_centroid_path(checkpoint, *E.CQ_ALIASES[t])
 
 
 def part2(results, contexts, smollm):
